@@ -1,0 +1,213 @@
+//! Content hashes of files, with a stat cache so unchanged files are not read again.
+//!
+//! Fingerprints hash content, not timestamps: touching a file must not rerun anything. Reading
+//! every input on every build would be slow, so `cache/stat-v1.json` remembers each file's hash
+//! keyed by (size, mtime, ctime, inode). A cached hash is trusted only when the file's mtime is
+//! clearly older than the moment it was hashed: a file written in the same timestamp tick as its
+//! hashing could change again without its stat changing (git's "racy clean" problem), so such
+//! entries are rehashed until they age.
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// How much older than its hashing a file's mtime must be for the cached hash to be trusted.
+const RACY_WINDOW_NS: i128 = 2_000_000_000;
+
+/// Files at least this big are hashed with memory mapping on all cores.
+const PARALLEL_HASH_BYTES: u64 = 16 << 20;
+
+/// What identifies a file version without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatKey {
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+    pub inode: u64,
+}
+
+impl StatKey {
+    pub fn of(meta: &Metadata) -> StatKey {
+        StatKey {
+            size: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+            inode: meta.ino(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Entry {
+    stat: StatKey,
+    blake3: String,
+    hashed_at_ns: i128,
+}
+
+/// The stat cache: absolute path → hash of the file version with that stat.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct StatCache {
+    version: u32,
+    entries: HashMap<String, Entry>,
+    #[serde(skip)]
+    dirty: bool,
+}
+
+/// A file's content hash and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHash {
+    pub blake3: String,
+    pub size: u64,
+}
+
+impl StatCache {
+    /// Loads the cache; a missing, unreadable or foreign-version file gives an empty cache (it is
+    /// only an accelerator: losing it costs time, never correctness).
+    pub fn load(path: &Path) -> StatCache {
+        std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<StatCache>(&bytes).ok())
+            .filter(|c| c.version == 1)
+            .unwrap_or(StatCache { version: 1, ..StatCache::default() })
+    }
+
+    /// Saves the cache atomically if anything changed.
+    pub fn save(&mut self, path: &Path) -> io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.version = 1;
+        let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
+        crate::atomic::write(path, &bytes)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// The blake3 of `path`, from the cache when its stat matches and is not racy.
+    pub fn hash(&mut self, path: &Path) -> io::Result<FileHash> {
+        let meta = std::fs::metadata(path)?;
+        let stat = StatKey::of(&meta);
+        let key = path.to_string_lossy().into_owned();
+        if let Some(entry) = self.entries.get(&key) {
+            if entry.stat == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns {
+                return Ok(FileHash { blake3: entry.blake3.clone(), size: stat.size });
+            }
+        }
+        let hashed_at_ns = now_ns();
+        let blake3 = hash_file(path, stat.size)?;
+        // Only remember the hash if the file did not change while it was read.
+        if StatKey::of(&std::fs::metadata(path)?) == stat {
+            self.entries.insert(key, Entry { stat, blake3: blake3.clone(), hashed_at_ns });
+            self.dirty = true;
+        }
+        Ok(FileHash { blake3, size: stat.size })
+    }
+
+    /// Records a hash the engine just computed for a file it wrote (e.g. a published output).
+    pub fn remember(&mut self, path: &Path, blake3: &str) -> io::Result<()> {
+        let stat = StatKey::of(&std::fs::metadata(path)?);
+        self.entries.insert(path.to_string_lossy().into_owned(), Entry { stat, blake3: blake3.to_string(), hashed_at_ns: now_ns() });
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Drops entries of files that no longer exist (keeps the cache from growing forever).
+    pub fn prune_missing(&mut self) {
+        let before = self.entries.len();
+        self.entries.retain(|path, _| Path::new(path).exists());
+        self.dirty |= self.entries.len() != before;
+    }
+}
+
+/// The blake3 of a file's content, hex-encoded; big files on all cores.
+pub fn hash_file(path: &Path, size: u64) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    if size >= PARALLEL_HASH_BYTES {
+        hasher.update_mmap_rayon(path)?;
+    } else {
+        hasher.update_reader(std::fs::File::open(path)?)?;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn age(path: &Path, seconds: u64) {
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(seconds);
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn hashes_content_and_reuses_the_cache_for_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.txt");
+        std::fs::write(&file, b"hello").unwrap();
+        age(&file, 60);
+        let mut cache = StatCache::load(&dir.path().join("missing.json"));
+        let first = cache.hash(&file).unwrap();
+        assert_eq!(first.blake3, blake3::hash(b"hello").to_hex().to_string());
+        assert_eq!(first.size, 5);
+        // Poison the cached hash: if the cache is trusted, the poisoned value comes back.
+        cache.entries.values_mut().for_each(|e| e.blake3 = "poisoned".into());
+        assert_eq!(cache.hash(&file).unwrap().blake3, "poisoned");
+        let path = dir.path().join("cache.json");
+        cache.save(&path).unwrap();
+        assert_eq!(StatCache::load(&path).hash(&file).unwrap().blake3, "poisoned");
+    }
+
+    #[test]
+    fn racy_entries_are_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.txt");
+        std::fs::write(&file, b"hello").unwrap();
+        let mut cache = StatCache::default();
+        cache.hash(&file).unwrap();
+        cache.entries.values_mut().for_each(|e| e.blake3 = "poisoned".into());
+        // Just written: within the racy window, so the file is read again.
+        assert_eq!(cache.hash(&file).unwrap().blake3, blake3::hash(b"hello").to_hex().to_string());
+    }
+
+    #[test]
+    fn a_changed_stat_means_a_new_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.txt");
+        std::fs::write(&file, b"hello").unwrap();
+        age(&file, 60);
+        let mut cache = StatCache::default();
+        cache.hash(&file).unwrap();
+        std::fs::write(&file, b"world").unwrap();
+        age(&file, 30);
+        assert_eq!(cache.hash(&file).unwrap().blake3, blake3::hash(b"world").to_hex().to_string());
+    }
+
+    #[test]
+    fn large_files_hash_the_same_in_parallel() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("big");
+        let data: Vec<u8> = (0..PARALLEL_HASH_BYTES as usize + 12345).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&file, &data).unwrap();
+        assert_eq!(hash_file(&file, data.len() as u64).unwrap(), blake3::hash(&data).to_hex().to_string());
+    }
+
+    #[test]
+    fn a_corrupt_cache_file_loads_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(StatCache::load(&path).entries.is_empty());
+    }
+}

@@ -1,0 +1,32 @@
+//! `pipe`: an offline, single-machine, incremental task-graph engine for batch file processing.
+//!
+//! The library does all the work; the `pipe` binary only parses arguments and calls [`cli::main`].
+//! The modules follow the data flow of one build (see `ARCHITECTURE.md`):
+//!
+//! [`spec`] (load + validate the Pipefile) → [`graph`] (compile the DAG, no I/O) →
+//! [`plan`] (fingerprints and decisions with reasons) → [`lock`] → [`build`] (run stages in
+//! order through [`executor`], [`publish`] outputs, marker last) → [`state`] records, all written
+//! through [`atomic`].
+
+pub mod atomic;
+pub mod build;
+pub mod clean;
+pub mod event;
+pub mod cli;
+pub mod executor;
+pub mod fingerprint;
+pub mod graph;
+pub mod hashing;
+pub mod inputs;
+pub mod lock;
+pub mod marker;
+pub mod plan;
+pub mod retry;
+pub mod publish;
+pub mod runid;
+pub mod spec;
+pub mod state;
+pub mod workspace;
+
+/// Version of the fingerprint encoding; bumping it reruns every stage once.
+pub const FINGERPRINT_SCHEMA: u32 = 1;

@@ -1,0 +1,104 @@
+//! The workspace lock: one build (or clean) at a time per project, never stale.
+//!
+//! `locks/pipeline.lock` is a dedicated file that is never renamed or replaced, held with
+//! `flock` for the whole command. The OS releases it when the process dies, even on `kill -9`,
+//! so there is nothing to unlock by hand. Who holds it (pid, run id, start time) is written beside
+//! it in `pipeline.lock.json`, for the error message of a second build only.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::workspace::Workspace;
+
+/// Who holds the lock, as they said when they took it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    pub pid: u32,
+    pub run_id: String,
+    pub command: String,
+    pub started_at: String,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pid == 0 {
+            return write!(f, "another pipe process (holder unknown)");
+        }
+        write!(f, "pid {} ({} run {}, started {})", self.pid, self.command, self.run_id, self.started_at)
+    }
+}
+
+/// Why the lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("the workspace is locked by {0}")]
+    Held(Holder),
+    #[error("cannot open the workspace lock `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How long to wait for a held lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    No,
+    Forever,
+    For(Duration),
+}
+
+/// A held workspace lock; released on drop (or by the OS on death).
+#[derive(Debug)]
+pub struct WorkspaceLock {
+    _file: File,
+    info: PathBuf,
+}
+
+impl Drop for WorkspaceLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.info);
+    }
+}
+
+/// Takes the lock for `me`; calls `on_wait` once if it has to wait.
+pub fn acquire(ws: &Workspace, me: &Holder, wait: Wait, on_wait: impl FnOnce(&Holder)) -> Result<WorkspaceLock, LockError> {
+    let dir = ws.locks_dir();
+    let path = dir.join("pipeline.lock");
+    let info = dir.join("pipeline.lock.json");
+    let io = |source| LockError::Io { path: path.clone(), source };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    let deadline = match wait {
+        Wait::For(d) => Some(Instant::now() + d),
+        _ => None,
+    };
+    let mut on_wait = Some(on_wait);
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(TryLockError::WouldBlock) => {
+                let holder = read_holder(&info);
+                if wait == Wait::No || deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(LockError::Held(holder));
+                }
+                if let Some(f) = on_wait.take() {
+                    f(&holder);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(TryLockError::Error(err)) => return Err(io(err)),
+        }
+    }
+    crate::atomic::write_json(&info, me).map_err(|source| LockError::Io { path: info.clone(), source })?;
+    Ok(WorkspaceLock { _file: file, info })
+}
+
+fn read_holder(info: &std::path::Path) -> Holder {
+    std::fs::read(info).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}

@@ -1,0 +1,253 @@
+//! Decides, for each stage, whether it runs, resumes or is skipped, and why.
+//!
+//! A stage is skipped only when its marker's fingerprint equals the current one and every output
+//! the marker lists is intact. It resumes when interrupted progress for exactly the current
+//! fingerprint exists. Otherwise it runs, with reasons naming what changed since its last success.
+//! A stage downstream of one that will run cannot know its inputs yet: the dry-run plan shows it
+//! as pending; a real build decides it only after the upstream stage has published (so identical
+//! upstream output skips it: early cutoff).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use pipe_processors::checkpoint::Checkpoint;
+use serde::{Deserialize, Serialize};
+
+use crate::fingerprint::{self, Ingredients, ProcessorIdentity, Reason};
+use crate::hashing::StatCache;
+use crate::inputs::{self, InputError, ResolvedInputs};
+use crate::marker::Marker;
+use crate::spec::{Processor, Spec, Stage};
+use crate::workspace::Workspace;
+use crate::FINGERPRINT_SCHEMA;
+
+/// What will happen to a stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "camelCase")]
+pub enum Decision {
+    Skip,
+    Run { reasons: Vec<Reason> },
+    Resume { from_line: u64, checkpoint: Checkpoint },
+    /// Dry run only: an upstream stage runs first, so this stage's inputs are not known yet.
+    Pending { upstream: String },
+}
+
+impl Decision {
+    /// Whether the stage's processor will run.
+    pub fn runs(&self) -> bool {
+        !matches!(self, Decision::Skip)
+    }
+
+    /// One line for humans: `run (input x changed)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Decision::Skip => "skip (unchanged)".to_string(),
+            Decision::Run { reasons } => {
+                let shown: Vec<String> = reasons.iter().take(3).map(ToString::to_string).collect();
+                let more = if reasons.len() > 3 { format!(", and {} more", reasons.len() - 3) } else { String::new() };
+                format!("run ({}{more})", shown.join(", "))
+            }
+            Decision::Resume { from_line, .. } => format!("resume from line {from_line}"),
+            Decision::Pending { upstream } => format!("pending (upstream {upstream} runs)"),
+        }
+    }
+}
+
+/// The progress of an interrupted stage (`state/progress_<stage>.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Progress {
+    pub stage: String,
+    pub fingerprint: String,
+    pub input_index: u64,
+    pub line_offset: u64,
+    pub byte_offset: u64,
+    pub output_bytes: u64,
+    pub updated_at: String,
+}
+
+impl Progress {
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            input_index: self.input_index,
+            line_offset: self.line_offset,
+            byte_offset: self.byte_offset,
+            output_bytes: self.output_bytes,
+        }
+    }
+}
+
+/// A stage's decision with everything needed to act on it.
+#[derive(Debug, Clone)]
+pub struct StagePlan {
+    pub stage: usize,
+    pub decision: Decision,
+    pub ingredients: Option<Ingredients>,
+    pub fingerprint: Option<String>,
+    pub inputs: Option<ResolvedInputs>,
+    pub marker: Option<Marker>,
+    /// Things the user should know that do not change the decision (e.g. unreadable progress).
+    pub warnings: Vec<String>,
+}
+
+/// Why a stage cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error("cannot read processor file `{path}`: {source}")]
+    ProcessorFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Computes the fingerprint ingredients of `stage` over `inputs`.
+pub fn ingredients(spec: &Spec, stage: &Stage, inputs: &ResolvedInputs, cache: &mut StatCache) -> Result<Ingredients, PlanError> {
+    let processor = match &stage.processor {
+        Processor::Builtin { name, implementation, version } => ProcessorIdentity {
+            command: vec![format!("builtin:{name}@{implementation}")],
+            version: version.clone(),
+            files: BTreeMap::new(),
+        },
+        Processor::Command { argv, version, files } => {
+            let mut hashed = BTreeMap::new();
+            for file in files {
+                for (rel, abs) in expand(spec, file) {
+                    let hash = cache.hash(&abs).map_err(|source| PlanError::ProcessorFile { path: rel.clone(), source })?;
+                    hashed.insert(rel, hash.blake3);
+                }
+            }
+            ProcessorIdentity { command: argv.clone(), version: version.clone(), files: hashed }
+        }
+    };
+    let mut hashed_inputs = BTreeMap::new();
+    for (rel, abs) in &inputs.files {
+        let hash = cache.hash(abs).map_err(|source| InputError::Unreadable { path: rel.clone(), source })?;
+        hashed_inputs.insert(rel.clone(), hash.blake3);
+    }
+    Ok(Ingredients {
+        schema: FINGERPRINT_SCHEMA,
+        stage: stage.name.clone(),
+        processor,
+        params: serde_json::Value::Object(stage.params.clone()),
+        inputs: hashed_inputs,
+    })
+}
+
+/// A processor file, or every file below a processor folder.
+fn expand(spec: &Spec, rel: &str) -> Vec<(String, PathBuf)> {
+    let abs = spec.path(rel);
+    if !abs.is_dir() {
+        return vec![(rel.to_string(), abs)];
+    }
+    walkdir::WalkDir::new(&abs)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            let sub = e.path().strip_prefix(&spec.root).unwrap_or(e.path()).to_string_lossy().replace('\\', "/");
+            (sub, e.into_path())
+        })
+        .collect()
+}
+
+/// Decides `stage` now, from the files as they are.
+pub fn decide(spec: &Spec, ws: &Workspace, index: usize, cache: &mut StatCache) -> Result<StagePlan, PlanError> {
+    let stage = &spec.stages[index];
+    let inputs = inputs::resolve(spec, stage)?;
+    let ingredients = ingredients(spec, stage, &inputs, cache)?;
+    let fingerprint = ingredients.key();
+    let mut warnings = Vec::new();
+    let marker = Marker::read(&ws.marker_file(&stage.output_dir, &stage.name));
+    let mut reasons = match &marker {
+        Ok(None) => vec![Reason::FirstRun],
+        Err(error) => vec![Reason::MarkerUnreadable { error: error.clone() }],
+        Ok(Some(m)) if m.fingerprint == fingerprint => output_problems(ws, stage, m, cache),
+        Ok(Some(m)) => {
+            let mut r = fingerprint::diff(&m.ingredients, &ingredients);
+            if r.is_empty() {
+                // Same ingredients, different key: only possible if the marker was edited.
+                r.push(Reason::MarkerUnreadable { error: "fingerprint does not match its ingredients".into() });
+            }
+            r
+        }
+    };
+    let decision = if reasons.is_empty() {
+        Decision::Skip
+    } else {
+        match read_progress(ws, &stage.name) {
+            Ok(Some(p)) if p.fingerprint == fingerprint && ws.staging_dir(&stage.output_dir).is_dir() => {
+                Decision::Resume { from_line: p.line_offset, checkpoint: p.checkpoint() }
+            }
+            Ok(Some(_)) => {
+                reasons.push(Reason::StaleProgress);
+                Decision::Run { reasons }
+            }
+            Ok(None) => Decision::Run { reasons },
+            Err(err) => {
+                warnings.push(format!("ignoring unreadable progress file of `{}` ({err}); restarting from zero", stage.name));
+                Decision::Run { reasons }
+            }
+        }
+    };
+    Ok(StagePlan {
+        stage: index,
+        decision,
+        ingredients: Some(ingredients),
+        fingerprint: Some(fingerprint),
+        inputs: Some(inputs),
+        marker: marker.ok().flatten(),
+        warnings,
+    })
+}
+
+/// Outputs the marker lists that are missing or no longer have their recorded content.
+fn output_problems(ws: &Workspace, stage: &Stage, marker: &Marker, cache: &mut StatCache) -> Vec<Reason> {
+    let out_dir = ws.output_dir(&stage.output_dir);
+    let mut reasons = Vec::new();
+    for output in &marker.outputs {
+        let path = format!("{}/{}", stage.output_dir, output.path);
+        match cache.hash(&out_dir.join(&output.path)) {
+            Ok(h) if h.blake3 == output.blake3 => {}
+            Ok(_) => reasons.push(Reason::OutputModified { path }),
+            Err(_) => reasons.push(Reason::OutputMissing { path }),
+        }
+    }
+    reasons
+}
+
+/// Reads `state/progress_<stage>.json`: `Ok(None)` when absent, `Err` when unreadable or torn.
+pub fn read_progress(ws: &Workspace, stage: &str) -> Result<Option<Progress>, String> {
+    match std::fs::read(ws.progress_file(stage)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// The whole plan as `--dry-run` shows it: stages downstream of a running stage are pending.
+pub fn plan_all(spec: &Spec, ws: &Workspace, order: &[usize], upstream: impl Fn(usize) -> Vec<usize>, cache: &mut StatCache) -> Vec<Result<StagePlan, (usize, PlanError)>> {
+    let mut runs: BTreeMap<usize, bool> = BTreeMap::new();
+    let mut plans = Vec::new();
+    for &i in order {
+        let pending_on = upstream(i).into_iter().find(|u| runs.get(u).copied().unwrap_or(false));
+        let plan = match pending_on {
+            Some(u) => Ok(StagePlan {
+                stage: i,
+                decision: Decision::Pending { upstream: spec.stages[u].name.clone() },
+                ingredients: None,
+                fingerprint: None,
+                inputs: None,
+                marker: None,
+                warnings: Vec::new(),
+            }),
+            None => decide(spec, ws, i, cache).map_err(|e| (i, e)),
+        };
+        runs.insert(i, plan.as_ref().map_or(true, |p| p.decision.runs()));
+        plans.push(plan);
+    }
+    plans
+}

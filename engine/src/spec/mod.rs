@@ -1,0 +1,168 @@
+//! The Pipefile: loading, validation, and the checked [`Spec`] the rest of the engine uses.
+//!
+//! Two stages, as in ripgrep's argument handling: [`raw`] types mirror the JSON, and
+//! [`validate`] turns them into a [`Spec`] whose values are all known good (names usable as file
+//! names, paths normalised and inside the project, processors that exist, quotas that fit the
+//! machine). Nothing downstream ever sees an unvalidated value. Every error points at the
+//! offending JSON value (see [`error::SpecError`]); loading writes nothing.
+
+pub mod error;
+pub mod locate;
+pub mod raw;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pipe_processors::checkpoint::Cadence;
+use serde_json::{Map, Value};
+
+pub use error::{LoadError, SpecError};
+
+/// A validated pipeline.
+#[derive(Debug)]
+pub struct Spec {
+    /// The Pipefile path as the user gave it (for messages).
+    pub file: String,
+    /// Absolute folder of the Pipefile: every path in the spec is relative to it.
+    pub root: PathBuf,
+    pub quotas: Quotas,
+    pub stages: Vec<Stage>,
+    text: Arc<String>,
+    locator: locate::Locator,
+}
+
+/// Resources of the whole build.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quotas {
+    pub cpus: u32,
+    pub memory_mb: Option<u64>,
+    pub io: u32,
+}
+
+/// One validated stage.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub processor: Processor,
+    pub inputs: Vec<Input>,
+    /// Normalised path of the output folder, relative to the root, `/`-separated.
+    pub output_dir: String,
+    pub params: Map<String, Value>,
+    pub after: Vec<String>,
+    pub retry: RetryPolicy,
+    pub resources: Resources,
+    pub cadence: Cadence,
+    pub description: Option<String>,
+}
+
+/// What runs a stage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Processor {
+    Builtin {
+        name: String,
+        /// The built-in's own implementation version.
+        implementation: String,
+        version: String,
+    },
+    Command {
+        argv: Vec<String>,
+        version: String,
+        /// Project files the processor depends on (argv elements that name files, plus
+        /// `processor.files`), normalised relative paths, sorted.
+        files: Vec<String>,
+    },
+}
+
+/// One declared input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A file or a folder (every regular file below it), normalised relative path.
+    Path(String),
+    /// A glob; `base` is its longest literal folder prefix.
+    Glob { pattern: String, base: String },
+}
+
+impl Input {
+    /// The folder (or file) this input reads from, relative to the root.
+    pub fn base(&self) -> &str {
+        match self {
+            Input::Path(p) => p,
+            Input::Glob { base, .. } => base,
+        }
+    }
+}
+
+/// How failed attempts are retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+    pub multiplier: f64,
+    pub jitter: raw::RawJitter,
+    pub retryable_exit_codes: Vec<i32>,
+    pub retry_on_timeout: bool,
+    pub timeout: Option<Duration>,
+}
+
+/// A stage's resource needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resources {
+    pub cpus: u32,
+    pub memory_mb: Option<u64>,
+    pub io: u32,
+}
+
+impl Spec {
+    /// Reads and validates the Pipefile at `file`.
+    pub fn load(file: &Path) -> Result<Spec, LoadError> {
+        let shown = file.display().to_string();
+        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let absolute = std::path::absolute(file).map_err(|source| LoadError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let root = absolute.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+        validate::validate(shown, root, Arc::new(text))
+    }
+
+    /// Builds a located error for the value at JSON `pointer`.
+    pub fn error_at(&self, pointer: &str, message: impl Into<String>, label: impl Into<String>, help: Option<String>) -> SpecError {
+        SpecError::new(&self.file, &self.text, self.locator.value(pointer), message, label, help)
+    }
+
+    /// The index of the stage called `name`.
+    pub fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+
+    /// Absolute path of a root-relative path.
+    pub fn path(&self, relative: &str) -> PathBuf {
+        if relative.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(relative)
+        }
+    }
+
+    /// The stages' output folders, by stage index.
+    pub fn output_dirs(&self) -> BTreeMap<usize, &str> {
+        self.stages.iter().enumerate().map(|(i, s)| (i, s.output_dir.as_str())).collect()
+    }
+}
+
+/// Whether root-relative path `inner` is `outer` or lies below it.
+pub fn is_within(inner: &str, outer: &str) -> bool {
+    outer.is_empty() || inner == outer || (inner.starts_with(outer) && inner.as_bytes().get(outer.len()) == Some(&b'/'))
+}
+
+/// Whether two root-relative paths overlap (one is within the other).
+pub fn overlaps(a: &str, b: &str) -> bool {
+    is_within(a, b) || is_within(b, a)
+}

@@ -1,0 +1,466 @@
+//! Turns a parsed [`RawPipefile`] into a checked [`Spec`], collecting every problem it finds.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pipe_processors::builtins;
+use pipe_processors::checkpoint::Cadence;
+
+use super::locate::{offset_of, Locator};
+use super::raw::{RawCheckpoint, RawJitter, RawPipefile, RawProcessor, RawRetry, RawStage};
+use super::{overlaps, Input, LoadError, Processor, Quotas, Resources, RetryPolicy, Spec, SpecError, Stage};
+
+/// Folders `pipe` keeps its own files in; no stage may read or own them.
+pub const RESERVED_DIRS: &[&str] = &["state", "cache", "locks"];
+
+/// Validates `text` (the Pipefile `file`, whose folder is `root`).
+pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, LoadError> {
+    let raw: RawPipefile = match serde_json::from_str(&text) {
+        Ok(raw) => raw,
+        Err(err) => return Err(LoadError::Invalid { errors: vec![serde_error(&file, &text, &err)] }),
+    };
+    let mut v = Validator {
+        errors: Vec::new(),
+        file,
+        locator: Locator::new(&text),
+        text,
+        root,
+    };
+    if raw.version != 1 {
+        v.error("/version", format!("unsupported Pipefile version {}", raw.version), "only version 1 exists", None);
+    }
+    let quotas = v.quotas(&raw);
+    let settings_cadence = raw.settings.checkpoint.as_ref().map(|c| v.cadence(c, "/settings/checkpoint"));
+    let settings_retry = raw.settings.retry.clone().unwrap_or_default();
+    if let Some(retry) = &raw.settings.retry {
+        v.retry(&merge_retry(retry, &RawRetry::default()), "/settings/retry");
+    }
+    let mut stages = Vec::new();
+    for (i, stage) in raw.stages.iter().enumerate() {
+        stages.push(v.stage(i, stage, &quotas, &settings_retry, settings_cadence.unwrap_or_default()));
+    }
+    v.stage_relations(&raw.stages, &stages);
+    if raw.stages.is_empty() {
+        v.error("/stages", "the pipeline has no stages", "empty", Some("add at least one stage".into()));
+    }
+    if !v.errors.is_empty() {
+        return Err(LoadError::Invalid { errors: v.errors });
+    }
+    Ok(Spec {
+        file: v.file,
+        root: v.root,
+        quotas,
+        stages,
+        text: v.text,
+        locator: v.locator,
+    })
+}
+
+/// A serde error, located where serde_json detected it.
+fn serde_error(file: &str, text: &Arc<String>, err: &serde_json::Error) -> SpecError {
+    let offset = offset_of(text, err.line(), err.column());
+    let full = err.to_string();
+    let message = full.rsplit_once(" at line ").map_or(full.as_str(), |(m, _)| m).to_string();
+    let (label, help) = match err.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            ("not valid JSON here", Some("a Pipefile is strict JSON: no comments, no trailing commas".to_string()))
+        }
+        _ => ("here", Some("see `pipe schema` for every field and its type".to_string())),
+    };
+    let start = offset.saturating_sub(1).min(text.len());
+    SpecError::new(file, text, (start, offset.max(start)), message, label, help)
+}
+
+struct Validator {
+    errors: Vec<SpecError>,
+    file: String,
+    text: Arc<String>,
+    locator: Locator,
+    root: PathBuf,
+}
+
+impl Validator {
+    fn error(&mut self, pointer: &str, message: impl Into<String>, label: impl Into<String>, help: Option<String>) {
+        let range = self.locator.value(pointer);
+        self.errors.push(SpecError::new(&self.file, &self.text, range, message, label, help));
+    }
+
+    fn key_error(&mut self, pointer: &str, message: impl Into<String>, label: impl Into<String>, help: Option<String>) {
+        let range = self.locator.key(pointer);
+        self.errors.push(SpecError::new(&self.file, &self.text, range, message, label, help));
+    }
+
+    fn quotas(&mut self, raw: &RawPipefile) -> Quotas {
+        let machine_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let q = raw.settings.quotas.clone().unwrap_or_default();
+        let cpus = q.cpus.unwrap_or(machine_cpus);
+        if cpus == 0 || cpus > machine_cpus {
+            self.error(
+                "/settings/quotas/cpus",
+                format!("CPU quota {cpus} does not fit this machine"),
+                format!("must be between 1 and {machine_cpus}"),
+                Some(format!("this machine has {machine_cpus} CPU cores; omit `cpus` to use all of them")),
+            );
+        }
+        if let Some(memory) = q.memory_mb {
+            let machine = machine_memory_mb();
+            if memory == 0 || machine.is_some_and(|m| memory > m) {
+                self.error(
+                    "/settings/quotas/memoryMb",
+                    format!("memory quota {memory} MiB does not fit this machine"),
+                    match machine {
+                        Some(m) => format!("must be between 1 and {m}"),
+                        None => "must be at least 1".to_string(),
+                    },
+                    Some("omit `memoryMb` for no memory quota".into()),
+                );
+            }
+        }
+        let io = q.io.unwrap_or(2);
+        if io == 0 {
+            self.error("/settings/quotas/io", "IO quota 0 would never admit an IO stage", "must be at least 1", None);
+        }
+        Quotas { cpus: cpus.max(1), memory_mb: q.memory_mb, io: io.max(1) }
+    }
+
+    fn cadence(&mut self, raw: &RawCheckpoint, pointer: &str) -> Cadence {
+        if raw.every_lines == Some(0) {
+            self.error(&format!("{pointer}/everyLines"), "`everyLines` must be at least 1", "0", None);
+        }
+        if raw.every_bytes == Some(0) {
+            self.error(&format!("{pointer}/everyBytes"), "`everyBytes` must be at least 1", "0", None);
+        }
+        if let Some(s) = raw.every_seconds {
+            if !(s.is_finite() && s > 0.0) {
+                self.error(&format!("{pointer}/everySeconds"), "`everySeconds` must be a positive number", "here", None);
+            }
+        }
+        if raw.every_lines.is_none() && raw.every_bytes.is_none() && raw.every_seconds.is_none() {
+            return Cadence::default();
+        }
+        Cadence {
+            every_lines: raw.every_lines,
+            every_bytes: raw.every_bytes,
+            every_seconds: raw.every_seconds,
+        }
+    }
+
+    fn retry(&mut self, r: &RetryPolicy, pointer: &str) {
+        if r.max_attempts == 0 {
+            self.error(&format!("{pointer}/maxAttempts"), "`maxAttempts` must be at least 1 (the first attempt counts)", "0", None);
+        }
+        if r.base_delay_ms > r.max_delay_ms {
+            self.error(
+                &format!("{pointer}/baseDelayMs"),
+                format!("`baseDelayMs` ({}) is larger than `maxDelayMs` ({})", r.base_delay_ms, r.max_delay_ms),
+                "larger than maxDelayMs",
+                None,
+            );
+        }
+        if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
+            self.error(&format!("{pointer}/multiplier"), "`multiplier` must be a number ≥ 1", "here", None);
+        }
+        if let Some(t) = r.timeout {
+            if t.is_zero() {
+                self.error(&format!("{pointer}/timeoutSec"), "`timeoutSec` must be positive", "here", None);
+            }
+        }
+    }
+
+    fn stage(&mut self, i: usize, raw: &RawStage, quotas: &Quotas, settings_retry: &RawRetry, settings_cadence: Cadence) -> Stage {
+        let at = |field: &str| format!("/stages/{i}/{field}");
+        if !valid_stage_name(&raw.name) {
+            self.error(
+                &at("name"),
+                if raw.name.is_empty() { "a stage name must not be empty".to_string() } else { format!("stage name `{}` cannot be used as a file name", raw.name) },
+                "invalid stage name",
+                Some("use 1 to 100 letters, digits, `_`, `-` or `.`, starting with a letter or digit".into()),
+            );
+        }
+        let processor = self.processor(i, &raw.processor);
+        let params = raw.params.clone().unwrap_or_default();
+        if let Processor::Builtin { name, .. } = &processor {
+            if let Err(err) = builtins::validate_params(name, &params) {
+                let pointer = at(&format!("params/{}", err.key));
+                if err.unknown_key {
+                    self.key_error(&pointer, err.message, "unknown param", None);
+                } else {
+                    self.error(&pointer, err.message, "invalid value", None);
+                }
+            }
+        }
+        let output_dir = match normalize(&raw.output_dir) {
+            Ok(p) if p.is_empty() => {
+                self.error(&at("outputDir"), "the output folder cannot be the project folder itself", "project root", Some("use a sub-folder such as `output`".into()));
+                p
+            }
+            Ok(p) => {
+                if let Some(r) = RESERVED_DIRS.iter().find(|r| overlaps(&p, r)) {
+                    self.error(&at("outputDir"), format!("the output folder overlaps `{r}/`, which pipe keeps its own files in"), "reserved folder", None);
+                }
+                p
+            }
+            Err(why) => {
+                self.error(&at("outputDir"), format!("invalid output folder `{}`: {why}", raw.output_dir), "here", None);
+                String::new()
+            }
+        };
+        let mut inputs = Vec::new();
+        if raw.inputs.is_empty() {
+            self.error(&at("inputs"), format!("stage `{}` has no inputs", raw.name), "empty", Some("list at least one file, folder or glob".into()));
+        }
+        for (j, input) in raw.inputs.iter().enumerate() {
+            match parse_input(input) {
+                Ok(parsed) => {
+                    if parsed.base().is_empty() && matches!(parsed, Input::Path(_)) {
+                        self.error(&at(&format!("inputs/{j}")), "an input cannot be the whole project folder", "project root", Some("name the folders the stage reads".into()));
+                    } else if let Some(r) = RESERVED_DIRS.iter().find(|r| overlaps(parsed.base(), r)) {
+                        self.error(&at(&format!("inputs/{j}")), format!("an input cannot read `{r}/`, which pipe keeps its own files in"), "reserved folder", None);
+                    }
+                    inputs.push(parsed);
+                }
+                Err(why) => self.error(&at(&format!("inputs/{j}")), format!("invalid input `{input}`: {why}"), "here", None),
+            }
+        }
+        let retry = merge_retry(raw.retry.as_ref().unwrap_or(&RawRetry::default()), settings_retry);
+        if raw.retry.is_some() {
+            self.retry(&retry, &at("retry"));
+        }
+        let cadence = match &raw.checkpoint {
+            Some(c) => self.cadence(c, &at("checkpoint")),
+            None => settings_cadence,
+        };
+        let r = raw.resources.clone().unwrap_or_default();
+        let resources = Resources { cpus: r.cpus.unwrap_or(1), memory_mb: r.memory_mb, io: r.io.unwrap_or(0) };
+        if resources.cpus == 0 || resources.cpus > quotas.cpus {
+            self.error(&at("resources/cpus"), format!("stage needs {} CPUs but the quota is {}: it could never run", resources.cpus, quotas.cpus), format!("must be between 1 and {}", quotas.cpus), None);
+        }
+        if let (Some(need), Some(have)) = (resources.memory_mb, quotas.memory_mb) {
+            if need > have {
+                self.error(&at("resources/memoryMb"), format!("stage needs {need} MiB but the memory quota is {have} MiB: it could never run"), "larger than the quota", None);
+            }
+        }
+        if resources.io > quotas.io {
+            self.error(&at("resources/io"), format!("stage needs {} IO slots but the quota is {}: it could never run", resources.io, quotas.io), "larger than the quota", None);
+        }
+        Stage {
+            name: raw.name.clone(),
+            processor,
+            inputs,
+            output_dir,
+            params,
+            after: raw.after.clone(),
+            retry,
+            resources,
+            cadence,
+            description: raw.description.clone(),
+        }
+    }
+
+    fn processor(&mut self, i: usize, raw: &RawProcessor) -> Processor {
+        let at = |field: &str| format!("/stages/{i}/processor{field}");
+        if raw.version.trim().is_empty() {
+            self.error(&at("/version"), "`processor.version` must not be empty", "empty", Some("any text; change it when the processor's behaviour changes".into()));
+        }
+        match (&raw.builtin, &raw.command) {
+            (Some(name), None) => {
+                if !raw.files.is_empty() {
+                    self.key_error(&at("/files"), "`files` is for external commands; a built-in is fingerprinted by its name and version", "not allowed with `builtin`", None);
+                }
+                match builtins::find(name) {
+                    Some(b) => Processor::Builtin { name: name.clone(), implementation: b.implementation.to_string(), version: raw.version.clone() },
+                    None => {
+                        let names: Vec<_> = builtins::BUILTINS.iter().map(|b| format!("`{}`", b.name)).collect();
+                        self.error(&at("/builtin"), format!("unknown built-in processor `{name}`"), "no such built-in", Some(format!("built-ins: {}", names.join(", "))));
+                        Processor::Builtin { name: name.clone(), implementation: String::new(), version: raw.version.clone() }
+                    }
+                }
+            }
+            (None, Some(argv)) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    self.error(&at("/command"), "`command` must name a program", "empty", Some("for example [\"python3\", \"processors/python/stage_upper.py\"]".into()));
+                }
+                let mut files = BTreeSet::new();
+                for (j, arg) in argv.iter().enumerate() {
+                    let names_file = j == 0 && arg.contains('/');
+                    match normalize(arg) {
+                        Ok(rel) if !rel.is_empty() && self.root.join(&rel).is_file() => {
+                            files.insert(rel);
+                        }
+                        _ if names_file => self.error(&at(&format!("/command/{j}")), format!("processor program `{arg}` does not exist"), "no such file", Some("paths are relative to the Pipefile's folder".into())),
+                        _ => {}
+                    }
+                }
+                for (j, file) in raw.files.iter().enumerate() {
+                    match normalize(file) {
+                        Ok(rel) if !rel.is_empty() && self.root.join(&rel).exists() => {
+                            files.insert(rel);
+                        }
+                        Ok(_) => self.error(&at(&format!("/files/{j}")), format!("processor file `{file}` does not exist"), "no such file", Some("paths are relative to the Pipefile's folder".into())),
+                        Err(why) => self.error(&at(&format!("/files/{j}")), format!("invalid processor file `{file}`: {why}"), "here", None),
+                    }
+                }
+                Processor::Command { argv: argv.clone(), version: raw.version.clone(), files: files.into_iter().collect() }
+            }
+            (Some(_), Some(_)) => {
+                self.error(&at(""), "a processor is either `builtin` or `command`, not both", "both given", None);
+                Processor::Builtin { name: String::new(), implementation: String::new(), version: raw.version.clone() }
+            }
+            (None, None) => {
+                self.error(&at(""), "a processor needs `builtin` (a built-in's name) or `command` (an argv)", "neither given", Some("for example {\"builtin\": \"upper\", \"version\": \"1\"}".into()));
+                Processor::Builtin { name: String::new(), implementation: String::new(), version: raw.version.clone() }
+            }
+        }
+    }
+
+    /// Checks what involves several stages: unique names, disjoint outputs, `after` targets,
+    /// inputs that exist or are produced.
+    fn stage_relations(&mut self, raw: &[RawStage], stages: &[Stage]) {
+        let mut first_by_name: HashMap<&str, usize> = HashMap::new();
+        for (i, s) in stages.iter().enumerate() {
+            if let Some(&j) = first_by_name.get(s.name.as_str()) {
+                self.error(&format!("/stages/{i}/name"), format!("duplicate stage name `{}`", s.name), "used again here", Some(format!("stage {j} already has this name; names must be unique")));
+            } else {
+                first_by_name.insert(&s.name, i);
+            }
+        }
+        for (i, s) in stages.iter().enumerate() {
+            for other in stages.iter().take(i) {
+                if s.output_dir.is_empty() || other.output_dir.is_empty() {
+                    continue;
+                }
+                if s.output_dir == other.output_dir {
+                    self.error(&format!("/stages/{i}/outputDir"), format!("stages `{}` and `{}` both own the output folder `{}`", other.name, s.name, s.output_dir), "owned by another stage", Some("each stage needs an output folder of its own".into()));
+                } else if overlaps(&s.output_dir, &other.output_dir) {
+                    self.error(&format!("/stages/{i}/outputDir"), format!("output folder `{}` of `{}` overlaps `{}` of `{}`", s.output_dir, s.name, other.output_dir, other.name), "nested output folders", Some("output folders must not contain one another".into()));
+                }
+            }
+            for (k, target) in raw[i].after.iter().enumerate() {
+                if !first_by_name.contains_key(target.as_str()) {
+                    let names: Vec<_> = stages.iter().map(|s| format!("`{}`", s.name)).collect();
+                    self.error(&format!("/stages/{i}/after/{k}"), format!("`after` names unknown stage `{target}`"), "no such stage", Some(format!("stages: {}", names.join(", "))));
+                }
+            }
+            for (k, input) in s.inputs.iter().enumerate() {
+                let base = input.base();
+                if base.is_empty() {
+                    continue;
+                }
+                let produced = stages.iter().any(|o| !o.output_dir.is_empty() && overlaps(base, &o.output_dir));
+                if !produced && !self.root.join(base).exists() {
+                    self.error(&format!("/stages/{i}/inputs/{k}"), format!("input `{base}` does not exist and no stage produces it"), "not found", Some("paths are relative to the Pipefile's folder".into()));
+                }
+            }
+        }
+    }
+}
+
+/// Stage names become file names (`state/stage_<name>.json`): keep them portable.
+pub fn valid_stage_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && name.len() <= 100
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Normalises a Pipefile path: relative, `/`-separated, no `.`, `..` resolved and never leaving
+/// the project. The project folder itself normalises to "".
+pub fn normalize(path: &str) -> Result<String, &'static str> {
+    if path.is_empty() {
+        return Err("the path is empty");
+    }
+    if path.starts_with('/') || path.contains('\\') && path.chars().nth(1) == Some(':') {
+        return Err("paths must be relative to the Pipefile's folder");
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split(['/', '\\']) {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err("the path leaves the project folder");
+                }
+            }
+            p => parts.push(p),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Parses an input: a glob if it has glob syntax, else a path.
+fn parse_input(input: &str) -> Result<Input, String> {
+    if !input.contains(['*', '?', '[', '{']) {
+        return normalize(input).map(Input::Path).map_err(String::from);
+    }
+    let pattern = normalize(input).map_err(String::from)?;
+    globset::Glob::new(&pattern).map_err(|e| format!("bad glob: {}", e.kind()))?;
+    let base: Vec<&str> = pattern.split('/').take_while(|part| !part.contains(['*', '?', '[', '{'])).collect();
+    Ok(Input::Glob { base: base.join("/"), pattern })
+}
+
+fn merge_retry(stage: &RawRetry, settings: &RawRetry) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: stage.max_attempts.or(settings.max_attempts).unwrap_or(1),
+        base_delay_ms: stage.base_delay_ms.or(settings.base_delay_ms).unwrap_or(200),
+        max_delay_ms: stage.max_delay_ms.or(settings.max_delay_ms).unwrap_or(5000),
+        multiplier: stage.multiplier.or(settings.multiplier).unwrap_or(2.0),
+        jitter: stage.jitter.or(settings.jitter).unwrap_or(RawJitter::Full),
+        retryable_exit_codes: stage.retryable_exit_codes.clone().or_else(|| settings.retryable_exit_codes.clone()).unwrap_or_else(|| vec![75]),
+        retry_on_timeout: stage.retry_on_timeout.or(settings.retry_on_timeout).unwrap_or(false),
+        timeout: stage.timeout_sec.or(settings.timeout_sec).map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9))),
+    }
+}
+
+/// Total memory of the machine in MiB, from `/proc/meminfo`.
+fn machine_memory_mb() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::is_within;
+
+    #[test]
+    fn normalize_keeps_paths_inside_the_project() {
+        assert_eq!(normalize("input").unwrap(), "input");
+        assert_eq!(normalize("./a//b/./c/").unwrap(), "a/b/c");
+        assert_eq!(normalize("a/../b").unwrap(), "b");
+        assert_eq!(normalize(".").unwrap(), "");
+        assert!(normalize("../x").is_err());
+        assert!(normalize("/etc").is_err());
+        assert!(normalize("").is_err());
+    }
+
+    #[test]
+    fn stage_names_must_be_portable_file_names() {
+        for ok in ["copy", "a", "Stage_2.v-1"] {
+            assert!(valid_stage_name(ok), "{ok}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "a b", "é", &"x".repeat(101)] {
+            assert!(!valid_stage_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn globs_have_a_literal_base() {
+        assert_eq!(parse_input("data/*.txt").unwrap(), Input::Glob { pattern: "data/*.txt".into(), base: "data".into() });
+        assert_eq!(parse_input("data/2024/**/x?.csv").unwrap(), Input::Glob { pattern: "data/2024/**/x?.csv".into(), base: "data/2024".into() });
+        assert_eq!(parse_input("work").unwrap(), Input::Path("work".into()));
+        assert!(parse_input("data/[").is_err());
+    }
+
+    #[test]
+    fn within_and_overlap_respect_path_components() {
+        assert!(is_within("work/a", "work"));
+        assert!(is_within("work", "work"));
+        assert!(!is_within("workshop", "work"));
+        assert!(overlaps("work", "work/a"));
+        assert!(!overlaps("out1", "out2"));
+    }
+}

@@ -1,0 +1,165 @@
+//! The run, stage and metrics records in `state/`: what happened, for people and tools.
+//!
+//! Every record is versioned and written atomically through [`crate::atomic`], so a reader never
+//! sees a torn file. Timing fields are measured, never estimated.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the state record formats.
+pub const STATE_VERSION: u32 = 1;
+
+/// Status of a whole run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Interrupted,
+}
+
+/// What happened to a stage in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    Skipped,
+    Running,
+    Succeeded,
+    Resumed,
+    Restored,
+    Failed,
+    NotRun,
+    Interrupted,
+}
+
+impl StageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageStatus::Skipped => "skipped",
+            StageStatus::Running => "running",
+            StageStatus::Succeeded => "succeeded",
+            StageStatus::Resumed => "resumed",
+            StageStatus::Restored => "restored",
+            StageStatus::Failed => "failed",
+            StageStatus::NotRun => "not_run",
+            StageStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A stage's line in the run record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunStage {
+    pub name: String,
+    pub status: StageStatus,
+    pub reason: String,
+    pub attempts: u32,
+    pub duration_ms: u64,
+}
+
+/// `state/run_<id>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    pub version: u32,
+    pub run_id: String,
+    pub pipeline: String,
+    pub status: RunStatus,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub stages: Vec<RunStage>,
+}
+
+/// How an attempt ended, for retry decisions and the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Classification {
+    Ok,
+    Retryable,
+    Fatal,
+    Timeout,
+    Signal,
+    Interrupted,
+}
+
+/// One attempt of a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub classification: Classification,
+    pub delay_before_ms: u64,
+    /// The last lines the processor wrote to stderr.
+    pub stderr_tail: String,
+    /// Where the processor's whole stdout/stderr of this attempt is kept.
+    pub log: String,
+}
+
+/// `state/stage_<name>.json`: the last time this stage ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageRecord {
+    pub version: u32,
+    pub name: String,
+    pub status: StageStatus,
+    pub fingerprint: String,
+    pub last_run_id: String,
+    pub reason: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub attempts: Vec<AttemptRecord>,
+    pub resumed_from_line: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Per-stage measurements of one run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageMetrics {
+    pub wall_ms: u64,
+    pub cpu_user_ms: u64,
+    pub cpu_sys_ms: u64,
+    pub max_rss_kb: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub lines: u64,
+    pub attempts: u32,
+}
+
+/// Totals of one run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    pub stages: u32,
+    pub ran: u32,
+    pub skipped: u32,
+    pub resumed: u32,
+    pub restored: u32,
+    pub failed: u32,
+    pub retries: u32,
+    pub wall_ms: u64,
+}
+
+/// `state/metrics_<id>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metrics {
+    pub version: u32,
+    pub run_id: String,
+    pub totals: Totals,
+    pub stages: BTreeMap<String, StageMetrics>,
+}
+
+/// Now, as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

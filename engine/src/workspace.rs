@@ -1,0 +1,88 @@
+//! Where `pipe` keeps things inside a project: one place that knows every path.
+//!
+//! `state/` (run, stage, metrics, progress JSON and logs), `cache/` (stat cache), `locks/` (the
+//! workspace lock), and per stage a marker `<outputDir>/.<stage>.done` and a staging folder
+//! `<outputDir>/.pipe-staging/` on the same filesystem as the outputs, so publishing is a rename.
+
+use std::path::{Path, PathBuf};
+
+use crate::spec::Spec;
+
+/// Name of the staging folder inside each output folder.
+pub const STAGING_DIR: &str = ".pipe-staging";
+
+/// The paths of one project.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    pub root: PathBuf,
+}
+
+impl Workspace {
+    pub fn new(spec: &Spec) -> Workspace {
+        Workspace { root: spec.root.clone() }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    pub fn locks_dir(&self) -> PathBuf {
+        self.root.join("locks")
+    }
+
+    pub fn logs_dir(&self, run_id: &str) -> PathBuf {
+        self.state_dir().join("logs").join(run_id)
+    }
+
+    pub fn run_file(&self, run_id: &str) -> PathBuf {
+        self.state_dir().join(format!("run_{run_id}.json"))
+    }
+
+    pub fn metrics_file(&self, run_id: &str) -> PathBuf {
+        self.state_dir().join(format!("metrics_{run_id}.json"))
+    }
+
+    pub fn stage_file(&self, stage: &str) -> PathBuf {
+        self.state_dir().join(format!("stage_{stage}.json"))
+    }
+
+    pub fn progress_file(&self, stage: &str) -> PathBuf {
+        self.state_dir().join(format!("progress_{stage}.json"))
+    }
+
+    pub fn stat_cache_file(&self) -> PathBuf {
+        self.cache_dir().join("stat-v1.json")
+    }
+
+    pub fn output_dir(&self, output_dir: &str) -> PathBuf {
+        self.root.join(output_dir)
+    }
+
+    pub fn marker_file(&self, output_dir: &str, stage: &str) -> PathBuf {
+        self.output_dir(output_dir).join(marker_name(stage))
+    }
+
+    pub fn staging_dir(&self, output_dir: &str) -> PathBuf {
+        self.output_dir(output_dir).join(STAGING_DIR)
+    }
+
+    /// `path` relative to the root, `/`-separated (paths outside the root are returned whole).
+    pub fn relative(&self, path: &Path) -> String {
+        let rel = path.strip_prefix(&self.root).unwrap_or(path);
+        rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+    }
+}
+
+/// The marker's file name for `stage`.
+pub fn marker_name(stage: &str) -> String {
+    format!(".{stage}.done")
+}
+
+/// Whether a file name is one of pipe's own (a marker or a staging folder): never an input.
+pub fn is_pipe_internal(name: &str) -> bool {
+    name == STAGING_DIR || (name.starts_with('.') && name.ends_with(".done") && name.len() > 6)
+}

@@ -1,0 +1,533 @@
+//! The Rust processor SDK: streaming, mirrored outputs, durable checkpoints, exactly-once resume.
+//!
+//! Why it exists: resuming a stage in the middle without losing or duplicating a line needs care at
+//! every step (flush, fsync, then report; truncate, then seek, then continue), and each processor
+//! author getting that right alone would be a bug farm. The SDK owns the loop; a processor supplies
+//! a [`ChunkTransform`], a pure function from input bytes to output bytes.
+//!
+//! The loop reads each input in 1 MiB chunks, hands the transform the part that ends on a line
+//! boundary, writes the result to the mirrored output file, and takes a checkpoint (fsync output,
+//! then one JSON line on the progress pipe) when the cadence says so and the position is on a line
+//! boundary. Memory use is constant whatever the input size.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::checkpoint::{Cadence, Checkpoint};
+
+/// Bytes read from an input at a time.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// Exit code for bad input data (sysexits `EX_DATAERR`).
+pub const EXIT_DATA: i32 = 65;
+/// Exit code for bad usage or params (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code for a transient failure worth retrying (sysexits `EX_TEMPFAIL`).
+pub const EXIT_TEMPFAIL: i32 = 75;
+
+/// Why a processor stopped; each kind maps to the exit code the engine classifies.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{}: {message} at byte offset {offset}", path.display())]
+    Data {
+        path: PathBuf,
+        offset: u64,
+        message: String,
+    },
+    #[error("{what} `{}`: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ProcessorError {
+    /// The process exit code for this error: usage 64, data 65, transient I/O 75, other I/O 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ProcessorError::Usage(_) => EXIT_USAGE,
+            ProcessorError::Data { .. } => EXIT_DATA,
+            ProcessorError::Io { source, .. } if is_transient(source) => EXIT_TEMPFAIL,
+            ProcessorError::Io { .. } => 1,
+        }
+    }
+
+    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ProcessorError + 'a {
+        move |source| ProcessorError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Errors a retry can cure: the resource was busy, not broken.
+fn is_transient(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR | libc::ETXTBSY)
+    ) || err.kind() == io::ErrorKind::Interrupted
+}
+
+/// A deliberate crash for tests and demos (`PIPE_FAULT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL this process once this many lines were processed in this attempt.
+    CrashAfterLines(u64),
+}
+
+impl Fault {
+    fn parse(text: &str) -> Result<Fault, ProcessorError> {
+        let bad = || ProcessorError::Usage(format!("PIPE_FAULT: expected `crash-after-lines:N`, found `{text}`"));
+        let count = text.strip_prefix("crash-after-lines:").ok_or_else(bad)?;
+        count.parse().map(Fault::CrashAfterLines).map_err(|_| bad())
+    }
+}
+
+/// Everything a processor learns from its environment.
+#[derive(Debug)]
+pub struct Context {
+    pub run_id: String,
+    pub stage: String,
+    pub attempt: u32,
+    pub inputs: Vec<PathBuf>,
+    pub input_root: PathBuf,
+    pub output_dir: PathBuf,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub resume: Option<Checkpoint>,
+    pub cadence: Cadence,
+    pub fault: Option<Fault>,
+    progress: Option<File>,
+}
+
+impl Context {
+    /// Reads the context from this process's environment.
+    pub fn from_env() -> Result<Context, ProcessorError> {
+        Context::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the context through `var`, so tests can supply variables without touching the
+    /// process environment.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Context, ProcessorError> {
+        let required = |name: &str| {
+            var(name).ok_or_else(|| ProcessorError::Usage(format!("{name} is not set: run this processor through `pipe build`")))
+        };
+        let json = |name: &str, text: &str| -> Result<serde_json::Value, ProcessorError> {
+            serde_json::from_str(text)
+                .map_err(|err| ProcessorError::Usage(format!("{name} is not valid JSON: {err}")))
+        };
+        let inputs_json = match var("PIPELINE_INPUTS") {
+            Some(text) => text,
+            None => {
+                let path = required("PIPELINE_INPUTS_FILE")?;
+                std::fs::read_to_string(&path)
+                    .map_err(ProcessorError::io("reading the input list", Path::new(&path)))?
+            }
+        };
+        let inputs: Vec<PathBuf> = serde_json::from_value(json("PIPELINE_INPUTS", &inputs_json)?)
+            .map_err(|err| ProcessorError::Usage(format!("PIPELINE_INPUTS must be an array of paths: {err}")))?;
+        let params = match var("PIPELINE_PARAMS") {
+            None => serde_json::Map::new(),
+            Some(text) => match json("PIPELINE_PARAMS", &text)? {
+                serde_json::Value::Object(map) => map,
+                _ => return Err(ProcessorError::Usage("PIPELINE_PARAMS must be a JSON object".into())),
+            },
+        };
+        let resume = match var("PIPELINE_RESUME") {
+            None => None,
+            Some(text) => Some(Checkpoint::parse(&text).map_err(|err| {
+                ProcessorError::Usage(format!("PIPELINE_RESUME is not a valid checkpoint: {err}"))
+            })?),
+        };
+        let cadence = match var("PIPELINE_CHECKPOINT") {
+            None => Cadence::default(),
+            Some(text) => serde_json::from_str(&text).map_err(|err| {
+                ProcessorError::Usage(format!("PIPELINE_CHECKPOINT is not a valid cadence: {err}"))
+            })?,
+        };
+        let progress = match var("PIPELINE_PROGRESS_FD") {
+            None => None,
+            Some(text) => {
+                let fd: i32 = text.trim().parse().map_err(|_| {
+                    ProcessorError::Usage(format!("PIPELINE_PROGRESS_FD must be a file descriptor number, found `{text}`"))
+                })?;
+                if fd <= 2 {
+                    return Err(ProcessorError::Usage(format!("PIPELINE_PROGRESS_FD must be above 2, found {fd}")));
+                }
+                // SAFETY: the engine opened this descriptor for this process alone and named it in
+                // PIPELINE_PROGRESS_FD; nothing else in the process uses it, so taking ownership is sound.
+                Some(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+            }
+        };
+        Ok(Context {
+            run_id: var("PIPELINE_RUN_ID").unwrap_or_default(),
+            stage: var("PIPELINE_STAGE").unwrap_or_default(),
+            attempt: var("PIPELINE_ATTEMPT").and_then(|a| a.parse().ok()).unwrap_or(1),
+            inputs,
+            input_root: PathBuf::from(required("PIPELINE_INPUT_ROOT")?),
+            output_dir: PathBuf::from(required("PIPELINE_OUTPUT_DIR")?),
+            params,
+            resume,
+            cadence,
+            fault: var("PIPE_FAULT").map(|f| Fault::parse(&f)).transpose()?,
+            progress,
+        })
+    }
+
+    /// The output path that mirrors `input` under the staging dir.
+    pub fn output_path(&self, input: &Path) -> Result<PathBuf, ProcessorError> {
+        let relative = input.strip_prefix(&self.input_root).map_err(|_| {
+            ProcessorError::Usage(format!(
+                "input `{}` is not under PIPELINE_INPUT_ROOT `{}`",
+                input.display(),
+                self.input_root.display()
+            ))
+        })?;
+        Ok(self.output_dir.join(relative))
+    }
+}
+
+/// What a transform did with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Bytes of the chunk consumed (the rest is offered again with more data after it).
+    pub consumed: usize,
+    /// Where the output of the consumed bytes is.
+    pub emit: Emit,
+}
+
+/// Where a transform put its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emit {
+    /// In the chunk itself, transformed in place (same length).
+    Chunk,
+    /// In the `out` buffer.
+    Buffer,
+}
+
+/// A data error inside a chunk; the SDK turns the offset into an absolute file offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataError {
+    pub offset_in_chunk: usize,
+    pub message: String,
+}
+
+/// The processor author's part: bytes in, bytes out.
+pub trait ChunkTransform {
+    /// Transforms `chunk`, which ends on a line boundary unless it holds no newline at all (a line
+    /// longer than the read buffer) or `eof` is set. Returns how much of it was consumed; an
+    /// in-place transform must keep `\n` bytes where they are (lines are counted after it ran).
+    fn apply(&mut self, chunk: &mut [u8], eof: bool, out: &mut Vec<u8>) -> Result<Step, DataError>;
+}
+
+/// What a run did, for the caller's own reporting.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub lines: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub checkpoints: u64,
+}
+
+/// Reads the environment, runs `transform` over every input and returns the process exit code,
+/// printing any error to stderr. The `main` of a processor in one call.
+pub fn main_with<T: ChunkTransform>(make: impl FnOnce(&Context) -> Result<T, ProcessorError>) -> i32 {
+    let mut ctx = match Context::from_env() {
+        Ok(ctx) => ctx,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return err.exit_code();
+        }
+    };
+    match make(&ctx).and_then(|mut transform| run(&mut ctx, &mut transform)) {
+        Ok(_) => 0,
+        Err(err) => {
+            eprintln!("error: stage `{}`: {err}", ctx.stage);
+            err.exit_code()
+        }
+    }
+}
+
+/// Runs `transform` over every input of `ctx`, resuming from `ctx.resume` when set.
+pub fn run<T: ChunkTransform>(ctx: &mut Context, transform: &mut T) -> Result<Summary, ProcessorError> {
+    let start = ctx.resume.unwrap_or(Checkpoint::START);
+    let first = usize::try_from(start.input_index).unwrap_or(usize::MAX);
+    if ctx.resume.is_some() && first >= ctx.inputs.len().max(1) && !(first == 0 && ctx.inputs.is_empty()) {
+        return Err(ProcessorError::Data {
+            path: PathBuf::from("PIPELINE_RESUME"),
+            offset: 0,
+            message: format!("checkpoint names input {first} but the stage has {} inputs", ctx.inputs.len()),
+        });
+    }
+    let mut runner = Runner {
+        cadence: ctx.cadence,
+        fault: ctx.fault,
+        progress: ctx.progress.take(),
+        staging_root: ctx.output_dir.clone(),
+        summary: Summary::default(),
+        lines_this_attempt: 0,
+        buf: vec![0; CHUNK_BYTES],
+        out: Vec::new(),
+    };
+    let result = (|| {
+        for index in first..ctx.inputs.len() {
+            let position = if index == first { start } else { Checkpoint { input_index: index as u64, ..Checkpoint::START } };
+            let input = ctx.inputs[index].clone();
+            let output = ctx.output_path(&input)?;
+            runner.process_input(&input, &output, position, transform)?;
+        }
+        Ok(runner.summary)
+    })();
+    ctx.progress = runner.progress.take();
+    result
+}
+
+/// The state of one processor run across its inputs.
+struct Runner {
+    cadence: Cadence,
+    fault: Option<Fault>,
+    progress: Option<File>,
+    staging_root: PathBuf,
+    summary: Summary,
+    lines_this_attempt: u64,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// Where the current input stands, and what has happened since the last checkpoint.
+struct Position {
+    at: Checkpoint,
+    lines_since: u64,
+    bytes_since: u64,
+    since: Instant,
+    dir_synced: bool,
+    /// The bytes consumed so far end inside a line.
+    unterminated: bool,
+}
+
+impl Runner {
+    fn process_input<T: ChunkTransform>(
+        &mut self,
+        input: &Path,
+        output: &Path,
+        start: Checkpoint,
+        transform: &mut T,
+    ) -> Result<(), ProcessorError> {
+        let resuming = start != Checkpoint { input_index: start.input_index, ..Checkpoint::START };
+        let mut source = File::open(input).map_err(ProcessorError::io("opening input", input))?;
+        let mut sink = open_output(output, &start, resuming, input, &mut source)?;
+        let mut pos = Position {
+            at: start,
+            lines_since: 0,
+            bytes_since: 0,
+            since: Instant::now(),
+            dir_synced: resuming,
+            unterminated: false,
+        };
+        let mut filled = 0usize;
+        let mut eof = false;
+        loop {
+            if !eof && filled < self.buf.len() {
+                let n = read_retrying(&mut source, &mut self.buf[filled..]).map_err(ProcessorError::io("reading input", input))?;
+                eof = n == 0;
+                filled += n;
+                if !eof && filled < self.buf.len() && memchr::memrchr(b'\n', &self.buf[..filled]).is_none() {
+                    continue;
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            let end = self.chunk_end(filled, eof, &pos);
+            let last = eof && end == filled;
+            let step = transform.apply(&mut self.buf[..end], last, &mut self.out).map_err(|err| ProcessorError::Data {
+                path: input.to_path_buf(),
+                offset: pos.at.byte_offset + err.offset_in_chunk as u64,
+                message: err.message,
+            })?;
+            if step.consumed == 0 {
+                if last {
+                    return Err(ProcessorError::Data {
+                        path: input.to_path_buf(),
+                        offset: pos.at.byte_offset,
+                        message: "the input ends inside a character".into(),
+                    });
+                }
+                continue;
+            }
+            let consumed = &self.buf[..step.consumed];
+            let lines = memchr::memchr_iter(b'\n', consumed).count() as u64;
+            let on_boundary = consumed.last() == Some(&b'\n');
+            let written = match step.emit {
+                Emit::Chunk => consumed,
+                Emit::Buffer => &self.out[..],
+            };
+            sink.write_all(written).map_err(ProcessorError::io("writing output", output))?;
+            pos.at.output_bytes += written.len() as u64;
+            pos.at.byte_offset += step.consumed as u64;
+            pos.at.line_offset += lines;
+            pos.lines_since += lines;
+            pos.bytes_since += step.consumed as u64;
+            self.summary.lines += lines;
+            self.summary.input_bytes += step.consumed as u64;
+            self.summary.output_bytes += written.len() as u64;
+            self.lines_this_attempt += lines;
+            self.out.clear();
+            self.buf.copy_within(step.consumed..filled, 0);
+            filled -= step.consumed;
+            if let Some(Fault::CrashAfterLines(n)) = self.fault {
+                if self.lines_this_attempt >= n {
+                    crash_now();
+                }
+            }
+            if on_boundary && self.checkpoint_due(&pos) {
+                self.checkpoint(&sink, output, &mut pos)?;
+            }
+            pos.unterminated = !on_boundary;
+        }
+        // A last line without a newline is a line too (as in the Python SDK).
+        if pos.unterminated {
+            pos.at.line_offset += 1;
+            self.summary.lines += 1;
+            pos.unterminated = false;
+        }
+        self.checkpoint(&sink, output, &mut pos)
+    }
+
+    /// Where the next chunk ends: at the last newline read, but early enough that a line-count
+    /// checkpoint or an injected fault falls exactly on its line.
+    fn chunk_end(&self, filled: usize, eof: bool, pos: &Position) -> usize {
+        let data = &self.buf[..filled];
+        let mut end = if eof {
+            filled
+        } else {
+            memchr::memrchr(b'\n', data).map_or(filled, |i| i + 1)
+        };
+        let mut budget = u64::MAX;
+        if let Some(every) = self.cadence.every_lines {
+            budget = budget.min(every.saturating_sub(pos.lines_since).max(1));
+        }
+        if let Some(Fault::CrashAfterLines(n)) = self.fault {
+            budget = budget.min(n.saturating_sub(self.lines_this_attempt).max(1));
+        }
+        if budget != u64::MAX {
+            if let Some(nth) = memchr::memchr_iter(b'\n', &data[..end]).nth((budget - 1) as usize) {
+                end = nth + 1;
+            }
+        }
+        end
+    }
+
+    fn checkpoint_due(&self, pos: &Position) -> bool {
+        let c = &self.cadence;
+        c.every_lines.is_some_and(|n| pos.lines_since >= n)
+            || c.every_bytes.is_some_and(|n| pos.bytes_since >= n)
+            || c.every_seconds.is_some_and(|s| pos.since.elapsed().as_secs_f64() >= s)
+    }
+
+    /// Makes the output durable up to `pos`, then reports `pos` on the progress pipe.
+    fn checkpoint(&mut self, sink: &File, output: &Path, pos: &mut Position) -> Result<(), ProcessorError> {
+        sink.sync_data().map_err(ProcessorError::io("syncing output", output))?;
+        if !pos.dir_synced {
+            sync_dirs_up_to(output, &self.staging_root)?;
+            pos.dir_synced = true;
+        }
+        if let Some(progress) = &mut self.progress {
+            progress
+                .write_all(pos.at.to_line().as_bytes())
+                .map_err(ProcessorError::io("writing a checkpoint to", Path::new("PIPELINE_PROGRESS_FD")))?;
+        }
+        self.summary.checkpoints += 1;
+        pos.lines_since = 0;
+        pos.bytes_since = 0;
+        pos.since = Instant::now();
+        Ok(())
+    }
+}
+
+/// Opens the output for one input: fresh (created, truncated) or resumed (cut back to the
+/// checkpoint's `outputBytes`, with the input positioned at its `byteOffset`).
+fn open_output(
+    output: &Path,
+    start: &Checkpoint,
+    resuming: bool,
+    input: &Path,
+    source: &mut File,
+) -> Result<File, ProcessorError> {
+    if let Some(dir) = output.parent() {
+        std::fs::create_dir_all(dir).map_err(ProcessorError::io("creating output folder", dir))?;
+    }
+    if !resuming {
+        return File::create(output).map_err(ProcessorError::io("creating output", output));
+    }
+    let input_len = source.metadata().map_err(ProcessorError::io("reading input size", input))?.len();
+    if start.byte_offset > input_len {
+        return Err(ProcessorError::Data {
+            path: input.to_path_buf(),
+            offset: start.byte_offset,
+            message: format!("resume checkpoint is past the end of the input ({input_len} bytes)"),
+        });
+    }
+    let mut sink = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(output)
+        .map_err(ProcessorError::io("opening output to resume", output))?;
+    let have = sink.metadata().map_err(ProcessorError::io("reading output size", output))?.len();
+    if have < start.output_bytes {
+        return Err(ProcessorError::Data {
+            path: output.to_path_buf(),
+            offset: have,
+            message: format!("output is shorter than the checkpoint's {} bytes: it cannot be resumed", start.output_bytes),
+        });
+    }
+    sink.set_len(start.output_bytes).map_err(ProcessorError::io("truncating output to the checkpoint", output))?;
+    sink.seek(SeekFrom::End(0)).map_err(ProcessorError::io("seeking output", output))?;
+    source.seek(SeekFrom::Start(start.byte_offset)).map_err(ProcessorError::io("seeking input", input))?;
+    Ok(sink)
+}
+
+fn read_retrying(source: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match source.read(buf) {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// fsyncs every folder from `output`'s parent up to `root`, so a newly created output file (and
+/// any folders `create_dir_all` made for it) survives a power cut once a checkpoint names it.
+fn sync_dirs_up_to(output: &Path, root: &Path) -> Result<(), ProcessorError> {
+    let mut dir = output.parent();
+    while let Some(d) = dir {
+        if !d.starts_with(root) {
+            break;
+        }
+        File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(ProcessorError::io("syncing output folder", d))?;
+        if d == root {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
+}
+
+/// Dies the way a power cut or the OOM killer would: no unwinding, no buffers flushed.
+fn crash_now() -> ! {
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    std::process::abort()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,260 @@
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::IntoRawFd;
+
+use super::*;
+use crate::upper::{Mode, Upper};
+
+/// A staged stage: inputs under `root/in`, staging dir `root/out`.
+struct Fixture {
+    dir: tempfile::TempDir,
+    inputs: Vec<PathBuf>,
+}
+
+impl Fixture {
+    fn new(files: &[(&str, &[u8])]) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inputs = Vec::new();
+        for (name, bytes) in files {
+            let path = dir.path().join("in").join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            inputs.push(path);
+        }
+        inputs.sort();
+        std::fs::create_dir_all(dir.path().join("out")).unwrap();
+        Fixture { dir, inputs }
+    }
+
+    fn vars(&self) -> HashMap<String, String> {
+        let mut vars = HashMap::new();
+        vars.insert("PIPELINE_INPUTS".into(), serde_json::to_string(&self.inputs).unwrap());
+        vars.insert("PIPELINE_INPUT_ROOT".into(), self.dir.path().join("in").display().to_string());
+        vars.insert("PIPELINE_OUTPUT_DIR".into(), self.dir.path().join("out").display().to_string());
+        vars.insert("PIPELINE_STAGE".into(), "test".into());
+        vars
+    }
+
+    fn output(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("out").join(name)).unwrap()
+    }
+
+    /// Runs `transform` with `vars` and a real progress pipe; returns the summary (or error) and
+    /// every checkpoint line received.
+    fn run_with<T: ChunkTransform>(
+        &self,
+        mut vars: HashMap<String, String>,
+        transform: &mut T,
+    ) -> (Result<Summary, ProcessorError>, Vec<Checkpoint>) {
+        let (reader, writer) = rustix::pipe::pipe().unwrap();
+        vars.insert("PIPELINE_PROGRESS_FD".into(), writer.into_raw_fd().to_string());
+        let mut ctx = Context::from_vars(|k| vars.get(k).cloned()).unwrap();
+        let result = run(&mut ctx, transform);
+        drop(ctx);
+        let mut text = String::new();
+        File::from(reader).read_to_string(&mut text).unwrap();
+        let checkpoints = text.lines().map(|l| Checkpoint::parse(l).unwrap()).collect();
+        (result, checkpoints)
+    }
+}
+
+fn lines(count: usize, width: usize) -> Vec<u8> {
+    (0..count)
+        .flat_map(|i| format!("{i:0width$} straße line\n").into_bytes())
+        .collect()
+}
+
+#[test]
+fn copies_inputs_to_mirrored_paths_with_a_final_checkpoint_each() {
+    let fx = Fixture::new(&[("a.txt", b"one\ntwo\n"), ("sub/b.txt", b"three")]);
+    let (summary, cps) = fx.run_with(fx.vars(), &mut Upper { mode: Mode::Ascii });
+    let summary = summary.unwrap();
+    assert_eq!(fx.output("a.txt"), b"ONE\nTWO\n");
+    assert_eq!(fx.output("sub/b.txt"), b"THREE");
+    assert_eq!(summary.lines, 3);
+    assert_eq!(summary.input_bytes, 13);
+    assert_eq!(
+        cps,
+        vec![
+            Checkpoint { input_index: 0, line_offset: 2, byte_offset: 8, output_bytes: 8 },
+            Checkpoint { input_index: 1, line_offset: 1, byte_offset: 5, output_bytes: 5 },
+        ]
+    );
+}
+
+#[test]
+fn every_lines_cadence_checkpoints_exactly_on_its_lines() {
+    let data = lines(1000, 6);
+    let fx = Fixture::new(&[("big.txt", &data)]);
+    let mut vars = fx.vars();
+    vars.insert("PIPELINE_CHECKPOINT".into(), r#"{"everyLines": 100}"#.into());
+    let (summary, cps) = fx.run_with(vars, &mut Upper { mode: Mode::Unicode });
+    summary.unwrap();
+    let offsets: Vec<u64> = cps.iter().map(|c| c.line_offset).collect();
+    let mut expected: Vec<u64> = (1..=10).map(|i| i * 100).collect();
+    expected.push(1000); // the final checkpoint of the input
+    assert_eq!(offsets, expected);
+    for cp in &cps {
+        let consumed = &data[..cp.byte_offset as usize];
+        assert_eq!(memchr::memchr_iter(b'\n', consumed).count() as u64, cp.line_offset);
+        let expected_out = String::from_utf8(consumed.to_vec()).unwrap().to_uppercase();
+        assert_eq!(cp.output_bytes, expected_out.len() as u64);
+    }
+}
+
+/// The exactly-once property: from any checkpoint, with any garbage after `outputBytes` (writes
+/// that were not yet durable when the process died), a resume yields the uninterrupted output.
+#[test]
+fn resume_from_every_checkpoint_gives_identical_output() {
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("a.txt".into(), lines(300, 4)),
+        ("b/c.txt".into(), lines(450, 5)),
+        ("d.txt".into(), "no newline at the end: ß".as_bytes().to_vec()),
+    ];
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    let fx = Fixture::new(&refs);
+    let mut vars = fx.vars();
+    vars.insert("PIPELINE_CHECKPOINT".into(), r#"{"everyLines": 37}"#.into());
+    let (summary, cps) = fx.run_with(vars.clone(), &mut Upper { mode: Mode::Unicode });
+    summary.unwrap();
+    let golden: Vec<Vec<u8>> = files.iter().map(|(n, _)| fx.output(n)).collect();
+    assert!(cps.len() > 15, "expected many checkpoints, got {}", cps.len());
+
+    for cp in &cps {
+        // Damage what was not durable: the current output gets garbage past the checkpoint, later
+        // outputs hold garbage too.
+        for (i, (name, _)) in files.iter().enumerate() {
+            let path = fx.dir.path().join("out").join(name);
+            if i as u64 == cp.input_index {
+                let mut bytes = golden[i][..cp.output_bytes as usize].to_vec();
+                bytes.extend_from_slice(b"GARBAGE NOT YET DURABLE\n");
+                std::fs::write(&path, bytes).unwrap();
+            } else if i as u64 > cp.input_index {
+                std::fs::write(&path, b"stale partial output").unwrap();
+            }
+        }
+        let mut resume_vars = vars.clone();
+        resume_vars.insert("PIPELINE_RESUME".into(), serde_json::to_string(cp).unwrap());
+        let (summary, _) = fx.run_with(resume_vars, &mut Upper { mode: Mode::Unicode });
+        summary.unwrap();
+        for (i, (name, _)) in files.iter().enumerate() {
+            assert_eq!(fx.output(name), golden[i], "resume from {cp:?}: {name} differs");
+        }
+    }
+}
+
+#[test]
+fn resume_with_an_output_shorter_than_the_checkpoint_is_a_data_error() {
+    let fx = Fixture::new(&[("a.txt", b"one\ntwo\n")]);
+    std::fs::write(fx.dir.path().join("out/a.txt"), b"ON").unwrap();
+    let mut vars = fx.vars();
+    vars.insert(
+        "PIPELINE_RESUME".into(),
+        r#"{"inputIndex":0,"lineOffset":1,"byteOffset":4,"outputBytes":4}"#.into(),
+    );
+    let (result, _) = fx.run_with(vars, &mut Upper { mode: Mode::Ascii });
+    let err = result.unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_DATA);
+    assert!(err.to_string().contains("shorter than the checkpoint"), "{err}");
+}
+
+#[test]
+fn resume_past_the_input_or_past_the_last_input_is_a_data_error() {
+    let fx = Fixture::new(&[("a.txt", b"one\n")]);
+    for resume in [
+        r#"{"inputIndex":0,"lineOffset":1,"byteOffset":99,"outputBytes":0}"#,
+        r#"{"inputIndex":5,"lineOffset":0,"byteOffset":0,"outputBytes":0}"#,
+    ] {
+        let mut vars = fx.vars();
+        vars.insert("PIPELINE_RESUME".into(), resume.into());
+        let (result, _) = fx.run_with(vars, &mut Upper { mode: Mode::Ascii });
+        assert_eq!(result.unwrap_err().exit_code(), EXIT_DATA, "{resume}");
+    }
+}
+
+#[test]
+fn invalid_utf8_names_the_file_and_absolute_offset() {
+    let mut data = lines(50, 3);
+    let bad_at = data.len() + 4;
+    data.extend_from_slice(b"bad \xff\n");
+    let fx = Fixture::new(&[("x.txt", &data)]);
+    let (result, _) = fx.run_with(fx.vars(), &mut Upper { mode: Mode::Unicode });
+    let err = result.unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_DATA);
+    let text = err.to_string();
+    assert!(text.contains("x.txt") && text.contains(&format!("byte offset {bad_at}")), "{text}");
+}
+
+#[test]
+fn lines_longer_than_the_read_buffer_stream_through() {
+    let mut data = "é".repeat(CHUNK_BYTES).into_bytes(); // 2 MiB, no newline, chars cut at 1 MiB edges
+    data.extend_from_slice("\nend ß".as_bytes());
+    let fx = Fixture::new(&[("long.txt", &data)]);
+    let (summary, _) = fx.run_with(fx.vars(), &mut Upper { mode: Mode::Unicode });
+    summary.unwrap();
+    let expected = String::from_utf8(data).unwrap().to_uppercase();
+    assert_eq!(fx.output("long.txt"), expected.as_bytes());
+}
+
+#[test]
+fn context_errors_say_what_is_wrong() {
+    let fx = Fixture::new(&[("a.txt", b"x")]);
+    let cases: &[(&str, Option<&str>, &str)] = &[
+        ("PIPELINE_OUTPUT_DIR", None, "PIPELINE_OUTPUT_DIR is not set"),
+        ("PIPELINE_PARAMS", Some("[1]"), "must be a JSON object"),
+        ("PIPELINE_PARAMS", Some("{"), "not valid JSON"),
+        ("PIPELINE_RESUME", Some("{}"), "not a valid checkpoint"),
+        ("PIPELINE_CHECKPOINT", Some(r#"{"everyLine": 3}"#), "not a valid cadence"),
+        ("PIPELINE_PROGRESS_FD", Some("x"), "file descriptor number"),
+        ("PIPELINE_PROGRESS_FD", Some("1"), "above 2"),
+        ("PIPE_FAULT", Some("crash"), "crash-after-lines:N"),
+        ("PIPELINE_INPUTS", Some("{}"), "array of paths"),
+    ];
+    for (name, value, expected) in cases {
+        let mut vars = fx.vars();
+        match value {
+            Some(v) => vars.insert(name.to_string(), v.to_string()),
+            None => vars.remove(*name),
+        };
+        let err = Context::from_vars(|k| vars.get(k).cloned()).unwrap_err();
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        assert!(err.to_string().contains(expected), "{name}={value:?}: {err}");
+    }
+}
+
+#[test]
+fn inputs_file_replaces_a_large_inputs_variable() {
+    let fx = Fixture::new(&[("a.txt", b"abc\n")]);
+    let list = fx.dir.path().join("inputs.json");
+    std::fs::write(&list, serde_json::to_string(&fx.inputs).unwrap()).unwrap();
+    let mut vars = fx.vars();
+    vars.remove("PIPELINE_INPUTS");
+    vars.insert("PIPELINE_INPUTS_FILE".into(), list.display().to_string());
+    let ctx = Context::from_vars(|k| vars.get(k).cloned()).unwrap();
+    assert_eq!(ctx.inputs, fx.inputs);
+}
+
+#[test]
+fn an_input_outside_the_root_is_a_usage_error() {
+    let fx = Fixture::new(&[("a.txt", b"abc\n")]);
+    let mut vars = fx.vars();
+    vars.insert("PIPELINE_INPUTS".into(), r#"["/etc/hostname"]"#.into());
+    let (result, _) = fx.run_with(vars, &mut Upper { mode: Mode::Ascii });
+    assert_eq!(result.unwrap_err().exit_code(), EXIT_USAGE);
+}
+
+#[test]
+fn transient_io_errors_exit_75() {
+    let err = ProcessorError::Io {
+        what: "reading input",
+        path: PathBuf::from("x"),
+        source: io::Error::from_raw_os_error(libc::EAGAIN),
+    };
+    assert_eq!(err.exit_code(), EXIT_TEMPFAIL);
+    let err = ProcessorError::Io {
+        what: "reading input",
+        path: PathBuf::from("x"),
+        source: io::Error::from_raw_os_error(libc::ENOENT),
+    };
+    assert_eq!(err.exit_code(), 1);
+}
