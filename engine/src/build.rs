@@ -23,7 +23,10 @@ use crate::lock::{self, Holder, LockError, Wait};
 use crate::plan::{self, Decision, Progress, StagePlan};
 use crate::publish::{self, Publication};
 use crate::spec::{Processor, Spec, Stage};
-use crate::state::{self, AttemptRecord, Classification, Metrics, RunRecord, RunStage, RunStatus, StageMetrics, StageRecord, StageStatus, Totals};
+use crate::state::{
+    self, AttemptRecord, Classification, Metrics, RunRecord, RunStage, RunStatus, StageMetrics,
+    StageRecord, StageStatus, Totals,
+};
 use crate::workspace::Workspace;
 use crate::{atomic, retry, runid};
 
@@ -49,7 +52,9 @@ pub struct BuildOptions {
 pub enum BuildError {
     #[error("invalid run id `{0}`: use 1 to 100 letters, digits, `_`, `-` or `.`")]
     BadRunId(String),
-    #[error("run id `{0}` was already used (state/run_{0}.json exists): a run id names one run forever")]
+    #[error(
+        "run id `{0}` was already used (state/run_{0}.json exists): a run id names one run forever"
+    )]
     RunIdUsed(String),
     #[error("unknown stage `{0}`")]
     UnknownStage(String),
@@ -67,7 +72,11 @@ pub struct BuildReport {
 }
 
 /// Stage indices `targets` name, with everything they need; all stages when `targets` is empty.
-pub fn selection(spec: &Spec, graph: &Graph, targets: &[String]) -> Result<BTreeSet<usize>, String> {
+pub fn selection(
+    spec: &Spec,
+    graph: &Graph,
+    targets: &[String],
+) -> Result<BTreeSet<usize>, String> {
     if targets.is_empty() {
         return Ok((0..spec.stages.len()).collect());
     }
@@ -79,7 +88,12 @@ pub fn selection(spec: &Spec, graph: &Graph, targets: &[String]) -> Result<BTree
 }
 
 /// Runs a build.
-pub fn build(spec: &Spec, graph: &Graph, opts: &BuildOptions, report: &mut dyn FnMut(&Event)) -> Result<BuildReport, BuildError> {
+pub fn build(
+    spec: &Spec,
+    graph: &Graph,
+    opts: &BuildOptions,
+    report: &mut dyn FnMut(&Event),
+) -> Result<BuildReport, BuildError> {
     let ws = Workspace::new(spec);
     let run_id = match &opts.run_id {
         Some(id) if !runid::valid(id) => return Err(BuildError::BadRunId(id.clone())),
@@ -87,9 +101,16 @@ pub fn build(spec: &Spec, graph: &Graph, opts: &BuildOptions, report: &mut dyn F
         None => runid::generate(),
     };
     let selected = selection(spec, graph, &opts.targets).map_err(BuildError::UnknownStage)?;
-    let me = Holder { pid: std::process::id(), run_id: run_id.clone(), command: "build".into(), started_at: state::now_rfc3339() };
+    let me = Holder {
+        pid: std::process::id(),
+        run_id: run_id.clone(),
+        command: "build".into(),
+        started_at: state::now_rfc3339(),
+    };
     let _lock = lock::acquire(&ws, &me, opts.wait_lock, |holder| {
-        report(&Event::Warning { message: format!("waiting for the workspace lock held by {holder}") })
+        report(&Event::Warning {
+            message: format!("waiting for the workspace lock held by {holder}"),
+        })
     })?;
     if ws.run_file(&run_id).exists() {
         return Err(BuildError::RunIdUsed(run_id));
@@ -114,16 +135,45 @@ pub fn build(spec: &Spec, graph: &Graph, opts: &BuildOptions, report: &mut dyn F
         totals: Totals::default(),
     };
     b.save_run()?;
-    report(&Event::RunStarted { run_id: run_id.clone(), pipeline: spec.file.clone(), stages: selected.len() });
+    report(&Event::RunStarted {
+        run_id: run_id.clone(),
+        pipeline: spec.file.clone(),
+        stages: selected.len(),
+    });
     let mut statuses: BTreeMap<usize, StageStatus> = BTreeMap::new();
     let mut stop = false;
     for &i in graph.order().iter().filter(|i| selected.contains(i)) {
         let stage = &spec.stages[i];
-        let blocked = graph.upstream(i).into_iter().filter(|u| selected.contains(u)).find(|u| !matches!(statuses.get(u), Some(StageStatus::Skipped | StageStatus::Succeeded | StageStatus::Resumed | StageStatus::Restored)));
-        let (status, reason, attempts, duration) = if stop || opts.interrupt.load(Ordering::SeqCst) {
-            (StageStatus::NotRun, "the build stopped before this stage".to_string(), 0, 0)
+        let blocked = graph
+            .upstream(i)
+            .into_iter()
+            .filter(|u| selected.contains(u))
+            .find(|u| {
+                !matches!(
+                    statuses.get(u),
+                    Some(
+                        StageStatus::Skipped
+                            | StageStatus::Succeeded
+                            | StageStatus::Resumed
+                            | StageStatus::Restored
+                    )
+                )
+            });
+        let (status, reason, attempts, duration) = if stop || opts.interrupt.load(Ordering::SeqCst)
+        {
+            (
+                StageStatus::NotRun,
+                "the build stopped before this stage".to_string(),
+                0,
+                0,
+            )
         } else if let Some(u) = blocked {
-            (StageStatus::NotRun, format!("upstream {} {}", spec.stages[u].name, statuses[&u].as_str()), 0, 0)
+            (
+                StageStatus::NotRun,
+                format!("upstream {} {}", spec.stages[u].name, statuses[&u].as_str()),
+                0,
+                0,
+            )
         } else {
             b.run_stage(i, report)?
         };
@@ -133,28 +183,61 @@ pub fn build(spec: &Spec, graph: &Graph, opts: &BuildOptions, report: &mut dyn F
             _ => {}
         }
         statuses.insert(i, status);
-        report(&Event::StageFinished { stage: stage.name.clone(), status, duration_ms: duration, reason: reason.clone() });
-        b.run.stages.push(RunStage { name: stage.name.clone(), status, reason, attempts, duration_ms: duration });
+        report(&Event::StageFinished {
+            stage: stage.name.clone(),
+            status,
+            duration_ms: duration,
+            reason: reason.clone(),
+        });
+        b.run.stages.push(RunStage {
+            name: stage.name.clone(),
+            status,
+            reason,
+            attempts,
+            duration_ms: duration,
+        });
         b.count(status);
         b.save_run()?;
     }
-    let interrupted = statuses.values().any(|s| *s == StageStatus::Interrupted) || opts.interrupt.load(Ordering::SeqCst);
+    let interrupted = statuses.values().any(|s| *s == StageStatus::Interrupted)
+        || opts.interrupt.load(Ordering::SeqCst);
     let failed = statuses.values().any(|s| *s == StageStatus::Failed);
-    b.run.status = if interrupted { RunStatus::Interrupted } else if failed { RunStatus::Failed } else { RunStatus::Succeeded };
+    b.run.status = if interrupted {
+        RunStatus::Interrupted
+    } else if failed {
+        RunStatus::Failed
+    } else {
+        RunStatus::Succeeded
+    };
     let wall = b.started.elapsed().as_millis() as u64;
     b.run.finished_at = Some(state::now_rfc3339());
     b.run.duration_ms = Some(wall);
     b.totals.stages = b.run.stages.len() as u32;
     b.totals.wall_ms = wall;
-    let metrics = Metrics { version: state::STATE_VERSION, run_id: run_id.clone(), totals: b.totals.clone(), stages: std::mem::take(&mut b.metrics) };
+    let metrics = Metrics {
+        version: state::STATE_VERSION,
+        run_id: run_id.clone(),
+        totals: b.totals.clone(),
+        stages: std::mem::take(&mut b.metrics),
+    };
     atomic::write_json(&ws.metrics_file(&run_id), &metrics)?;
     b.save_run()?;
     b.cache.prune_missing();
     if let Err(err) = b.cache.save(&ws.stat_cache_file()) {
-        report(&Event::Warning { message: format!("could not save the stat cache (next build rehashes): {err}") });
+        report(&Event::Warning {
+            message: format!("could not save the stat cache (next build rehashes): {err}"),
+        });
     }
-    report(&Event::RunFinished { run_id, status: b.run.status, duration_ms: wall, totals: b.totals.clone() });
-    Ok(BuildReport { run: b.run, metrics })
+    report(&Event::RunFinished {
+        run_id,
+        status: b.run.status,
+        duration_ms: wall,
+        totals: b.totals.clone(),
+    });
+    Ok(BuildReport {
+        run: b.run,
+        metrics,
+    })
 }
 
 struct Builder<'a> {
@@ -192,29 +275,61 @@ impl Builder<'_> {
     }
 
     /// Decides and, if needed, runs stage `i`.
-    fn run_stage(&mut self, i: usize, report: &mut dyn FnMut(&Event)) -> Result<StageOutcome, BuildError> {
+    fn run_stage(
+        &mut self,
+        i: usize,
+        report: &mut dyn FnMut(&Event),
+    ) -> Result<StageOutcome, BuildError> {
         let stage = &self.spec.stages[i];
         let started = Instant::now();
         let plan = match plan::decide(self.spec, &self.ws, i, &mut self.cache) {
             Ok(plan) => plan,
-            Err(err) => return Ok((StageStatus::Failed, err.to_string(), 0, started.elapsed().as_millis() as u64)),
+            Err(err) => {
+                return Ok((
+                    StageStatus::Failed,
+                    err.to_string(),
+                    0,
+                    started.elapsed().as_millis() as u64,
+                ))
+            }
         };
         for warning in &plan.warnings {
-            report(&Event::Warning { message: warning.clone() });
+            report(&Event::Warning {
+                message: warning.clone(),
+            });
         }
-        report(&Event::StagePlanned { stage: stage.name.clone(), summary: plan.decision.describe(), decision: plan.decision.clone() });
+        report(&Event::StagePlanned {
+            stage: stage.name.clone(),
+            summary: plan.decision.describe(),
+            decision: plan.decision.clone(),
+        });
         if plan.decision == Decision::Skip {
-            self.metrics.insert(stage.name.clone(), StageMetrics::default());
-            return Ok((StageStatus::Skipped, "unchanged".into(), 0, started.elapsed().as_millis() as u64));
+            self.metrics
+                .insert(stage.name.clone(), StageMetrics::default());
+            return Ok((
+                StageStatus::Skipped,
+                "unchanged".into(),
+                0,
+                started.elapsed().as_millis() as u64,
+            ));
         }
         let reason = plan.decision.describe();
         self.execute(stage, &plan, reason, report)
     }
 
     /// Runs a stage's processor (with retries) and publishes its outputs.
-    fn execute(&mut self, stage: &Stage, plan: &StagePlan, reason: String, report: &mut dyn FnMut(&Event)) -> Result<StageOutcome, BuildError> {
+    fn execute(
+        &mut self,
+        stage: &Stage,
+        plan: &StagePlan,
+        reason: String,
+        report: &mut dyn FnMut(&Event),
+    ) -> Result<StageOutcome, BuildError> {
         let started = Instant::now();
-        let fingerprint = plan.fingerprint.clone().expect("a decided stage has a fingerprint");
+        let fingerprint = plan
+            .fingerprint
+            .clone()
+            .expect("a decided stage has a fingerprint");
         let inputs = plan.inputs.as_ref().expect("a decided stage has inputs");
         let staging = self.ws.staging_dir(&stage.output_dir);
         let mut resume = match &plan.decision {
@@ -240,7 +355,15 @@ impl Builder<'_> {
             error: None,
         };
         atomic::write_json(&self.ws.stage_file(&stage.name), &record)?;
-        let mut metrics = StageMetrics { input_bytes: inputs.files.values().filter_map(|p| p.metadata().ok()).map(|m| m.len()).sum(), ..StageMetrics::default() };
+        let mut metrics = StageMetrics {
+            input_bytes: inputs
+                .files
+                .values()
+                .filter_map(|p| p.metadata().ok())
+                .map(|m| m.len())
+                .sum(),
+            ..StageMetrics::default()
+        };
         let base_env = self.environment(stage, inputs)?;
         let mut lines_by_input: BTreeMap<u64, u64> = BTreeMap::new();
         let policy = &stage.retry;
@@ -254,29 +377,63 @@ impl Builder<'_> {
                     break StageStatus::Interrupted;
                 }
             }
-            report(&Event::StageStarted { stage: stage.name.clone(), attempt });
-            let log = self.ws.logs_dir(&self.run.run_id).join(format!("{}.attempt{attempt}.log", stage.name));
+            report(&Event::StageStarted {
+                stage: stage.name.clone(),
+                attempt,
+            });
+            let log = self
+                .ws
+                .logs_dir(&self.run.run_id)
+                .join(format!("{}.attempt{attempt}.log", stage.name));
             let mut env = base_env.clone();
             env.push(("PIPELINE_ATTEMPT".into(), attempt.to_string().into()));
             if let Some(cp) = resume {
-                env.push(("PIPELINE_RESUME".into(), serde_json::to_string(&cp).expect("checkpoint serialises").into()));
+                env.push((
+                    "PIPELINE_RESUME".into(),
+                    serde_json::to_string(&cp)
+                        .expect("checkpoint serialises")
+                        .into(),
+                ));
             }
-            let inv = Invocation { argv: self.argv(stage), env, cwd: self.spec.root.clone(), log: log.clone(), timeout: policy.timeout };
+            let inv = Invocation {
+                argv: self.argv(stage),
+                env,
+                cwd: self.spec.root.clone(),
+                log: log.clone(),
+                timeout: policy.timeout,
+            };
             let attempt_started = state::now_rfc3339();
             let progress_path = self.ws.progress_file(&stage.name);
             let stage_name = stage.name.clone();
             let fp = fingerprint.clone();
             let mut on_checkpoint = |cp: Checkpoint| -> io::Result<()> {
-                let progress = Progress { stage: stage_name.clone(), fingerprint: fp.clone(), input_index: cp.input_index, line_offset: cp.line_offset, byte_offset: cp.byte_offset, output_bytes: cp.output_bytes, updated_at: state::now_rfc3339() };
+                let progress = Progress {
+                    stage: stage_name.clone(),
+                    fingerprint: fp.clone(),
+                    input_index: cp.input_index,
+                    line_offset: cp.line_offset,
+                    byte_offset: cp.byte_offset,
+                    output_bytes: cp.output_bytes,
+                    updated_at: state::now_rfc3339(),
+                };
                 atomic::write_json(&progress_path, &progress)?;
                 lines_by_input.insert(cp.input_index, cp.line_offset);
-                report(&Event::Checkpoint { stage: stage_name.clone(), input_index: cp.input_index, line_offset: cp.line_offset, byte_offset: cp.byte_offset });
+                report(&Event::Checkpoint {
+                    stage: stage_name.clone(),
+                    input_index: cp.input_index,
+                    line_offset: cp.line_offset,
+                    byte_offset: cp.byte_offset,
+                });
                 Ok(())
             };
-            let outcome = executor::run(&inv, &self.opts.interrupt, &mut on_checkpoint).unwrap_or_else(|err| Outcome {
-                protocol_error: Some(format!("cannot start the processor `{}`: {err}", inv.argv[0].to_string_lossy())),
-                ..Outcome::default()
-            });
+            let outcome = executor::run(&inv, &self.opts.interrupt, &mut on_checkpoint)
+                .unwrap_or_else(|err| Outcome {
+                    protocol_error: Some(format!(
+                        "cannot start the processor `{}`: {err}",
+                        inv.argv[0].to_string_lossy()
+                    )),
+                    ..Outcome::default()
+                });
             metrics.cpu_user_ms += outcome.user_ms;
             metrics.cpu_sys_ms += outcome.sys_ms;
             metrics.max_rss_kb = metrics.max_rss_kb.max(outcome.max_rss_kb);
@@ -301,10 +458,18 @@ impl Builder<'_> {
             if classification == Classification::Interrupted {
                 break StageStatus::Interrupted;
             }
-            let retryable = classification == Classification::Retryable || (classification == Classification::Timeout && policy.retry_on_timeout);
+            let retryable = classification == Classification::Retryable
+                || (classification == Classification::Timeout && policy.retry_on_timeout);
             let more = retryable && attempt < policy.max_attempts;
-            let retry_in_ms = more.then(|| retry::delay_ms(policy, &self.run.run_id, &stage.name, attempt + 1));
-            report(&Event::AttemptFailed { stage: stage.name.clone(), attempt, classification, message, retry_in_ms });
+            let retry_in_ms =
+                more.then(|| retry::delay_ms(policy, &self.run.run_id, &stage.name, attempt + 1));
+            report(&Event::AttemptFailed {
+                stage: stage.name.clone(),
+                attempt,
+                classification,
+                message,
+                retry_in_ms,
+            });
             atomic::write_json(&self.ws.stage_file(&stage.name), &record)?;
             if !more {
                 break StageStatus::Failed;
@@ -364,32 +529,65 @@ impl Builder<'_> {
 
     fn argv(&self, stage: &Stage) -> Vec<OsString> {
         match &stage.processor {
-            Processor::Builtin { name, .. } => vec![self.opts.exe.clone().into(), "processor".into(), name.into()],
+            Processor::Builtin { name, .. } => vec![
+                self.opts.exe.clone().into(),
+                "processor".into(),
+                name.into(),
+            ],
             Processor::Command { argv, .. } => argv.iter().map(OsString::from).collect(),
         }
     }
 
     /// The `PIPELINE_*` environment of a stage (without the per-attempt variables).
-    fn environment(&self, stage: &Stage, inputs: &crate::inputs::ResolvedInputs) -> io::Result<Vec<(OsString, OsString)>> {
+    fn environment(
+        &self,
+        stage: &Stage,
+        inputs: &crate::inputs::ResolvedInputs,
+    ) -> io::Result<Vec<(OsString, OsString)>> {
         let staging = self.ws.staging_dir(&stage.output_dir);
         let paths: Vec<&PathBuf> = inputs.files.values().collect();
         let list = serde_json::to_string(&paths).map_err(io::Error::other)?;
         let mut env: Vec<(OsString, OsString)> = vec![
             ("PIPELINE_RUN_ID".into(), self.run.run_id.clone().into()),
             ("PIPELINE_STAGE".into(), stage.name.clone().into()),
-            ("PIPELINE_INPUT_ROOT".into(), self.spec.path(&inputs.root).into()),
+            (
+                "PIPELINE_INPUT_ROOT".into(),
+                self.spec.path(&inputs.root).into(),
+            ),
             ("PIPELINE_OUTPUT_DIR".into(), staging.into()),
-            ("PIPELINE_PARAMS".into(), serde_json::Value::Object(stage.params.clone()).to_string().into()),
-            ("PIPELINE_CHECKPOINT".into(), serde_json::to_string(&stage.cadence).map_err(io::Error::other)?.into()),
-            ("PIPELINE_CPUS".into(), stage.resources.cpus.to_string().into()),
-            ("OMP_NUM_THREADS".into(), stage.resources.cpus.to_string().into()),
-            ("RAYON_NUM_THREADS".into(), stage.resources.cpus.to_string().into()),
+            (
+                "PIPELINE_PARAMS".into(),
+                serde_json::Value::Object(stage.params.clone())
+                    .to_string()
+                    .into(),
+            ),
+            (
+                "PIPELINE_CHECKPOINT".into(),
+                serde_json::to_string(&stage.cadence)
+                    .map_err(io::Error::other)?
+                    .into(),
+            ),
+            (
+                "PIPELINE_CPUS".into(),
+                stage.resources.cpus.to_string().into(),
+            ),
+            (
+                "OMP_NUM_THREADS".into(),
+                stage.resources.cpus.to_string().into(),
+            ),
+            (
+                "RAYON_NUM_THREADS".into(),
+                stage.resources.cpus.to_string().into(),
+            ),
         ];
         if let Some(mb) = stage.resources.memory_mb {
             env.push(("PIPELINE_MEMORY_MB".into(), mb.to_string().into()));
         }
         if list.len() > MAX_INPUTS_ENV {
-            let file = self.ws.logs_dir(&self.run.run_id).join(format!("{}.inputs.json", stage.name));
+            let file = self
+                .ws
+                .logs_dir(&self.run.run_id)
+                .join(format!("{}.inputs.json", stage.name));
             atomic::write(&file, list.as_bytes())?;
             env.push(("PIPELINE_INPUTS_FILE".into(), file.into()));
         } else {
@@ -433,7 +631,10 @@ fn failure_message(outcome: &Outcome, classification: Classification, tail: &str
         format!("protocol error: {err}")
     } else {
         match classification {
-            Classification::Timeout => format!("timed out after {} ms and was killed", outcome.duration.as_millis()),
+            Classification::Timeout => format!(
+                "timed out after {} ms and was killed",
+                outcome.duration.as_millis()
+            ),
             Classification::Interrupted => "interrupted".to_string(),
             _ => match (outcome.exit_code, outcome.signal) {
                 (Some(code), _) => format!("processor exited with code {code}"),

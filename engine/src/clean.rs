@@ -33,16 +33,30 @@ pub enum CleanError {
 }
 
 /// Cleans `stages` (all when empty).
-pub fn clean(spec: &Spec, stages: &[String], with_state: bool, with_cache: bool, wait: Wait) -> Result<Cleaned, CleanError> {
+pub fn clean(
+    spec: &Spec,
+    stages: &[String],
+    with_state: bool,
+    with_cache: bool,
+    wait: Wait,
+) -> Result<Cleaned, CleanError> {
     let ws = Workspace::new(spec);
     let mut indices = Vec::new();
     for name in stages {
-        indices.push(spec.stage_index(name).ok_or_else(|| CleanError::UnknownStage(name.clone()))?);
+        indices.push(
+            spec.stage_index(name)
+                .ok_or_else(|| CleanError::UnknownStage(name.clone()))?,
+        );
     }
     if indices.is_empty() {
         indices = (0..spec.stages.len()).collect();
     }
-    let me = Holder { pid: std::process::id(), run_id: String::new(), command: "clean".into(), started_at: state::now_rfc3339() };
+    let me = Holder {
+        pid: std::process::id(),
+        run_id: String::new(),
+        command: "clean".into(),
+        started_at: state::now_rfc3339(),
+    };
     let _lock = lock::acquire(&ws, &me, wait, |_| {})?;
     let mut cleaned = Cleaned::default();
     for i in indices {
@@ -50,7 +64,11 @@ pub fn clean(spec: &Spec, stages: &[String], with_state: bool, with_cache: bool,
         let out_dir = ws.output_dir(&stage.output_dir);
         let marker_path = ws.marker_file(&stage.output_dir, &stage.name);
         if let Ok(Some(marker)) = Marker::read(&marker_path) {
-            for output in marker.outputs.iter().filter(|o| is_relative_inside(&o.path)) {
+            for output in marker
+                .outputs
+                .iter()
+                .filter(|o| is_relative_inside(&o.path))
+            {
                 let path = out_dir.join(&output.path);
                 if atomic::remove_if_exists(&path)? {
                     cleaned.files.push(ws.relative(&path));
@@ -67,7 +85,9 @@ pub fn clean(spec: &Spec, stages: &[String], with_state: bool, with_cache: bool,
             cleaned.files.push(ws.relative(&staging) + "/");
         }
         if atomic::remove_if_exists(&ws.progress_file(&stage.name))? {
-            cleaned.files.push(ws.relative(&ws.progress_file(&stage.name)));
+            cleaned
+                .files
+                .push(ws.relative(&ws.progress_file(&stage.name)));
         }
         if with_state && atomic::remove_if_exists(&ws.stage_file(&stage.name))? {
             cleaned.files.push(ws.relative(&ws.stage_file(&stage.name)));
@@ -88,7 +108,9 @@ pub fn clean(spec: &Spec, stages: &[String], with_state: bool, with_cache: bool,
 /// Removes `state/run_*.json`, `state/metrics_*.json` and `state/logs/`.
 fn remove_run_records(ws: &Workspace, cleaned: &mut Cleaned) -> io::Result<()> {
     let dir = ws.state_dir();
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();

@@ -49,7 +49,13 @@ pub const VERSION_TEXT: &str = concat!(env!("CARGO_PKG_VERSION"), " (fingerprint
 #[derive(Debug, Args)]
 struct GlobalArgs {
     /// The pipeline file [default: Pipefile.json, or pipeline.json if only that exists]
-    #[arg(short = 'f', long = "pipeline", visible_alias = "file", global = true, value_name = "FILE")]
+    #[arg(
+        short = 'f',
+        long = "pipeline",
+        visible_alias = "file",
+        global = true,
+        value_name = "FILE"
+    )]
     pipeline: Option<PathBuf>,
     /// Print only errors
     #[arg(short, long, global = true)]
@@ -169,9 +175,16 @@ impl Output {
         let color = match g.color {
             ColorChoice::Always => true,
             ColorChoice::Never => false,
-            ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal(),
+            ColorChoice::Auto => {
+                std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal()
+            }
         };
-        Output { json: g.message_format == MessageFormat::Json, quiet: g.quiet, verbose: g.verbose > 0, color }
+        Output {
+            json: g.message_format == MessageFormat::Json,
+            quiet: g.quiet,
+            verbose: g.verbose > 0,
+            color,
+        }
     }
 
     fn stdout(&self, line: &str) {
@@ -184,7 +197,11 @@ impl Output {
     }
 
     fn error(&self, message: &str) {
-        let prefix = if self.color { "\x1b[1;31merror\x1b[0m" } else { "error" };
+        let prefix = if self.color {
+            "\x1b[1;31merror\x1b[0m"
+        } else {
+            "error"
+        };
         self.stderr(&format!("{prefix}: {message}"));
     }
 
@@ -229,7 +246,11 @@ impl Output {
     }
 
     fn spec_errors(&self, errors: &[SpecError]) {
-        let theme = if self.color { GraphicalTheme::unicode() } else { GraphicalTheme::unicode_nocolor() };
+        let theme = if self.color {
+            GraphicalTheme::unicode()
+        } else {
+            GraphicalTheme::unicode_nocolor()
+        };
         let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
         for err in errors {
             if self.json {
@@ -249,7 +270,11 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
-            let code = if err.use_stderr() { EXIT_INVALID } else { EXIT_OK };
+            let code = if err.use_stderr() {
+                EXIT_INVALID
+            } else {
+                EXIT_OK
+            };
             let _ = err.print();
             return ExitCode::from(code);
         }
@@ -273,7 +298,9 @@ fn run(cli: Cli) -> u8 {
                 Err(code) => return code,
             };
             match command {
-                Command::Build(args) if args.dry_run => dry_run(&spec, &graph, &args.stages, &out, false).0,
+                Command::Build(args) if args.dry_run => {
+                    dry_run(&spec, &graph, &args.stages, &out, false).0
+                }
                 Command::Build(args) => run_build(&spec, &graph, args, &out),
                 Command::Status { exit_code } => {
                     let (code, would_run) = dry_run(&spec, &graph, &[], &out, true);
@@ -287,7 +314,9 @@ fn run(cli: Cli) -> u8 {
                     match format {
                         GraphFormat::Dot => out.stdout(graph.to_dot(&spec).trim_end()),
                         GraphFormat::Mermaid => out.stdout(graph.to_mermaid(&spec).trim_end()),
-                        GraphFormat::Json => out.stdout(&serde_json::to_string_pretty(&graph.to_json(&spec)).expect("json")),
+                        GraphFormat::Json => out.stdout(
+                            &serde_json::to_string_pretty(&graph.to_json(&spec)).expect("json"),
+                        ),
                     }
                     EXIT_OK
                 }
@@ -339,7 +368,13 @@ fn load(file: &std::path::Path, out: &Output) -> Result<(Spec, Graph), u8> {
 }
 
 /// Prints the plan; returns the exit code and whether anything would run. Writes nothing.
-fn dry_run(spec: &Spec, graph: &Graph, targets: &[String], out: &Output, with_last_run: bool) -> (u8, bool) {
+fn dry_run(
+    spec: &Spec,
+    graph: &Graph,
+    targets: &[String],
+    out: &Output,
+    with_last_run: bool,
+) -> (u8, bool) {
     let selected = match build::selection(spec, graph, targets) {
         Ok(s) => s,
         Err(name) => {
@@ -349,7 +384,12 @@ fn dry_run(spec: &Spec, graph: &Graph, targets: &[String], out: &Output, with_la
     };
     let ws = Workspace::new(spec);
     let mut cache = StatCache::load(&ws.stat_cache_file());
-    let order: Vec<usize> = graph.order().iter().copied().filter(|i| selected.contains(i)).collect();
+    let order: Vec<usize> = graph
+        .order()
+        .iter()
+        .copied()
+        .filter(|i| selected.contains(i))
+        .collect();
     let plans = plan::plan_all(spec, &ws, &order, |i| graph.upstream(i), &mut cache);
     let last = if with_last_run { last_run(&ws) } else { None };
     let mut would_run = false;
@@ -359,13 +399,18 @@ fn dry_run(spec: &Spec, graph: &Graph, targets: &[String], out: &Output, with_la
             Err((i, e)) => (&spec.stages[*i].name, None, Some(e.to_string())),
         };
         would_run |= decision.is_none_or(Decision::runs);
-        let last_status = last.as_ref().and_then(|r| r.stages.iter().find(|s| &s.name == name)).map(|s| s.status.as_str());
+        let last_status = last
+            .as_ref()
+            .and_then(|r| r.stages.iter().find(|s| &s.name == name))
+            .map(|s| s.status.as_str());
         if out.json {
             let mut obj = serde_json::json!({"event": "stagePlanned", "stage": name});
             match (decision, &error) {
                 (Some(d), _) => {
                     obj["summary"] = d.describe().into();
-                    if let serde_json::Value::Object(fields) = serde_json::to_value(d).expect("json") {
+                    if let serde_json::Value::Object(fields) =
+                        serde_json::to_value(d).expect("json")
+                    {
                         obj.as_object_mut().unwrap().extend(fields);
                     }
                 }
@@ -422,7 +467,14 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
             return EXIT_FAILED;
         }
     };
-    let opts = BuildOptions { run_id: args.run_id, targets: args.stages, keep_going: args.keep_going, wait_lock: wait_of(args.wait_lock), exe, interrupt };
+    let opts = BuildOptions {
+        run_id: args.run_id,
+        targets: args.stages,
+        keep_going: args.keep_going,
+        wait_lock: wait_of(args.wait_lock),
+        exe,
+        interrupt,
+    };
     match build::build(spec, graph, &opts, &mut |e| out.event(e)) {
         Ok(report) => match report.run.status {
             RunStatus::Succeeded => EXIT_OK,
@@ -430,10 +482,15 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
             _ => EXIT_FAILED,
         },
         Err(err @ BuildError::Lock(crate::lock::LockError::Held(_))) => {
-            out.error(&format!("{err}\n  hint: wait for it with `pipe build --wait-lock`"));
+            out.error(&format!(
+                "{err}\n  hint: wait for it with `pipe build --wait-lock`"
+            ));
             EXIT_LOCKED
         }
-        Err(err @ (BuildError::BadRunId(_) | BuildError::RunIdUsed(_) | BuildError::UnknownStage(_))) => {
+        Err(
+            err
+            @ (BuildError::BadRunId(_) | BuildError::RunIdUsed(_) | BuildError::UnknownStage(_)),
+        ) => {
             out.error(&err.to_string());
             EXIT_INVALID
         }
@@ -445,7 +502,13 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
 }
 
 fn run_clean(spec: &Spec, args: CleanArgs, out: &Output) -> u8 {
-    match crate::clean::clean(spec, &args.stages, args.state, args.cache, wait_of(args.wait_lock)) {
+    match crate::clean::clean(
+        spec,
+        &args.stages,
+        args.state,
+        args.cache,
+        wait_of(args.wait_lock),
+    ) {
         Ok(cleaned) => {
             if out.json {
                 out.stdout(&serde_json::json!({"event": "cleaned", "stages": cleaned.stages, "removed": cleaned.files}).to_string());
@@ -453,7 +516,11 @@ fn run_clean(spec: &Spec, args: CleanArgs, out: &Output) -> u8 {
                 for f in &cleaned.files {
                     out.stderr(&format!("removed {f}"));
                 }
-                out.stderr(&format!("pipe: cleaned {} stage(s), removed {} path(s)", cleaned.stages.len(), cleaned.files.len()));
+                out.stderr(&format!(
+                    "pipe: cleaned {} stage(s), removed {} path(s)",
+                    cleaned.stages.len(),
+                    cleaned.files.len()
+                ));
             }
             EXIT_OK
         }
@@ -478,7 +545,10 @@ mod tests {
 
     #[test]
     fn the_version_names_the_current_fingerprint_schema() {
-        assert!(VERSION_TEXT.ends_with(&format!("(fingerprint schema {})", crate::FINGERPRINT_SCHEMA)));
+        assert!(VERSION_TEXT.ends_with(&format!(
+            "(fingerprint schema {})",
+            crate::FINGERPRINT_SCHEMA
+        )));
     }
 
     #[test]

@@ -14,19 +14,49 @@ use crate::state::{Classification, RunStatus, StageStatus, Totals};
 #[serde(tag = "event", rename_all = "camelCase")]
 pub enum Event {
     #[serde(rename_all = "camelCase")]
-    RunStarted { run_id: String, pipeline: String, stages: usize },
+    RunStarted {
+        run_id: String,
+        pipeline: String,
+        stages: usize,
+    },
     #[serde(rename_all = "camelCase")]
-    StagePlanned { stage: String, summary: String, #[serde(flatten)] decision: Decision },
+    StagePlanned {
+        stage: String,
+        summary: String,
+        #[serde(flatten)]
+        decision: Decision,
+    },
     #[serde(rename_all = "camelCase")]
     StageStarted { stage: String, attempt: u32 },
     #[serde(rename_all = "camelCase")]
-    Checkpoint { stage: String, input_index: u64, line_offset: u64, byte_offset: u64 },
+    Checkpoint {
+        stage: String,
+        input_index: u64,
+        line_offset: u64,
+        byte_offset: u64,
+    },
     #[serde(rename_all = "camelCase")]
-    AttemptFailed { stage: String, attempt: u32, classification: Classification, message: String, retry_in_ms: Option<u64> },
+    AttemptFailed {
+        stage: String,
+        attempt: u32,
+        classification: Classification,
+        message: String,
+        retry_in_ms: Option<u64>,
+    },
     #[serde(rename_all = "camelCase")]
-    StageFinished { stage: String, status: StageStatus, duration_ms: u64, reason: String },
+    StageFinished {
+        stage: String,
+        status: StageStatus,
+        duration_ms: u64,
+        reason: String,
+    },
     #[serde(rename_all = "camelCase")]
     Warning { message: String },
     #[serde(rename_all = "camelCase")]
-    RunFinished { run_id: String, status: RunStatus, duration_ms: u64, totals: Totals },
+    RunFinished {
+        run_id: String,
+        status: RunStatus,
+        duration_ms: u64,
+        totals: Totals,
+    },
 }

@@ -58,7 +58,10 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn succeeded(&self) -> bool {
-        self.exit_code == Some(0) && self.protocol_error.is_none() && !self.timed_out && !self.interrupted
+        self.exit_code == Some(0)
+            && self.protocol_error.is_none()
+            && !self.timed_out
+            && !self.interrupted
     }
 }
 
@@ -70,13 +73,23 @@ enum Message {
 
 /// Runs `inv` to completion. `interrupt` is polled; `on_checkpoint` persists each checkpoint and
 /// its error fails the attempt.
-pub fn run(inv: &Invocation, interrupt: &AtomicBool, on_checkpoint: &mut dyn FnMut(Checkpoint) -> io::Result<()>) -> io::Result<Outcome> {
+pub fn run(
+    inv: &Invocation,
+    interrupt: &AtomicBool,
+    on_checkpoint: &mut dyn FnMut(Checkpoint) -> io::Result<()>,
+) -> io::Result<Outcome> {
     if let Some(dir) = inv.log.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let log = OpenOptions::new().create(true).append(true).open(&inv.log)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&inv.log)?;
     let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let program = inv.argv.first().ok_or_else(|| io::Error::other("empty argv"))?;
+    let program = inv
+        .argv
+        .first()
+        .ok_or_else(|| io::Error::other("empty argv"))?;
     let mut command = Command::new(program);
     command
         .args(&inv.argv[1..])
@@ -137,7 +150,8 @@ pub fn run(inv: &Invocation, interrupt: &AtomicBool, on_checkpoint: &mut dyn FnM
                     match on_checkpoint(cp) {
                         Ok(()) => outcome.last_checkpoint = Some(cp),
                         Err(err) => {
-                            outcome.protocol_error = Some(format!("could not persist a checkpoint: {err}"));
+                            outcome.protocol_error =
+                                Some(format!("could not persist a checkpoint: {err}"));
                             let _ = rustix::process::kill_process_group(group, Signal::KILL);
                         }
                     }
@@ -160,7 +174,9 @@ pub fn run(inv: &Invocation, interrupt: &AtomicBool, on_checkpoint: &mut dyn FnM
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if exited.is_some() && (eof || exit_seen_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2))) {
+        if exited.is_some()
+            && (eof || exit_seen_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)))
+        {
             break;
         }
         if exited.is_none() {
@@ -196,28 +212,41 @@ fn read_checkpoints(pipe: File, tx: mpsc::Sender<Message>) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line) {
+        match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
             Ok(0) => break,
             Ok(_) if line.len() > MAX_LINE => {
-                let _ = tx.send(Message::Line(Err(format!("checkpoint line longer than {MAX_LINE} bytes"))));
+                let _ = tx.send(Message::Line(Err(format!(
+                    "checkpoint line longer than {MAX_LINE} bytes"
+                ))));
                 // Drain so the processor is not blocked on a full pipe until it is killed.
                 let _ = io::copy(&mut reader, &mut io::sink());
                 break;
             }
             Ok(_) if line.last() != Some(&b'\n') => {
-                let _ = tx.send(Message::Line(Err("checkpoint line cut short (no final newline)".into())));
+                let _ = tx.send(Message::Line(Err(
+                    "checkpoint line cut short (no final newline)".into(),
+                )));
                 break;
             }
             Ok(_) => {
                 let parsed = std::str::from_utf8(&line)
                     .map_err(|_| "checkpoint line is not UTF-8".to_string())
-                    .and_then(|text| Checkpoint::parse(text).map_err(|err| format!("malformed checkpoint line {:?}: {err}", text.trim_end())));
+                    .and_then(|text| {
+                        Checkpoint::parse(text).map_err(|err| {
+                            format!("malformed checkpoint line {:?}: {err}", text.trim_end())
+                        })
+                    });
                 if tx.send(Message::Line(parsed)).is_err() {
                     break;
                 }
             }
             Err(err) => {
-                let _ = tx.send(Message::Line(Err(format!("reading the progress pipe: {err}"))));
+                let _ = tx.send(Message::Line(Err(format!(
+                    "reading the progress pipe: {err}"
+                ))));
                 break;
             }
         }
@@ -244,7 +273,9 @@ fn timeval_ms(tv: libc::timeval) -> u64 {
 
 /// The last `lines` lines (at most 4 KiB) of a log file.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let Ok(mut file) = File::open(path) else { return String::new() };
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
     let len = file.metadata().map_or(0, |m| m.len());
     let start = len.saturating_sub(4096);
     if file.seek(SeekFrom::Start(start)).is_err() {

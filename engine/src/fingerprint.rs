@@ -49,7 +49,8 @@ impl Ingredients {
 pub fn canonical(value: &Value) -> Value {
     match value {
         Value::Object(map) => {
-            let sorted: BTreeMap<&String, Value> = map.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, Value> =
+                map.iter().map(|(k, v)| (k, canonical(v))).collect();
             Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
         }
         Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
@@ -64,20 +65,46 @@ pub enum Reason {
     /// No marker: the stage never completed here.
     FirstRun,
     /// The marker exists but cannot be read.
-    MarkerUnreadable { error: String },
+    MarkerUnreadable {
+        error: String,
+    },
     /// The marker was written by another fingerprint schema.
     SchemaChanged,
-    InputChanged { path: String, old: String, new: String },
-    InputAdded { path: String },
-    InputRemoved { path: String },
-    ParamChanged { key: String },
-    ProcessorVersionChanged { old: String, new: String },
-    ProcessorCommandChanged { old: Vec<String>, new: Vec<String> },
-    ProcessorFileChanged { path: String },
-    OutputMissing { path: String },
-    OutputModified { path: String },
+    InputChanged {
+        path: String,
+        old: String,
+        new: String,
+    },
+    InputAdded {
+        path: String,
+    },
+    InputRemoved {
+        path: String,
+    },
+    ParamChanged {
+        key: String,
+    },
+    ProcessorVersionChanged {
+        old: String,
+        new: String,
+    },
+    ProcessorCommandChanged {
+        old: Vec<String>,
+        new: Vec<String>,
+    },
+    ProcessorFileChanged {
+        path: String,
+    },
+    OutputMissing {
+        path: String,
+    },
+    OutputModified {
+        path: String,
+    },
     /// An upstream stage will run first (decided for real once it has published).
-    UpstreamRuns { stage: String },
+    UpstreamRuns {
+        stage: String,
+    },
     /// Interrupted progress exists but no longer matches the stage (its inputs changed).
     StaleProgress,
 }
@@ -92,17 +119,29 @@ impl fmt::Display for Reason {
             Reason::FirstRun => write!(f, "first run (no marker)"),
             Reason::MarkerUnreadable { error } => write!(f, "marker unreadable: {error}"),
             Reason::SchemaChanged => write!(f, "fingerprint schema changed"),
-            Reason::InputChanged { path, old, new } => write!(f, "input {path} changed ({} → {})", short(old), short(new)),
+            Reason::InputChanged { path, old, new } => {
+                write!(f, "input {path} changed ({} → {})", short(old), short(new))
+            }
             Reason::InputAdded { path } => write!(f, "input {path} added"),
             Reason::InputRemoved { path } => write!(f, "input {path} removed"),
             Reason::ParamChanged { key } => write!(f, "param `{key}` changed"),
-            Reason::ProcessorVersionChanged { old, new } => write!(f, "processor version changed ({old} → {new})"),
-            Reason::ProcessorCommandChanged { old, new } => write!(f, "processor command changed ({} → {})", old.join(" "), new.join(" ")),
+            Reason::ProcessorVersionChanged { old, new } => {
+                write!(f, "processor version changed ({old} → {new})")
+            }
+            Reason::ProcessorCommandChanged { old, new } => write!(
+                f,
+                "processor command changed ({} → {})",
+                old.join(" "),
+                new.join(" ")
+            ),
             Reason::ProcessorFileChanged { path } => write!(f, "processor file {path} changed"),
             Reason::OutputMissing { path } => write!(f, "output {path} missing"),
             Reason::OutputModified { path } => write!(f, "output {path} modified"),
             Reason::UpstreamRuns { stage } => write!(f, "upstream {stage} runs"),
-            Reason::StaleProgress => write!(f, "inputs changed since the interruption: restarting from zero"),
+            Reason::StaleProgress => write!(
+                f,
+                "inputs changed since the interruption: restarting from zero"
+            ),
         }
     }
 }
@@ -114,10 +153,16 @@ pub fn diff(old: &Ingredients, new: &Ingredients) -> Vec<Reason> {
         reasons.push(Reason::SchemaChanged);
     }
     if old.processor.command != new.processor.command {
-        reasons.push(Reason::ProcessorCommandChanged { old: old.processor.command.clone(), new: new.processor.command.clone() });
+        reasons.push(Reason::ProcessorCommandChanged {
+            old: old.processor.command.clone(),
+            new: new.processor.command.clone(),
+        });
     }
     if old.processor.version != new.processor.version {
-        reasons.push(Reason::ProcessorVersionChanged { old: old.processor.version.clone(), new: new.processor.version.clone() });
+        reasons.push(Reason::ProcessorVersionChanged {
+            old: old.processor.version.clone(),
+            new: new.processor.version.clone(),
+        });
     }
     for path in changed_keys(&old.processor.files, &new.processor.files) {
         reasons.push(Reason::ProcessorFileChanged { path });
@@ -125,7 +170,8 @@ pub fn diff(old: &Ingredients, new: &Ingredients) -> Vec<Reason> {
     let empty = serde_json::Map::new();
     let old_params = old.params.as_object().unwrap_or(&empty);
     let new_params = new.params.as_object().unwrap_or(&empty);
-    let keys: std::collections::BTreeSet<&String> = old_params.keys().chain(new_params.keys()).collect();
+    let keys: std::collections::BTreeSet<&String> =
+        old_params.keys().chain(new_params.keys()).collect();
     for key in keys {
         if old_params.get(key) != new_params.get(key) {
             reasons.push(Reason::ParamChanged { key: key.clone() });
@@ -134,7 +180,11 @@ pub fn diff(old: &Ingredients, new: &Ingredients) -> Vec<Reason> {
     for (path, new_hash) in &new.inputs {
         match old.inputs.get(path) {
             None => reasons.push(Reason::InputAdded { path: path.clone() }),
-            Some(old_hash) if old_hash != new_hash => reasons.push(Reason::InputChanged { path: path.clone(), old: old_hash.clone(), new: new_hash.clone() }),
+            Some(old_hash) if old_hash != new_hash => reasons.push(Reason::InputChanged {
+                path: path.clone(),
+                old: old_hash.clone(),
+                new: new_hash.clone(),
+            }),
             Some(_) => {}
         }
     }
@@ -146,7 +196,10 @@ pub fn diff(old: &Ingredients, new: &Ingredients) -> Vec<Reason> {
 
 fn changed_keys(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    keys.into_iter().filter(|k| old.get(*k) != new.get(*k)).cloned().collect()
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -164,7 +217,10 @@ mod tests {
                 files: BTreeMap::from([("p.py".into(), "aaaa".into())]),
             },
             params: json!({"mode": "ascii", "n": 1}),
-            inputs: BTreeMap::from([("in/a.txt".into(), "1111".into()), ("in/b.txt".into(), "2222".into())]),
+            inputs: BTreeMap::from([
+                ("in/a.txt".into(), "1111".into()),
+                ("in/b.txt".into(), "2222".into()),
+            ]),
         }
     }
 
@@ -174,13 +230,65 @@ mod tests {
         type Change = (&'static str, fn(&mut Ingredients), Reason);
         let cases: Vec<Change> = vec![
             ("schema", |i| i.schema = 2, Reason::SchemaChanged),
-            ("version", |i| i.processor.version = "2".into(), Reason::ProcessorVersionChanged { old: "1".into(), new: "2".into() }),
-            ("command", |i| i.processor.command.push("-x".into()), Reason::ProcessorCommandChanged { old: vec!["python3".into(), "p.py".into()], new: vec!["python3".into(), "p.py".into(), "-x".into()] }),
-            ("file", |i| { i.processor.files.insert("p.py".into(), "bbbb".into()); }, Reason::ProcessorFileChanged { path: "p.py".into() }),
-            ("param", |i| i.params = json!({"mode": "unicode", "n": 1}), Reason::ParamChanged { key: "mode".into() }),
-            ("input content", |i| { i.inputs.insert("in/a.txt".into(), "9999".into()); }, Reason::InputChanged { path: "in/a.txt".into(), old: "1111".into(), new: "9999".into() }),
-            ("input added", |i| { i.inputs.insert("in/c.txt".into(), "3333".into()); }, Reason::InputAdded { path: "in/c.txt".into() }),
-            ("input removed", |i| { i.inputs.remove("in/b.txt"); }, Reason::InputRemoved { path: "in/b.txt".into() }),
+            (
+                "version",
+                |i| i.processor.version = "2".into(),
+                Reason::ProcessorVersionChanged {
+                    old: "1".into(),
+                    new: "2".into(),
+                },
+            ),
+            (
+                "command",
+                |i| i.processor.command.push("-x".into()),
+                Reason::ProcessorCommandChanged {
+                    old: vec!["python3".into(), "p.py".into()],
+                    new: vec!["python3".into(), "p.py".into(), "-x".into()],
+                },
+            ),
+            (
+                "file",
+                |i| {
+                    i.processor.files.insert("p.py".into(), "bbbb".into());
+                },
+                Reason::ProcessorFileChanged {
+                    path: "p.py".into(),
+                },
+            ),
+            (
+                "param",
+                |i| i.params = json!({"mode": "unicode", "n": 1}),
+                Reason::ParamChanged { key: "mode".into() },
+            ),
+            (
+                "input content",
+                |i| {
+                    i.inputs.insert("in/a.txt".into(), "9999".into());
+                },
+                Reason::InputChanged {
+                    path: "in/a.txt".into(),
+                    old: "1111".into(),
+                    new: "9999".into(),
+                },
+            ),
+            (
+                "input added",
+                |i| {
+                    i.inputs.insert("in/c.txt".into(), "3333".into());
+                },
+                Reason::InputAdded {
+                    path: "in/c.txt".into(),
+                },
+            ),
+            (
+                "input removed",
+                |i| {
+                    i.inputs.remove("in/b.txt");
+                },
+                Reason::InputRemoved {
+                    path: "in/b.txt".into(),
+                },
+            ),
         ];
         for (name, change, reason) in cases {
             let mut changed = base();
@@ -205,8 +313,15 @@ mod tests {
 
     #[test]
     fn reasons_read_well() {
-        let r = Reason::InputChanged { path: "input/a.txt".into(), old: "0123456789".into(), new: "abcdef0123".into() };
-        assert_eq!(r.to_string(), "input input/a.txt changed (01234567 → abcdef01)");
+        let r = Reason::InputChanged {
+            path: "input/a.txt".into(),
+            old: "0123456789".into(),
+            new: "abcdef0123".into(),
+        };
+        assert_eq!(
+            r.to_string(),
+            "input input/a.txt changed (01234567 → abcdef01)"
+        );
         assert_eq!(serde_json::to_value(&r).unwrap()["kind"], "inputChanged");
     }
 }

@@ -37,7 +37,10 @@ impl Graph {
         let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| dag.add_node(i)).collect();
         for (b, stage) in spec.stages.iter().enumerate() {
             for (a, upstream) in spec.stages.iter().enumerate() {
-                let reads = stage.inputs.iter().any(|input| overlaps(input.base(), &upstream.output_dir));
+                let reads = stage
+                    .inputs
+                    .iter()
+                    .any(|input| overlaps(input.base(), &upstream.output_dir));
                 if reads {
                     dag.update_edge(nodes[a], nodes[b], EdgeKind::Data);
                 }
@@ -50,11 +53,17 @@ impl Graph {
                 }
             }
         }
-        let graph = Graph { dag, order: Vec::new() };
+        let graph = Graph {
+            dag,
+            order: Vec::new(),
+        };
         match graph.topological_order() {
             Ok(order) => Ok(Graph { order, ..graph }),
             Err(cycle) => {
-                let names: Vec<&str> = cycle.iter().map(|&i| spec.stages[i].name.as_str()).collect();
+                let names: Vec<&str> = cycle
+                    .iter()
+                    .map(|&i| spec.stages[i].name.as_str())
+                    .collect();
                 let first = cycle[0];
                 let message = if cycle.len() == 2 {
                     format!("stage `{}` reads its own output folder", names[0])
@@ -75,12 +84,22 @@ impl Graph {
     /// first stage repeated at the end.
     fn topological_order(&self) -> Result<Vec<usize>, Vec<usize>> {
         let n = self.dag.node_count();
-        let mut indegree: Vec<usize> = (0..n).map(|i| self.dag.neighbors_directed(NodeIndex::new(i), Direction::Incoming).count()).collect();
-        let mut ready: BinaryHeap<Reverse<usize>> = (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+        let mut indegree: Vec<usize> = (0..n)
+            .map(|i| {
+                self.dag
+                    .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
+                    .count()
+            })
+            .collect();
+        let mut ready: BinaryHeap<Reverse<usize>> =
+            (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
         let mut order = Vec::with_capacity(n);
         while let Some(Reverse(i)) = ready.pop() {
             order.push(i);
-            for next in self.dag.neighbors_directed(NodeIndex::new(i), Direction::Outgoing) {
+            for next in self
+                .dag
+                .neighbors_directed(NodeIndex::new(i), Direction::Outgoing)
+            {
                 indegree[next.index()] -= 1;
                 if indegree[next.index()] == 0 {
                     ready.push(Reverse(next.index()));
@@ -107,6 +126,13 @@ impl Graph {
             if let Some(pos) = path.iter().position(|&p| p == prev) {
                 let mut cycle: Vec<usize> = path[pos..].to_vec();
                 cycle.reverse();
+                // Start at the stage that comes first in the file, for a stable message.
+                let first = cycle
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, s)| **s)
+                    .map_or(0, |(i, _)| i);
+                cycle.rotate_left(first);
                 cycle.push(cycle[0]);
                 return Err(cycle);
             }
@@ -121,7 +147,11 @@ impl Graph {
 
     /// Direct upstream stages of `stage`.
     pub fn upstream(&self, stage: usize) -> Vec<usize> {
-        let mut up: Vec<usize> = self.dag.neighbors_directed(NodeIndex::new(stage), Direction::Incoming).map(|n| n.index()).collect();
+        let mut up: Vec<usize> = self
+            .dag
+            .neighbors_directed(NodeIndex::new(stage), Direction::Incoming)
+            .map(|n| n.index())
+            .collect();
         up.sort_unstable();
         up
     }
@@ -151,10 +181,14 @@ impl Graph {
 
     /// Every edge as (upstream, downstream, kind), sorted.
     pub fn edges(&self) -> Vec<(usize, usize, EdgeKind)> {
-        let mut edges: Vec<_> = self.dag.edge_indices().map(|e| {
-            let (a, b) = self.dag.edge_endpoints(e).unwrap();
-            (a.index(), b.index(), self.dag[e])
-        }).collect();
+        let mut edges: Vec<_> = self
+            .dag
+            .edge_indices()
+            .map(|e| {
+                let (a, b) = self.dag.edge_endpoints(e).unwrap();
+                (a.index(), b.index(), self.dag[e])
+            })
+            .collect();
         edges.sort_by_key(|&(a, b, _)| (a, b));
         edges
     }
@@ -164,11 +198,22 @@ impl Graph {
         let mut out = String::from("digraph pipe {\n  rankdir=LR;\n  node [shape=box];\n");
         for &i in &self.order {
             let s = &spec.stages[i];
-            out += &format!("  {:?} [label={:?}];\n", s.name, format!("{}\n→ {}/", s.name, s.output_dir));
+            out += &format!(
+                "  {:?} [label={:?}];\n",
+                s.name,
+                format!("{}\n→ {}/", s.name, s.output_dir)
+            );
         }
         for (a, b, kind) in self.edges() {
-            let style = if kind == EdgeKind::After { " [style=dashed]" } else { "" };
-            out += &format!("  {:?} -> {:?}{style};\n", spec.stages[a].name, spec.stages[b].name);
+            let style = if kind == EdgeKind::After {
+                " [style=dashed]"
+            } else {
+                ""
+            };
+            out += &format!(
+                "  {:?} -> {:?}{style};\n",
+                spec.stages[a].name, spec.stages[b].name
+            );
         }
         out + "}\n"
     }
@@ -181,7 +226,11 @@ impl Graph {
             out += &format!("  s{i}[\"{} → {}/\"]\n", s.name, s.output_dir);
         }
         for (a, b, kind) in self.edges() {
-            let arrow = if kind == EdgeKind::After { "-.->" } else { "-->" };
+            let arrow = if kind == EdgeKind::After {
+                "-.->"
+            } else {
+                "-->"
+            };
             out += &format!("  s{a} {arrow} s{b}\n");
         }
         out

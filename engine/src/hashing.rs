@@ -74,7 +74,10 @@ impl StatCache {
             .ok()
             .and_then(|bytes| serde_json::from_slice::<StatCache>(&bytes).ok())
             .filter(|c| c.version == 1)
-            .unwrap_or(StatCache { version: 1, ..StatCache::default() })
+            .unwrap_or(StatCache {
+                version: 1,
+                ..StatCache::default()
+            })
     }
 
     /// Saves the cache atomically if anything changed.
@@ -96,23 +99,43 @@ impl StatCache {
         let key = path.to_string_lossy().into_owned();
         if let Some(entry) = self.entries.get(&key) {
             if entry.stat == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns {
-                return Ok(FileHash { blake3: entry.blake3.clone(), size: stat.size });
+                return Ok(FileHash {
+                    blake3: entry.blake3.clone(),
+                    size: stat.size,
+                });
             }
         }
         let hashed_at_ns = now_ns();
         let blake3 = hash_file(path, stat.size)?;
         // Only remember the hash if the file did not change while it was read.
         if StatKey::of(&std::fs::metadata(path)?) == stat {
-            self.entries.insert(key, Entry { stat, blake3: blake3.clone(), hashed_at_ns });
+            self.entries.insert(
+                key,
+                Entry {
+                    stat,
+                    blake3: blake3.clone(),
+                    hashed_at_ns,
+                },
+            );
             self.dirty = true;
         }
-        Ok(FileHash { blake3, size: stat.size })
+        Ok(FileHash {
+            blake3,
+            size: stat.size,
+        })
     }
 
     /// Records a hash the engine just computed for a file it wrote (e.g. a published output).
     pub fn remember(&mut self, path: &Path, blake3: &str) -> io::Result<()> {
         let stat = StatKey::of(&std::fs::metadata(path)?);
-        self.entries.insert(path.to_string_lossy().into_owned(), Entry { stat, blake3: blake3.to_string(), hashed_at_ns: now_ns() });
+        self.entries.insert(
+            path.to_string_lossy().into_owned(),
+            Entry {
+                stat,
+                blake3: blake3.to_string(),
+                hashed_at_ns: now_ns(),
+            },
+        );
         self.dirty = true;
         Ok(())
     }
@@ -148,7 +171,12 @@ mod tests {
 
     fn age(path: &Path, seconds: u64) {
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(seconds);
-        std::fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
     }
 
     #[test]
@@ -162,11 +190,17 @@ mod tests {
         assert_eq!(first.blake3, blake3::hash(b"hello").to_hex().to_string());
         assert_eq!(first.size, 5);
         // Poison the cached hash: if the cache is trusted, the poisoned value comes back.
-        cache.entries.values_mut().for_each(|e| e.blake3 = "poisoned".into());
+        cache
+            .entries
+            .values_mut()
+            .for_each(|e| e.blake3 = "poisoned".into());
         assert_eq!(cache.hash(&file).unwrap().blake3, "poisoned");
         let path = dir.path().join("cache.json");
         cache.save(&path).unwrap();
-        assert_eq!(StatCache::load(&path).hash(&file).unwrap().blake3, "poisoned");
+        assert_eq!(
+            StatCache::load(&path).hash(&file).unwrap().blake3,
+            "poisoned"
+        );
     }
 
     #[test]
@@ -176,9 +210,15 @@ mod tests {
         std::fs::write(&file, b"hello").unwrap();
         let mut cache = StatCache::default();
         cache.hash(&file).unwrap();
-        cache.entries.values_mut().for_each(|e| e.blake3 = "poisoned".into());
+        cache
+            .entries
+            .values_mut()
+            .for_each(|e| e.blake3 = "poisoned".into());
         // Just written: within the racy window, so the file is read again.
-        assert_eq!(cache.hash(&file).unwrap().blake3, blake3::hash(b"hello").to_hex().to_string());
+        assert_eq!(
+            cache.hash(&file).unwrap().blake3,
+            blake3::hash(b"hello").to_hex().to_string()
+        );
     }
 
     #[test]
@@ -191,16 +231,24 @@ mod tests {
         cache.hash(&file).unwrap();
         std::fs::write(&file, b"world").unwrap();
         age(&file, 30);
-        assert_eq!(cache.hash(&file).unwrap().blake3, blake3::hash(b"world").to_hex().to_string());
+        assert_eq!(
+            cache.hash(&file).unwrap().blake3,
+            blake3::hash(b"world").to_hex().to_string()
+        );
     }
 
     #[test]
     fn large_files_hash_the_same_in_parallel() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("big");
-        let data: Vec<u8> = (0..PARALLEL_HASH_BYTES as usize + 12345).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..PARALLEL_HASH_BYTES as usize + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
         std::fs::write(&file, &data).unwrap();
-        assert_eq!(hash_file(&file, data.len() as u64).unwrap(), blake3::hash(&data).to_hex().to_string());
+        assert_eq!(
+            hash_file(&file, data.len() as u64).unwrap(),
+            blake3::hash(&data).to_hex().to_string()
+        );
     }
 
     #[test]

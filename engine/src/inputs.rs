@@ -46,40 +46,74 @@ pub fn resolve(spec: &Spec, stage: &Stage) -> Result<ResolvedInputs, InputError>
                 let abs = spec.path(rel);
                 let meta = std::fs::metadata(&abs).map_err(|source| match source.kind() {
                     io::ErrorKind::NotFound => InputError::Missing { path: rel.clone() },
-                    _ => InputError::Unreadable { path: rel.clone(), source },
+                    _ => InputError::Unreadable {
+                        path: rel.clone(),
+                        source,
+                    },
                 })?;
                 if meta.is_dir() {
                     folders.push(rel.clone());
                     walk(spec, rel, &mut files, |_| true)?;
                 } else {
-                    folders.push(rel.rsplit_once('/').map_or(String::new(), |(d, _)| d.to_string()));
+                    folders.push(
+                        rel.rsplit_once('/')
+                            .map_or(String::new(), |(d, _)| d.to_string()),
+                    );
                     files.insert(rel.clone(), abs);
                 }
             }
             Input::Glob { pattern, base } => {
                 folders.push(base.clone());
-                let matcher = GlobBuilder::new(pattern).literal_separator(true).build().expect("validated glob").compile_matcher();
+                let matcher = GlobBuilder::new(pattern)
+                    .literal_separator(true)
+                    .build()
+                    .expect("validated glob")
+                    .compile_matcher();
                 if spec.path(base).is_dir() {
                     walk(spec, base, &mut files, |rel| matcher.is_match(rel))?;
                 }
             }
         }
     }
-    Ok(ResolvedInputs { root: common_root(&folders), files })
+    Ok(ResolvedInputs {
+        root: common_root(&folders),
+        files,
+    })
 }
 
-fn walk(spec: &Spec, rel: &str, files: &mut BTreeMap<String, PathBuf>, keep: impl Fn(&str) -> bool) -> Result<(), InputError> {
-    let walker = WalkDir::new(spec.path(rel)).follow_links(true).sort_by_file_name().into_iter();
-    for entry in walker.filter_entry(|e| e.depth() == 0 || !is_pipe_internal(&e.file_name().to_string_lossy())) {
+fn walk(
+    spec: &Spec,
+    rel: &str,
+    files: &mut BTreeMap<String, PathBuf>,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(), InputError> {
+    let walker = WalkDir::new(spec.path(rel))
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter();
+    for entry in walker
+        .filter_entry(|e| e.depth() == 0 || !is_pipe_internal(&e.file_name().to_string_lossy()))
+    {
         let entry = entry.map_err(|err| InputError::Unreadable {
-            path: err.path().map_or_else(|| rel.to_string(), |p| p.display().to_string()),
-            source: err.into_io_error().unwrap_or_else(|| io::Error::other("filesystem loop")),
+            path: err
+                .path()
+                .map_or_else(|| rel.to_string(), |p| p.display().to_string()),
+            source: err
+                .into_io_error()
+                .unwrap_or_else(|| io::Error::other("filesystem loop")),
         })?;
         if !entry.file_type().is_file() {
             continue;
         }
-        let relative = entry.path().strip_prefix(&spec.root).unwrap_or(entry.path());
-        let relative = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+        let relative = entry
+            .path()
+            .strip_prefix(&spec.root)
+            .unwrap_or(entry.path());
+        let relative = relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
         if keep(&relative) {
             files.insert(relative, entry.into_path());
         }
@@ -90,7 +124,9 @@ fn walk(spec: &Spec, rel: &str, files: &mut BTreeMap<String, PathBuf>, keep: imp
 /// The deepest folder containing every one of `folders` (root-relative).
 fn common_root(folders: &[String]) -> String {
     let mut iter = folders.iter();
-    let Some(first) = iter.next() else { return String::new() };
+    let Some(first) = iter.next() else {
+        return String::new();
+    };
     let mut root: Vec<&str> = first.split('/').filter(|s| !s.is_empty()).collect();
     for folder in iter {
         let parts: Vec<&str> = folder.split('/').filter(|s| !s.is_empty()).collect();

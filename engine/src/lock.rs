@@ -28,7 +28,11 @@ impl std::fmt::Display for Holder {
         if self.pid == 0 {
             return write!(f, "another pipe process (holder unknown)");
         }
-        write!(f, "pid {} ({} run {}, started {})", self.pid, self.command, self.run_id, self.started_at)
+        write!(
+            f,
+            "pid {} ({} run {}, started {})",
+            self.pid, self.command, self.run_id, self.started_at
+        )
     }
 }
 
@@ -67,13 +71,27 @@ impl Drop for WorkspaceLock {
 }
 
 /// Takes the lock for `me`; calls `on_wait` once if it has to wait.
-pub fn acquire(ws: &Workspace, me: &Holder, wait: Wait, on_wait: impl FnOnce(&Holder)) -> Result<WorkspaceLock, LockError> {
+pub fn acquire(
+    ws: &Workspace,
+    me: &Holder,
+    wait: Wait,
+    on_wait: impl FnOnce(&Holder),
+) -> Result<WorkspaceLock, LockError> {
     let dir = ws.locks_dir();
     let path = dir.join("pipeline.lock");
     let info = dir.join("pipeline.lock.json");
-    let io = |source| LockError::Io { path: path.clone(), source };
+    let io = |source| LockError::Io {
+        path: path.clone(),
+        source,
+    };
     std::fs::create_dir_all(&dir).map_err(io)?;
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
     let deadline = match wait {
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
@@ -95,10 +113,16 @@ pub fn acquire(ws: &Workspace, me: &Holder, wait: Wait, on_wait: impl FnOnce(&Ho
             Err(TryLockError::Error(err)) => return Err(io(err)),
         }
     }
-    crate::atomic::write_json(&info, me).map_err(|source| LockError::Io { path: info.clone(), source })?;
+    crate::atomic::write_json(&info, me).map_err(|source| LockError::Io {
+        path: info.clone(),
+        source,
+    })?;
     Ok(WorkspaceLock { _file: file, info })
 }
 
 fn read_holder(info: &std::path::Path) -> Holder {
-    std::fs::read(info).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    std::fs::read(info)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }

@@ -42,9 +42,13 @@ impl Marker {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(err.to_string()),
         };
-        let marker: Marker = serde_json::from_slice(&bytes).map_err(|err| format!("invalid marker JSON: {err}"))?;
+        let marker: Marker =
+            serde_json::from_slice(&bytes).map_err(|err| format!("invalid marker JSON: {err}"))?;
         if marker.version != MARKER_VERSION {
-            return Err(format!("marker version {} is not {MARKER_VERSION}", marker.version));
+            return Err(format!(
+                "marker version {} is not {MARKER_VERSION}",
+                marker.version
+            ));
         }
         Ok(Some(marker))
     }

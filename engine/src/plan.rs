@@ -26,10 +26,17 @@ use crate::FINGERPRINT_SCHEMA;
 #[serde(tag = "decision", rename_all = "camelCase")]
 pub enum Decision {
     Skip,
-    Run { reasons: Vec<Reason> },
-    Resume { from_line: u64, checkpoint: Checkpoint },
+    Run {
+        reasons: Vec<Reason>,
+    },
+    Resume {
+        from_line: u64,
+        checkpoint: Checkpoint,
+    },
     /// Dry run only: an upstream stage runs first, so this stage's inputs are not known yet.
-    Pending { upstream: String },
+    Pending {
+        upstream: String,
+    },
 }
 
 impl Decision {
@@ -44,7 +51,11 @@ impl Decision {
             Decision::Skip => "skip (unchanged)".to_string(),
             Decision::Run { reasons } => {
                 let shown: Vec<String> = reasons.iter().take(3).map(ToString::to_string).collect();
-                let more = if reasons.len() > 3 { format!(", and {} more", reasons.len() - 3) } else { String::new() };
+                let more = if reasons.len() > 3 {
+                    format!(", and {} more", reasons.len() - 3)
+                } else {
+                    String::new()
+                };
                 format!("run ({}{more})", shown.join(", "))
             }
             Decision::Resume { from_line, .. } => format!("resume from line {from_line}"),
@@ -104,27 +115,52 @@ pub enum PlanError {
 }
 
 /// Computes the fingerprint ingredients of `stage` over `inputs`.
-pub fn ingredients(spec: &Spec, stage: &Stage, inputs: &ResolvedInputs, cache: &mut StatCache) -> Result<Ingredients, PlanError> {
+pub fn ingredients(
+    spec: &Spec,
+    stage: &Stage,
+    inputs: &ResolvedInputs,
+    cache: &mut StatCache,
+) -> Result<Ingredients, PlanError> {
     let processor = match &stage.processor {
-        Processor::Builtin { name, implementation, version } => ProcessorIdentity {
+        Processor::Builtin {
+            name,
+            implementation,
+            version,
+        } => ProcessorIdentity {
             command: vec![format!("builtin:{name}@{implementation}")],
             version: version.clone(),
             files: BTreeMap::new(),
         },
-        Processor::Command { argv, version, files } => {
+        Processor::Command {
+            argv,
+            version,
+            files,
+        } => {
             let mut hashed = BTreeMap::new();
             for file in files {
                 for (rel, abs) in expand(spec, file) {
-                    let hash = cache.hash(&abs).map_err(|source| PlanError::ProcessorFile { path: rel.clone(), source })?;
+                    let hash = cache
+                        .hash(&abs)
+                        .map_err(|source| PlanError::ProcessorFile {
+                            path: rel.clone(),
+                            source,
+                        })?;
                     hashed.insert(rel, hash.blake3);
                 }
             }
-            ProcessorIdentity { command: argv.clone(), version: version.clone(), files: hashed }
+            ProcessorIdentity {
+                command: argv.clone(),
+                version: version.clone(),
+                files: hashed,
+            }
         }
     };
     let mut hashed_inputs = BTreeMap::new();
     for (rel, abs) in &inputs.files {
-        let hash = cache.hash(abs).map_err(|source| InputError::Unreadable { path: rel.clone(), source })?;
+        let hash = cache.hash(abs).map_err(|source| InputError::Unreadable {
+            path: rel.clone(),
+            source,
+        })?;
         hashed_inputs.insert(rel.clone(), hash.blake3);
     }
     Ok(Ingredients {
@@ -148,14 +184,24 @@ fn expand(spec: &Spec, rel: &str) -> Vec<(String, PathBuf)> {
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_file())
         .map(|e| {
-            let sub = e.path().strip_prefix(&spec.root).unwrap_or(e.path()).to_string_lossy().replace('\\', "/");
+            let sub = e
+                .path()
+                .strip_prefix(&spec.root)
+                .unwrap_or(e.path())
+                .to_string_lossy()
+                .replace('\\', "/");
             (sub, e.into_path())
         })
         .collect()
 }
 
 /// Decides `stage` now, from the files as they are.
-pub fn decide(spec: &Spec, ws: &Workspace, index: usize, cache: &mut StatCache) -> Result<StagePlan, PlanError> {
+pub fn decide(
+    spec: &Spec,
+    ws: &Workspace,
+    index: usize,
+    cache: &mut StatCache,
+) -> Result<StagePlan, PlanError> {
     let stage = &spec.stages[index];
     let inputs = inputs::resolve(spec, stage)?;
     let ingredients = ingredients(spec, stage, &inputs, cache)?;
@@ -164,13 +210,17 @@ pub fn decide(spec: &Spec, ws: &Workspace, index: usize, cache: &mut StatCache) 
     let marker = Marker::read(&ws.marker_file(&stage.output_dir, &stage.name));
     let mut reasons = match &marker {
         Ok(None) => vec![Reason::FirstRun],
-        Err(error) => vec![Reason::MarkerUnreadable { error: error.clone() }],
+        Err(error) => vec![Reason::MarkerUnreadable {
+            error: error.clone(),
+        }],
         Ok(Some(m)) if m.fingerprint == fingerprint => output_problems(ws, stage, m, cache),
         Ok(Some(m)) => {
             let mut r = fingerprint::diff(&m.ingredients, &ingredients);
             if r.is_empty() {
                 // Same ingredients, different key: only possible if the marker was edited.
-                r.push(Reason::MarkerUnreadable { error: "fingerprint does not match its ingredients".into() });
+                r.push(Reason::MarkerUnreadable {
+                    error: "fingerprint does not match its ingredients".into(),
+                });
             }
             r
         }
@@ -179,8 +229,13 @@ pub fn decide(spec: &Spec, ws: &Workspace, index: usize, cache: &mut StatCache) 
         Decision::Skip
     } else {
         match read_progress(ws, &stage.name) {
-            Ok(Some(p)) if p.fingerprint == fingerprint && ws.staging_dir(&stage.output_dir).is_dir() => {
-                Decision::Resume { from_line: p.line_offset, checkpoint: p.checkpoint() }
+            Ok(Some(p))
+                if p.fingerprint == fingerprint && ws.staging_dir(&stage.output_dir).is_dir() =>
+            {
+                Decision::Resume {
+                    from_line: p.line_offset,
+                    checkpoint: p.checkpoint(),
+                }
             }
             Ok(Some(_)) => {
                 reasons.push(Reason::StaleProgress);
@@ -188,7 +243,10 @@ pub fn decide(spec: &Spec, ws: &Workspace, index: usize, cache: &mut StatCache) 
             }
             Ok(None) => Decision::Run { reasons },
             Err(err) => {
-                warnings.push(format!("ignoring unreadable progress file of `{}` ({err}); restarting from zero", stage.name));
+                warnings.push(format!(
+                    "ignoring unreadable progress file of `{}` ({err}); restarting from zero",
+                    stage.name
+                ));
                 Decision::Run { reasons }
             }
         }
@@ -205,7 +263,12 @@ pub fn decide(spec: &Spec, ws: &Workspace, index: usize, cache: &mut StatCache) 
 }
 
 /// Outputs the marker lists that are missing or no longer have their recorded content.
-fn output_problems(ws: &Workspace, stage: &Stage, marker: &Marker, cache: &mut StatCache) -> Vec<Reason> {
+fn output_problems(
+    ws: &Workspace,
+    stage: &Stage,
+    marker: &Marker,
+    cache: &mut StatCache,
+) -> Vec<Reason> {
     let out_dir = ws.output_dir(&stage.output_dir);
     let mut reasons = Vec::new();
     for output in &marker.outputs {
@@ -222,22 +285,34 @@ fn output_problems(ws: &Workspace, stage: &Stage, marker: &Marker, cache: &mut S
 /// Reads `state/progress_<stage>.json`: `Ok(None)` when absent, `Err` when unreadable or torn.
 pub fn read_progress(ws: &Workspace, stage: &str) -> Result<Option<Progress>, String> {
     match std::fs::read(ws.progress_file(stage)) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string()),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| e.to_string()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(err.to_string()),
     }
 }
 
 /// The whole plan as `--dry-run` shows it: stages downstream of a running stage are pending.
-pub fn plan_all(spec: &Spec, ws: &Workspace, order: &[usize], upstream: impl Fn(usize) -> Vec<usize>, cache: &mut StatCache) -> Vec<Result<StagePlan, (usize, PlanError)>> {
+pub fn plan_all(
+    spec: &Spec,
+    ws: &Workspace,
+    order: &[usize],
+    upstream: impl Fn(usize) -> Vec<usize>,
+    cache: &mut StatCache,
+) -> Vec<Result<StagePlan, (usize, PlanError)>> {
     let mut runs: BTreeMap<usize, bool> = BTreeMap::new();
     let mut plans = Vec::new();
     for &i in order {
-        let pending_on = upstream(i).into_iter().find(|u| runs.get(u).copied().unwrap_or(false));
+        let pending_on = upstream(i)
+            .into_iter()
+            .find(|u| runs.get(u).copied().unwrap_or(false));
         let plan = match pending_on {
             Some(u) => Ok(StagePlan {
                 stage: i,
-                decision: Decision::Pending { upstream: spec.stages[u].name.clone() },
+                decision: Decision::Pending {
+                    upstream: spec.stages[u].name.clone(),
+                },
                 ingredients: None,
                 fingerprint: None,
                 inputs: None,

@@ -36,7 +36,11 @@ pub fn publish(p: &Publication<'_>, cache: &mut StatCache) -> io::Result<Marker>
     let mut outputs = Vec::with_capacity(staged.len());
     for (rel, abs) in &staged {
         let size = std::fs::metadata(abs)?.len();
-        outputs.push(OutputEntry { path: rel.clone(), size, blake3: hash_file(abs, size)? });
+        outputs.push(OutputEntry {
+            path: rel.clone(),
+            size,
+            blake3: hash_file(abs, size)?,
+        });
     }
     if atomic::remove_if_exists(p.marker_path)? {
         atomic::sync_dir(p.output_dir)?;
@@ -87,7 +91,11 @@ fn staged_files(staging: &Path) -> io::Result<Vec<(String, PathBuf)>> {
         let entry = entry.map_err(io::Error::other)?;
         if entry.file_type().is_file() {
             let rel = entry.path().strip_prefix(staging).expect("under staging");
-            let rel = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            let rel = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
             files.push((rel, entry.into_path()));
         }
     }
@@ -97,7 +105,11 @@ fn staged_files(staging: &Path) -> io::Result<Vec<(String, PathBuf)>> {
 /// A marker path must stay inside its output folder (a tampered marker must not make `pipe`
 /// delete files elsewhere).
 pub fn is_relative_inside(path: &str) -> bool {
-    !path.is_empty() && !path.starts_with('/') && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+    !path.is_empty()
+        && !path.starts_with('/')
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// Removes `dir` and its parents while they are empty, stopping at `stop`.

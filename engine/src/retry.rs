@@ -28,7 +28,9 @@ fn unit_random(run_id: &str, stage: &str, attempt: u32) -> f64 {
     hasher.update(b"\0");
     hasher.update(stage.as_bytes());
     hasher.update(&attempt.to_le_bytes());
-    let bytes: [u8; 8] = hasher.finalize().as_bytes()[..8].try_into().expect("8 bytes");
+    let bytes: [u8; 8] = hasher.finalize().as_bytes()[..8]
+        .try_into()
+        .expect("8 bytes");
     (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 

@@ -19,7 +19,9 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new(spec: &Spec) -> Workspace {
-        Workspace { root: spec.root.clone() }
+        Workspace {
+            root: spec.root.clone(),
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -73,7 +75,10 @@ impl Workspace {
     /// `path` relative to the root, `/`-separated (paths outside the root are returned whole).
     pub fn relative(&self, path: &Path) -> String {
         let rel = path.strip_prefix(&self.root).unwrap_or(path);
-        rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+        rel.components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/")
     }
 }
 

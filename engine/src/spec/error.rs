@@ -8,7 +8,6 @@ use miette::{Diagnostic, NamedSource, SourceSpan};
 /// One problem in a Pipefile, pointing at the value that causes it.
 #[derive(Debug, Clone, thiserror::Error, Diagnostic)]
 #[error("{message}")]
-#[diagnostic(code(pipe::pipefile))]
 pub struct SpecError {
     pub message: String,
     #[source_code]
@@ -48,7 +47,10 @@ impl SpecError {
 #[derive(Debug, thiserror::Error, Diagnostic)]
 pub enum LoadError {
     #[error("cannot read the Pipefile `{path}`: {source}")]
-    #[diagnostic(code(pipe::pipefile), help("pass the pipeline file with `-f FILE` (or `--pipeline FILE`)"))]
+    #[diagnostic(
+        code(pipe::pipefile),
+        help("pass the pipeline file with `-f FILE` (or `--pipeline FILE`)")
+    )]
     Read {
         path: String,
         #[source]

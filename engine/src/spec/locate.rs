@@ -66,7 +66,10 @@ impl Locator {
 
     /// The range of the key naming the value at `pointer` (falls back to the value).
     pub fn key(&self, pointer: &str) -> (usize, usize) {
-        self.keys.get(pointer).copied().unwrap_or_else(|| self.value(pointer))
+        self.keys
+            .get(pointer)
+            .copied()
+            .unwrap_or_else(|| self.value(pointer))
     }
 }
 
@@ -77,7 +80,11 @@ fn escape(key: &str) -> String {
 
 /// Converts a 1-based line and column (as serde_json reports them) to a byte offset in `text`.
 pub fn offset_of(text: &str, line: usize, column: usize) -> usize {
-    let line_start: usize = text.split_inclusive('\n').take(line.saturating_sub(1)).map(str::len).sum();
+    let line_start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
     (line_start + column.saturating_sub(1)).min(text.len())
 }
 

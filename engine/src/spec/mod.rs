@@ -128,13 +128,29 @@ impl Spec {
             path: shown.clone(),
             source,
         })?;
-        let root = absolute.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+        let root = absolute
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
         validate::validate(shown, root, Arc::new(text))
     }
 
     /// Builds a located error for the value at JSON `pointer`.
-    pub fn error_at(&self, pointer: &str, message: impl Into<String>, label: impl Into<String>, help: Option<String>) -> SpecError {
-        SpecError::new(&self.file, &self.text, self.locator.value(pointer), message, label, help)
+    pub fn error_at(
+        &self,
+        pointer: &str,
+        message: impl Into<String>,
+        label: impl Into<String>,
+        help: Option<String>,
+    ) -> SpecError {
+        SpecError::new(
+            &self.file,
+            &self.text,
+            self.locator.value(pointer),
+            message,
+            label,
+            help,
+        )
     }
 
     /// The index of the stage called `name`.
@@ -153,13 +169,19 @@ impl Spec {
 
     /// The stages' output folders, by stage index.
     pub fn output_dirs(&self) -> BTreeMap<usize, &str> {
-        self.stages.iter().enumerate().map(|(i, s)| (i, s.output_dir.as_str())).collect()
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.output_dir.as_str()))
+            .collect()
     }
 }
 
 /// Whether root-relative path `inner` is `outer` or lies below it.
 pub fn is_within(inner: &str, outer: &str) -> bool {
-    outer.is_empty() || inner == outer || (inner.starts_with(outer) && inner.as_bytes().get(outer.len()) == Some(&b'/'))
+    outer.is_empty()
+        || inner == outer
+        || (inner.starts_with(outer) && inner.as_bytes().get(outer.len()) == Some(&b'/'))
 }
 
 /// Whether two root-relative paths overlap (one is within the other).

@@ -10,7 +10,9 @@ use pipe_processors::checkpoint::Cadence;
 
 use super::locate::{offset_of, Locator};
 use super::raw::{RawCheckpoint, RawJitter, RawPipefile, RawProcessor, RawRetry, RawStage};
-use super::{overlaps, Input, LoadError, Processor, Quotas, Resources, RetryPolicy, Spec, SpecError, Stage};
+use super::{
+    overlaps, Input, LoadError, Processor, Quotas, Resources, RetryPolicy, Spec, SpecError, Stage,
+};
 
 /// Folders `pipe` keeps its own files in; no stage may read or own them.
 pub const RESERVED_DIRS: &[&str] = &["state", "cache", "locks"];
@@ -19,7 +21,11 @@ pub const RESERVED_DIRS: &[&str] = &["state", "cache", "locks"];
 pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, LoadError> {
     let raw: RawPipefile = match serde_json::from_str(&text) {
         Ok(raw) => raw,
-        Err(err) => return Err(LoadError::Invalid { errors: vec![serde_error(&file, &text, &err)] }),
+        Err(err) => {
+            return Err(LoadError::Invalid {
+                errors: vec![serde_error(&file, &text, &err)],
+            })
+        }
     };
     let mut v = Validator {
         errors: Vec::new(),
@@ -29,21 +35,41 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
         root,
     };
     if raw.version != 1 {
-        v.error("/version", format!("unsupported Pipefile version {}", raw.version), "only version 1 exists", None);
+        v.error(
+            "/version",
+            format!("unsupported Pipefile version {}", raw.version),
+            "only version 1 exists",
+            None,
+        );
     }
     let quotas = v.quotas(&raw);
-    let settings_cadence = raw.settings.checkpoint.as_ref().map(|c| v.cadence(c, "/settings/checkpoint"));
+    let settings_cadence = raw
+        .settings
+        .checkpoint
+        .as_ref()
+        .map(|c| v.cadence(c, "/settings/checkpoint"));
     let settings_retry = raw.settings.retry.clone().unwrap_or_default();
     if let Some(retry) = &raw.settings.retry {
         v.retry(&merge_retry(retry, &RawRetry::default()), "/settings/retry");
     }
     let mut stages = Vec::new();
     for (i, stage) in raw.stages.iter().enumerate() {
-        stages.push(v.stage(i, stage, &quotas, &settings_retry, settings_cadence.unwrap_or_default()));
+        stages.push(v.stage(
+            i,
+            stage,
+            &quotas,
+            &settings_retry,
+            settings_cadence.unwrap_or_default(),
+        ));
     }
     v.stage_relations(&raw.stages, &stages);
     if raw.stages.is_empty() {
-        v.error("/stages", "the pipeline has no stages", "empty", Some("add at least one stage".into()));
+        v.error(
+            "/stages",
+            "the pipeline has no stages",
+            "empty",
+            Some("add at least one stage".into()),
+        );
     }
     if !v.errors.is_empty() {
         return Err(LoadError::Invalid { errors: v.errors });
@@ -62,15 +88,33 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
 fn serde_error(file: &str, text: &Arc<String>, err: &serde_json::Error) -> SpecError {
     let offset = offset_of(text, err.line(), err.column());
     let full = err.to_string();
-    let message = full.rsplit_once(" at line ").map_or(full.as_str(), |(m, _)| m).to_string();
+    let message = full
+        .rsplit_once(" at line ")
+        .map_or(full.as_str(), |(m, _)| m)
+        .to_string();
     let (label, help) = match err.classify() {
-        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-            ("not valid JSON here", Some("a Pipefile is strict JSON: no comments, no trailing commas".to_string()))
-        }
-        _ => ("here", Some("see `pipe schema` for every field and its type".to_string())),
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => (
+            "not valid JSON here",
+            Some("a Pipefile is strict JSON: no comments, no trailing commas".to_string()),
+        ),
+        _ => (
+            "here",
+            Some("see `pipe schema` for every field and its type".to_string()),
+        ),
     };
     let start = offset.saturating_sub(1).min(text.len());
-    SpecError::new(file, text, (start, offset.max(start)), message, label, help)
+    let mut range = (start, offset.max(start));
+    // serde_json reports an unknown field after its key: point at the key itself.
+    if let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next())
+    {
+        let quoted = format!("\"{field}\"");
+        if let Some(at) = text[..(offset + 2).min(text.len())].rfind(&quoted) {
+            range = (at, at + quoted.len());
+        }
+    }
+    SpecError::new(file, text, range, message, label, help)
 }
 
 struct Validator {
@@ -82,14 +126,30 @@ struct Validator {
 }
 
 impl Validator {
-    fn error(&mut self, pointer: &str, message: impl Into<String>, label: impl Into<String>, help: Option<String>) {
+    fn error(
+        &mut self,
+        pointer: &str,
+        message: impl Into<String>,
+        label: impl Into<String>,
+        help: Option<String>,
+    ) {
         let range = self.locator.value(pointer);
-        self.errors.push(SpecError::new(&self.file, &self.text, range, message, label, help));
+        self.errors.push(SpecError::new(
+            &self.file, &self.text, range, message, label, help,
+        ));
     }
 
-    fn key_error(&mut self, pointer: &str, message: impl Into<String>, label: impl Into<String>, help: Option<String>) {
+    fn key_error(
+        &mut self,
+        pointer: &str,
+        message: impl Into<String>,
+        label: impl Into<String>,
+        help: Option<String>,
+    ) {
         let range = self.locator.key(pointer);
-        self.errors.push(SpecError::new(&self.file, &self.text, range, message, label, help));
+        self.errors.push(SpecError::new(
+            &self.file, &self.text, range, message, label, help,
+        ));
     }
 
     fn quotas(&mut self, raw: &RawPipefile) -> Quotas {
@@ -101,7 +161,9 @@ impl Validator {
                 "/settings/quotas/cpus",
                 format!("CPU quota {cpus} does not fit this machine"),
                 format!("must be between 1 and {machine_cpus}"),
-                Some(format!("this machine has {machine_cpus} CPU cores; omit `cpus` to use all of them")),
+                Some(format!(
+                    "this machine has {machine_cpus} CPU cores; omit `cpus` to use all of them"
+                )),
             );
         }
         if let Some(memory) = q.memory_mb {
@@ -120,21 +182,45 @@ impl Validator {
         }
         let io = q.io.unwrap_or(2);
         if io == 0 {
-            self.error("/settings/quotas/io", "IO quota 0 would never admit an IO stage", "must be at least 1", None);
+            self.error(
+                "/settings/quotas/io",
+                "IO quota 0 would never admit an IO stage",
+                "must be at least 1",
+                None,
+            );
         }
-        Quotas { cpus: cpus.max(1), memory_mb: q.memory_mb, io: io.max(1) }
+        Quotas {
+            cpus: cpus.max(1),
+            memory_mb: q.memory_mb,
+            io: io.max(1),
+        }
     }
 
     fn cadence(&mut self, raw: &RawCheckpoint, pointer: &str) -> Cadence {
         if raw.every_lines == Some(0) {
-            self.error(&format!("{pointer}/everyLines"), "`everyLines` must be at least 1", "0", None);
+            self.error(
+                &format!("{pointer}/everyLines"),
+                "`everyLines` must be at least 1",
+                "0",
+                None,
+            );
         }
         if raw.every_bytes == Some(0) {
-            self.error(&format!("{pointer}/everyBytes"), "`everyBytes` must be at least 1", "0", None);
+            self.error(
+                &format!("{pointer}/everyBytes"),
+                "`everyBytes` must be at least 1",
+                "0",
+                None,
+            );
         }
         if let Some(s) = raw.every_seconds {
             if !(s.is_finite() && s > 0.0) {
-                self.error(&format!("{pointer}/everySeconds"), "`everySeconds` must be a positive number", "here", None);
+                self.error(
+                    &format!("{pointer}/everySeconds"),
+                    "`everySeconds` must be a positive number",
+                    "here",
+                    None,
+                );
             }
         }
         if raw.every_lines.is_none() && raw.every_bytes.is_none() && raw.every_seconds.is_none() {
@@ -149,27 +235,52 @@ impl Validator {
 
     fn retry(&mut self, r: &RetryPolicy, pointer: &str) {
         if r.max_attempts == 0 {
-            self.error(&format!("{pointer}/maxAttempts"), "`maxAttempts` must be at least 1 (the first attempt counts)", "0", None);
+            self.error(
+                &format!("{pointer}/maxAttempts"),
+                "`maxAttempts` must be at least 1 (the first attempt counts)",
+                "0",
+                None,
+            );
         }
         if r.base_delay_ms > r.max_delay_ms {
             self.error(
                 &format!("{pointer}/baseDelayMs"),
-                format!("`baseDelayMs` ({}) is larger than `maxDelayMs` ({})", r.base_delay_ms, r.max_delay_ms),
+                format!(
+                    "`baseDelayMs` ({}) is larger than `maxDelayMs` ({})",
+                    r.base_delay_ms, r.max_delay_ms
+                ),
                 "larger than maxDelayMs",
                 None,
             );
         }
         if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
-            self.error(&format!("{pointer}/multiplier"), "`multiplier` must be a number ≥ 1", "here", None);
+            self.error(
+                &format!("{pointer}/multiplier"),
+                "`multiplier` must be a number ≥ 1",
+                "here",
+                None,
+            );
         }
         if let Some(t) = r.timeout {
             if t.is_zero() {
-                self.error(&format!("{pointer}/timeoutSec"), "`timeoutSec` must be positive", "here", None);
+                self.error(
+                    &format!("{pointer}/timeoutSec"),
+                    "`timeoutSec` must be positive",
+                    "here",
+                    None,
+                );
             }
         }
     }
 
-    fn stage(&mut self, i: usize, raw: &RawStage, quotas: &Quotas, settings_retry: &RawRetry, settings_cadence: Cadence) -> Stage {
+    fn stage(
+        &mut self,
+        i: usize,
+        raw: &RawStage,
+        quotas: &Quotas,
+        settings_retry: &RawRetry,
+        settings_cadence: Cadence,
+    ) -> Stage {
         let at = |field: &str| format!("/stages/{i}/{field}");
         if !valid_stage_name(&raw.name) {
             self.error(
@@ -193,38 +304,82 @@ impl Validator {
         }
         let output_dir = match normalize(&raw.output_dir) {
             Ok(p) if p.is_empty() => {
-                self.error(&at("outputDir"), "the output folder cannot be the project folder itself", "project root", Some("use a sub-folder such as `output`".into()));
+                self.error(
+                    &at("outputDir"),
+                    "the output folder cannot be the project folder itself",
+                    "project root",
+                    Some("use a sub-folder such as `output`".into()),
+                );
                 p
             }
             Ok(p) => {
                 if let Some(r) = RESERVED_DIRS.iter().find(|r| overlaps(&p, r)) {
-                    self.error(&at("outputDir"), format!("the output folder overlaps `{r}/`, which pipe keeps its own files in"), "reserved folder", None);
+                    self.error(
+                        &at("outputDir"),
+                        format!(
+                            "the output folder overlaps `{r}/`, which pipe keeps its own files in"
+                        ),
+                        "reserved folder",
+                        None,
+                    );
                 }
                 p
             }
             Err(why) => {
-                self.error(&at("outputDir"), format!("invalid output folder `{}`: {why}", raw.output_dir), "here", None);
+                self.error(
+                    &at("outputDir"),
+                    format!("invalid output folder `{}`: {why}", raw.output_dir),
+                    "here",
+                    None,
+                );
                 String::new()
             }
         };
         let mut inputs = Vec::new();
         if raw.inputs.is_empty() {
-            self.error(&at("inputs"), format!("stage `{}` has no inputs", raw.name), "empty", Some("list at least one file, folder or glob".into()));
+            self.error(
+                &at("inputs"),
+                format!("stage `{}` has no inputs", raw.name),
+                "empty",
+                Some("list at least one file, folder or glob".into()),
+            );
         }
         for (j, input) in raw.inputs.iter().enumerate() {
             match parse_input(input) {
                 Ok(parsed) => {
                     if parsed.base().is_empty() && matches!(parsed, Input::Path(_)) {
-                        self.error(&at(&format!("inputs/{j}")), "an input cannot be the whole project folder", "project root", Some("name the folders the stage reads".into()));
-                    } else if let Some(r) = RESERVED_DIRS.iter().find(|r| overlaps(parsed.base(), r)) {
-                        self.error(&at(&format!("inputs/{j}")), format!("an input cannot read `{r}/`, which pipe keeps its own files in"), "reserved folder", None);
+                        self.error(
+                            &at(&format!("inputs/{j}")),
+                            "an input cannot be the whole project folder",
+                            "project root",
+                            Some("name the folders the stage reads".into()),
+                        );
+                    } else if let Some(r) =
+                        RESERVED_DIRS.iter().find(|r| overlaps(parsed.base(), r))
+                    {
+                        self.error(
+                            &at(&format!("inputs/{j}")),
+                            format!(
+                                "an input cannot read `{r}/`, which pipe keeps its own files in"
+                            ),
+                            "reserved folder",
+                            None,
+                        );
                     }
                     inputs.push(parsed);
                 }
-                Err(why) => self.error(&at(&format!("inputs/{j}")), format!("invalid input `{input}`: {why}"), "here", None),
+                Err(why) => self.error(
+                    &at(&format!("inputs/{j}")),
+                    format!("invalid input `{input}`: {why}"),
+                    "here",
+                    None,
+                ),
             }
         }
-        let retry = merge_retry(raw.retry.as_ref().unwrap_or(&RawRetry::default()), settings_retry);
+        let retry = merge_retry(
+            raw.retry.as_ref().unwrap_or(&RawRetry::default()),
+            settings_retry,
+        );
         if raw.retry.is_some() {
             self.retry(&retry, &at("retry"));
         }
@@ -233,9 +388,21 @@ impl Validator {
             None => settings_cadence,
         };
         let r = raw.resources.clone().unwrap_or_default();
-        let resources = Resources { cpus: r.cpus.unwrap_or(1), memory_mb: r.memory_mb, io: r.io.unwrap_or(0) };
+        let resources = Resources {
+            cpus: r.cpus.unwrap_or(1),
+            memory_mb: r.memory_mb,
+            io: r.io.unwrap_or(0),
+        };
         if resources.cpus == 0 || resources.cpus > quotas.cpus {
-            self.error(&at("resources/cpus"), format!("stage needs {} CPUs but the quota is {}: it could never run", resources.cpus, quotas.cpus), format!("must be between 1 and {}", quotas.cpus), None);
+            self.error(
+                &at("resources/cpus"),
+                format!(
+                    "stage needs {} CPUs but the quota is {}: it could never run",
+                    resources.cpus, quotas.cpus
+                ),
+                format!("must be between 1 and {}", quotas.cpus),
+                None,
+            );
         }
         if let (Some(need), Some(have)) = (resources.memory_mb, quotas.memory_mb) {
             if need > have {
@@ -243,7 +410,15 @@ impl Validator {
             }
         }
         if resources.io > quotas.io {
-            self.error(&at("resources/io"), format!("stage needs {} IO slots but the quota is {}: it could never run", resources.io, quotas.io), "larger than the quota", None);
+            self.error(
+                &at("resources/io"),
+                format!(
+                    "stage needs {} IO slots but the quota is {}: it could never run",
+                    resources.io, quotas.io
+                ),
+                "larger than the quota",
+                None,
+            );
         }
         Stage {
             name: raw.name.clone(),
@@ -262,7 +437,12 @@ impl Validator {
     fn processor(&mut self, i: usize, raw: &RawProcessor) -> Processor {
         let at = |field: &str| format!("/stages/{i}/processor{field}");
         if raw.version.trim().is_empty() {
-            self.error(&at("/version"), "`processor.version` must not be empty", "empty", Some("any text; change it when the processor's behaviour changes".into()));
+            self.error(
+                &at("/version"),
+                "`processor.version` must not be empty",
+                "empty",
+                Some("any text; change it when the processor's behaviour changes".into()),
+            );
         }
         match (&raw.builtin, &raw.command) {
             (Some(name), None) => {
@@ -270,17 +450,41 @@ impl Validator {
                     self.key_error(&at("/files"), "`files` is for external commands; a built-in is fingerprinted by its name and version", "not allowed with `builtin`", None);
                 }
                 match builtins::find(name) {
-                    Some(b) => Processor::Builtin { name: name.clone(), implementation: b.implementation.to_string(), version: raw.version.clone() },
+                    Some(b) => Processor::Builtin {
+                        name: name.clone(),
+                        implementation: b.implementation.to_string(),
+                        version: raw.version.clone(),
+                    },
                     None => {
-                        let names: Vec<_> = builtins::BUILTINS.iter().map(|b| format!("`{}`", b.name)).collect();
-                        self.error(&at("/builtin"), format!("unknown built-in processor `{name}`"), "no such built-in", Some(format!("built-ins: {}", names.join(", "))));
-                        Processor::Builtin { name: name.clone(), implementation: String::new(), version: raw.version.clone() }
+                        let names: Vec<_> = builtins::BUILTINS
+                            .iter()
+                            .map(|b| format!("`{}`", b.name))
+                            .collect();
+                        self.error(
+                            &at("/builtin"),
+                            format!("unknown built-in processor `{name}`"),
+                            "no such built-in",
+                            Some(format!("built-ins: {}", names.join(", "))),
+                        );
+                        Processor::Builtin {
+                            name: name.clone(),
+                            implementation: String::new(),
+                            version: raw.version.clone(),
+                        }
                     }
                 }
             }
             (None, Some(argv)) => {
                 if argv.is_empty() || argv[0].is_empty() {
-                    self.error(&at("/command"), "`command` must name a program", "empty", Some("for example [\"python3\", \"processors/python/stage_upper.py\"]".into()));
+                    self.error(
+                        &at("/command"),
+                        "`command` must name a program",
+                        "empty",
+                        Some(
+                            "for example [\"python3\", \"processors/python/stage_upper.py\"]"
+                                .into(),
+                        ),
+                    );
                 }
                 let mut files = BTreeSet::new();
                 for (j, arg) in argv.iter().enumerate() {
@@ -289,7 +493,12 @@ impl Validator {
                         Ok(rel) if !rel.is_empty() && self.root.join(&rel).is_file() => {
                             files.insert(rel);
                         }
-                        _ if names_file => self.error(&at(&format!("/command/{j}")), format!("processor program `{arg}` does not exist"), "no such file", Some("paths are relative to the Pipefile's folder".into())),
+                        _ if names_file => self.error(
+                            &at(&format!("/command/{j}")),
+                            format!("processor program `{arg}` does not exist"),
+                            "no such file",
+                            Some("paths are relative to the Pipefile's folder".into()),
+                        ),
                         _ => {}
                     }
                 }
@@ -298,19 +507,51 @@ impl Validator {
                         Ok(rel) if !rel.is_empty() && self.root.join(&rel).exists() => {
                             files.insert(rel);
                         }
-                        Ok(_) => self.error(&at(&format!("/files/{j}")), format!("processor file `{file}` does not exist"), "no such file", Some("paths are relative to the Pipefile's folder".into())),
-                        Err(why) => self.error(&at(&format!("/files/{j}")), format!("invalid processor file `{file}`: {why}"), "here", None),
+                        Ok(_) => self.error(
+                            &at(&format!("/files/{j}")),
+                            format!("processor file `{file}` does not exist"),
+                            "no such file",
+                            Some("paths are relative to the Pipefile's folder".into()),
+                        ),
+                        Err(why) => self.error(
+                            &at(&format!("/files/{j}")),
+                            format!("invalid processor file `{file}`: {why}"),
+                            "here",
+                            None,
+                        ),
                     }
                 }
-                Processor::Command { argv: argv.clone(), version: raw.version.clone(), files: files.into_iter().collect() }
+                Processor::Command {
+                    argv: argv.clone(),
+                    version: raw.version.clone(),
+                    files: files.into_iter().collect(),
+                }
             }
             (Some(_), Some(_)) => {
-                self.error(&at(""), "a processor is either `builtin` or `command`, not both", "both given", None);
-                Processor::Builtin { name: String::new(), implementation: String::new(), version: raw.version.clone() }
+                self.error(
+                    &at(""),
+                    "a processor is either `builtin` or `command`, not both",
+                    "both given",
+                    None,
+                );
+                Processor::Builtin {
+                    name: String::new(),
+                    implementation: String::new(),
+                    version: raw.version.clone(),
+                }
             }
             (None, None) => {
-                self.error(&at(""), "a processor needs `builtin` (a built-in's name) or `command` (an argv)", "neither given", Some("for example {\"builtin\": \"upper\", \"version\": \"1\"}".into()));
-                Processor::Builtin { name: String::new(), implementation: String::new(), version: raw.version.clone() }
+                self.error(
+                    &at(""),
+                    "a processor needs `builtin` (a built-in's name) or `command` (an argv)",
+                    "neither given",
+                    Some("for example {\"builtin\": \"upper\", \"version\": \"1\"}".into()),
+                );
+                Processor::Builtin {
+                    name: String::new(),
+                    implementation: String::new(),
+                    version: raw.version.clone(),
+                }
             }
         }
     }
@@ -321,7 +562,14 @@ impl Validator {
         let mut first_by_name: HashMap<&str, usize> = HashMap::new();
         for (i, s) in stages.iter().enumerate() {
             if let Some(&j) = first_by_name.get(s.name.as_str()) {
-                self.error(&format!("/stages/{i}/name"), format!("duplicate stage name `{}`", s.name), "used again here", Some(format!("stage {j} already has this name; names must be unique")));
+                self.error(
+                    &format!("/stages/{i}/name"),
+                    format!("duplicate stage name `{}`", s.name),
+                    "used again here",
+                    Some(format!(
+                        "stage {j} already has this name; names must be unique"
+                    )),
+                );
             } else {
                 first_by_name.insert(&s.name, i);
             }
@@ -332,15 +580,36 @@ impl Validator {
                     continue;
                 }
                 if s.output_dir == other.output_dir {
-                    self.error(&format!("/stages/{i}/outputDir"), format!("stages `{}` and `{}` both own the output folder `{}`", other.name, s.name, s.output_dir), "owned by another stage", Some("each stage needs an output folder of its own".into()));
+                    self.error(
+                        &format!("/stages/{i}/outputDir"),
+                        format!(
+                            "stages `{}` and `{}` both own the output folder `{}`",
+                            other.name, s.name, s.output_dir
+                        ),
+                        "owned by another stage",
+                        Some("each stage needs an output folder of its own".into()),
+                    );
                 } else if overlaps(&s.output_dir, &other.output_dir) {
-                    self.error(&format!("/stages/{i}/outputDir"), format!("output folder `{}` of `{}` overlaps `{}` of `{}`", s.output_dir, s.name, other.output_dir, other.name), "nested output folders", Some("output folders must not contain one another".into()));
+                    self.error(
+                        &format!("/stages/{i}/outputDir"),
+                        format!(
+                            "output folder `{}` of `{}` overlaps `{}` of `{}`",
+                            s.output_dir, s.name, other.output_dir, other.name
+                        ),
+                        "nested output folders",
+                        Some("output folders must not contain one another".into()),
+                    );
                 }
             }
             for (k, target) in raw[i].after.iter().enumerate() {
                 if !first_by_name.contains_key(target.as_str()) {
                     let names: Vec<_> = stages.iter().map(|s| format!("`{}`", s.name)).collect();
-                    self.error(&format!("/stages/{i}/after/{k}"), format!("`after` names unknown stage `{target}`"), "no such stage", Some(format!("stages: {}", names.join(", "))));
+                    self.error(
+                        &format!("/stages/{i}/after/{k}"),
+                        format!("`after` names unknown stage `{target}`"),
+                        "no such stage",
+                        Some(format!("stages: {}", names.join(", "))),
+                    );
                 }
             }
             for (k, input) in s.inputs.iter().enumerate() {
@@ -348,9 +617,16 @@ impl Validator {
                 if base.is_empty() {
                     continue;
                 }
-                let produced = stages.iter().any(|o| !o.output_dir.is_empty() && overlaps(base, &o.output_dir));
+                let produced = stages
+                    .iter()
+                    .any(|o| !o.output_dir.is_empty() && overlaps(base, &o.output_dir));
                 if !produced && !self.root.join(base).exists() {
-                    self.error(&format!("/stages/{i}/inputs/{k}"), format!("input `{base}` does not exist and no stage produces it"), "not found", Some("paths are relative to the Pipefile's folder".into()));
+                    self.error(
+                        &format!("/stages/{i}/inputs/{k}"),
+                        format!("input `{base}` does not exist and no stage produces it"),
+                        "not found",
+                        Some("paths are relative to the Pipefile's folder".into()),
+                    );
                 }
             }
         }
@@ -396,20 +672,39 @@ fn parse_input(input: &str) -> Result<Input, String> {
     }
     let pattern = normalize(input).map_err(String::from)?;
     globset::Glob::new(&pattern).map_err(|e| format!("bad glob: {}", e.kind()))?;
-    let base: Vec<&str> = pattern.split('/').take_while(|part| !part.contains(['*', '?', '[', '{'])).collect();
-    Ok(Input::Glob { base: base.join("/"), pattern })
+    let base: Vec<&str> = pattern
+        .split('/')
+        .take_while(|part| !part.contains(['*', '?', '[', '{']))
+        .collect();
+    Ok(Input::Glob {
+        base: base.join("/"),
+        pattern,
+    })
 }
 
 fn merge_retry(stage: &RawRetry, settings: &RawRetry) -> RetryPolicy {
     RetryPolicy {
         max_attempts: stage.max_attempts.or(settings.max_attempts).unwrap_or(1),
-        base_delay_ms: stage.base_delay_ms.or(settings.base_delay_ms).unwrap_or(200),
+        base_delay_ms: stage
+            .base_delay_ms
+            .or(settings.base_delay_ms)
+            .unwrap_or(200),
         max_delay_ms: stage.max_delay_ms.or(settings.max_delay_ms).unwrap_or(5000),
         multiplier: stage.multiplier.or(settings.multiplier).unwrap_or(2.0),
         jitter: stage.jitter.or(settings.jitter).unwrap_or(RawJitter::Full),
-        retryable_exit_codes: stage.retryable_exit_codes.clone().or_else(|| settings.retryable_exit_codes.clone()).unwrap_or_else(|| vec![75]),
-        retry_on_timeout: stage.retry_on_timeout.or(settings.retry_on_timeout).unwrap_or(false),
-        timeout: stage.timeout_sec.or(settings.timeout_sec).map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9))),
+        retryable_exit_codes: stage
+            .retryable_exit_codes
+            .clone()
+            .or_else(|| settings.retryable_exit_codes.clone())
+            .unwrap_or_else(|| vec![75]),
+        retry_on_timeout: stage
+            .retry_on_timeout
+            .or(settings.retry_on_timeout)
+            .unwrap_or(false),
+        timeout: stage
+            .timeout_sec
+            .or(settings.timeout_sec)
+            .map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9))),
     }
 }
 
@@ -449,8 +744,20 @@ mod tests {
 
     #[test]
     fn globs_have_a_literal_base() {
-        assert_eq!(parse_input("data/*.txt").unwrap(), Input::Glob { pattern: "data/*.txt".into(), base: "data".into() });
-        assert_eq!(parse_input("data/2024/**/x?.csv").unwrap(), Input::Glob { pattern: "data/2024/**/x?.csv".into(), base: "data/2024".into() });
+        assert_eq!(
+            parse_input("data/*.txt").unwrap(),
+            Input::Glob {
+                pattern: "data/*.txt".into(),
+                base: "data".into()
+            }
+        );
+        assert_eq!(
+            parse_input("data/2024/**/x?.csv").unwrap(),
+            Input::Glob {
+                pattern: "data/2024/**/x?.csv".into(),
+                base: "data/2024".into()
+            }
+        );
         assert_eq!(parse_input("work").unwrap(), Input::Path("work".into()));
         assert!(parse_input("data/[").is_err());
     }
