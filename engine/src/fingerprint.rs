@@ -116,7 +116,7 @@ fn short(hash: &str) -> &str {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Reason::FirstRun => write!(f, "first run (no marker)"),
+            Reason::FirstRun => write!(f, "first run: no marker"),
             Reason::MarkerUnreadable { error } => write!(f, "marker unreadable: {error}"),
             Reason::SchemaChanged => write!(f, "fingerprint schema changed"),
             Reason::InputChanged { path, old, new } => {

@@ -184,13 +184,13 @@ fn expand(spec: &Spec, rel: &str) -> Vec<(String, PathBuf)> {
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_file())
         .map(|e| {
-            let sub = e
-                .path()
-                .strip_prefix(&spec.root)
-                .unwrap_or(e.path())
-                .to_string_lossy()
-                .replace('\\', "/");
-            (sub, e.into_path())
+            let below = e.path().strip_prefix(&abs).expect("walked below abs");
+            let below = below
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            (format!("{rel}/{below}"), e.into_path())
         })
         .collect()
 }

@@ -81,15 +81,23 @@ pub fn run(name: &str) -> i32 {
     match name {
         "copy" => sdk::main_with(|_| Ok(Copy)),
         "upper" => sdk::main_with(|ctx| {
-            validate_params("upper", &ctx.params).map_err(|err| ProcessorError::Usage(err.message))?;
-            let mode = ctx.params.get("mode").and_then(Value::as_str).and_then(Mode::parse);
+            validate_params("upper", &ctx.params)
+                .map_err(|err| ProcessorError::Usage(err.message))?;
+            let mode = ctx
+                .params
+                .get("mode")
+                .and_then(Value::as_str)
+                .and_then(Mode::parse);
             Ok(Upper {
                 mode: mode.unwrap_or(Mode::Unicode),
             })
         }),
         other => {
             let names: Vec<_> = BUILTINS.iter().map(|b| b.name).collect();
-            eprintln!("error: unknown built-in processor `{other}`; built-ins: {}", names.join(", "));
+            eprintln!(
+                "error: unknown built-in processor `{other}`; built-ins: {}",
+                names.join(", ")
+            );
             sdk::EXIT_USAGE
         }
     }
@@ -99,7 +107,12 @@ pub fn run(name: &str) -> i32 {
 struct Copy;
 
 impl ChunkTransform for Copy {
-    fn apply(&mut self, chunk: &mut [u8], _eof: bool, _out: &mut Vec<u8>) -> Result<Step, DataError> {
+    fn apply(
+        &mut self,
+        chunk: &mut [u8],
+        _eof: bool,
+        _out: &mut Vec<u8>,
+    ) -> Result<Step, DataError> {
         Ok(Step {
             consumed: chunk.len(),
             emit: Emit::Chunk,
@@ -119,11 +132,21 @@ mod tests {
     #[test]
     fn params_are_checked_per_builtin() {
         assert!(validate_params("copy", &params(json!({}))).is_ok());
-        assert_eq!(validate_params("copy", &params(json!({"mode": "ascii"}))).unwrap_err().key, "mode");
+        assert_eq!(
+            validate_params("copy", &params(json!({"mode": "ascii"})))
+                .unwrap_err()
+                .key,
+            "mode"
+        );
         assert!(validate_params("upper", &params(json!({"mode": "ascii"}))).is_ok());
         assert!(validate_params("upper", &params(json!({"mode": "shout"}))).is_err());
         assert!(validate_params("upper", &params(json!({"mode": 1}))).is_err());
-        assert_eq!(validate_params("upper", &params(json!({"mood": "x"}))).unwrap_err().key, "mood");
+        assert_eq!(
+            validate_params("upper", &params(json!({"mood": "x"})))
+                .unwrap_err()
+                .key,
+            "mood"
+        );
     }
 
     #[test]

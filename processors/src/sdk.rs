@@ -85,7 +85,11 @@ pub enum Fault {
 
 impl Fault {
     fn parse(text: &str) -> Result<Fault, ProcessorError> {
-        let bad = || ProcessorError::Usage(format!("PIPE_FAULT: expected `crash-after-lines:N`, found `{text}`"));
+        let bad = || {
+            ProcessorError::Usage(format!(
+                "PIPE_FAULT: expected `crash-after-lines:N`, found `{text}`"
+            ))
+        };
         let count = text.strip_prefix("crash-after-lines:").ok_or_else(bad)?;
         count.parse().map(Fault::CrashAfterLines).map_err(|_| bad())
     }
@@ -117,7 +121,11 @@ impl Context {
     /// process environment.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Context, ProcessorError> {
         let required = |name: &str| {
-            var(name).ok_or_else(|| ProcessorError::Usage(format!("{name} is not set: run this processor through `pipe build`")))
+            var(name).ok_or_else(|| {
+                ProcessorError::Usage(format!(
+                    "{name} is not set: run this processor through `pipe build`"
+                ))
+            })
         };
         let json = |name: &str, text: &str| -> Result<serde_json::Value, ProcessorError> {
             serde_json::from_str(text)
@@ -127,17 +135,25 @@ impl Context {
             Some(text) => text,
             None => {
                 let path = required("PIPELINE_INPUTS_FILE")?;
-                std::fs::read_to_string(&path)
-                    .map_err(ProcessorError::io("reading the input list", Path::new(&path)))?
+                std::fs::read_to_string(&path).map_err(ProcessorError::io(
+                    "reading the input list",
+                    Path::new(&path),
+                ))?
             }
         };
         let inputs: Vec<PathBuf> = serde_json::from_value(json("PIPELINE_INPUTS", &inputs_json)?)
-            .map_err(|err| ProcessorError::Usage(format!("PIPELINE_INPUTS must be an array of paths: {err}")))?;
+            .map_err(|err| {
+            ProcessorError::Usage(format!("PIPELINE_INPUTS must be an array of paths: {err}"))
+        })?;
         let params = match var("PIPELINE_PARAMS") {
             None => serde_json::Map::new(),
             Some(text) => match json("PIPELINE_PARAMS", &text)? {
                 serde_json::Value::Object(map) => map,
-                _ => return Err(ProcessorError::Usage("PIPELINE_PARAMS must be a JSON object".into())),
+                _ => {
+                    return Err(ProcessorError::Usage(
+                        "PIPELINE_PARAMS must be a JSON object".into(),
+                    ))
+                }
             },
         };
         let resume = match var("PIPELINE_RESUME") {
@@ -156,10 +172,14 @@ impl Context {
             None => None,
             Some(text) => {
                 let fd: i32 = text.trim().parse().map_err(|_| {
-                    ProcessorError::Usage(format!("PIPELINE_PROGRESS_FD must be a file descriptor number, found `{text}`"))
+                    ProcessorError::Usage(format!(
+                        "PIPELINE_PROGRESS_FD must be a file descriptor number, found `{text}`"
+                    ))
                 })?;
                 if fd <= 2 {
-                    return Err(ProcessorError::Usage(format!("PIPELINE_PROGRESS_FD must be above 2, found {fd}")));
+                    return Err(ProcessorError::Usage(format!(
+                        "PIPELINE_PROGRESS_FD must be above 2, found {fd}"
+                    )));
                 }
                 // SAFETY: the engine opened this descriptor for this process alone and named it in
                 // PIPELINE_PROGRESS_FD; nothing else in the process uses it, so taking ownership is sound.
@@ -169,7 +189,9 @@ impl Context {
         Ok(Context {
             run_id: var("PIPELINE_RUN_ID").unwrap_or_default(),
             stage: var("PIPELINE_STAGE").unwrap_or_default(),
-            attempt: var("PIPELINE_ATTEMPT").and_then(|a| a.parse().ok()).unwrap_or(1),
+            attempt: var("PIPELINE_ATTEMPT")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1),
             inputs,
             input_root: PathBuf::from(required("PIPELINE_INPUT_ROOT")?),
             output_dir: PathBuf::from(required("PIPELINE_OUTPUT_DIR")?),
@@ -238,7 +260,9 @@ pub struct Summary {
 
 /// Reads the environment, runs `transform` over every input and returns the process exit code,
 /// printing any error to stderr. The `main` of a processor in one call.
-pub fn main_with<T: ChunkTransform>(make: impl FnOnce(&Context) -> Result<T, ProcessorError>) -> i32 {
+pub fn main_with<T: ChunkTransform>(
+    make: impl FnOnce(&Context) -> Result<T, ProcessorError>,
+) -> i32 {
     let mut ctx = match Context::from_env() {
         Ok(ctx) => ctx,
         Err(err) => {
@@ -256,14 +280,23 @@ pub fn main_with<T: ChunkTransform>(make: impl FnOnce(&Context) -> Result<T, Pro
 }
 
 /// Runs `transform` over every input of `ctx`, resuming from `ctx.resume` when set.
-pub fn run<T: ChunkTransform>(ctx: &mut Context, transform: &mut T) -> Result<Summary, ProcessorError> {
+pub fn run<T: ChunkTransform>(
+    ctx: &mut Context,
+    transform: &mut T,
+) -> Result<Summary, ProcessorError> {
     let start = ctx.resume.unwrap_or(Checkpoint::START);
     let first = usize::try_from(start.input_index).unwrap_or(usize::MAX);
-    if ctx.resume.is_some() && first >= ctx.inputs.len().max(1) && !(first == 0 && ctx.inputs.is_empty()) {
+    if ctx.resume.is_some()
+        && first >= ctx.inputs.len().max(1)
+        && !(first == 0 && ctx.inputs.is_empty())
+    {
         return Err(ProcessorError::Data {
             path: PathBuf::from("PIPELINE_RESUME"),
             offset: 0,
-            message: format!("checkpoint names input {first} but the stage has {} inputs", ctx.inputs.len()),
+            message: format!(
+                "checkpoint names input {first} but the stage has {} inputs",
+                ctx.inputs.len()
+            ),
         });
     }
     let mut runner = Runner {
@@ -278,7 +311,14 @@ pub fn run<T: ChunkTransform>(ctx: &mut Context, transform: &mut T) -> Result<Su
     };
     let result = (|| {
         for index in first..ctx.inputs.len() {
-            let position = if index == first { start } else { Checkpoint { input_index: index as u64, ..Checkpoint::START } };
+            let position = if index == first {
+                start
+            } else {
+                Checkpoint {
+                    input_index: index as u64,
+                    ..Checkpoint::START
+                }
+            };
             let input = ctx.inputs[index].clone();
             let output = ctx.output_path(&input)?;
             runner.process_input(&input, &output, position, transform)?;
@@ -320,7 +360,11 @@ impl Runner {
         start: Checkpoint,
         transform: &mut T,
     ) -> Result<(), ProcessorError> {
-        let resuming = start != Checkpoint { input_index: start.input_index, ..Checkpoint::START };
+        let resuming = start
+            != Checkpoint {
+                input_index: start.input_index,
+                ..Checkpoint::START
+            };
         let mut source = File::open(input).map_err(ProcessorError::io("opening input", input))?;
         let mut sink = open_output(output, &start, resuming, input, &mut source)?;
         let mut pos = Position {
@@ -335,10 +379,14 @@ impl Runner {
         let mut eof = false;
         loop {
             if !eof && filled < self.buf.len() {
-                let n = read_retrying(&mut source, &mut self.buf[filled..]).map_err(ProcessorError::io("reading input", input))?;
+                let n = read_retrying(&mut source, &mut self.buf[filled..])
+                    .map_err(ProcessorError::io("reading input", input))?;
                 eof = n == 0;
                 filled += n;
-                if !eof && filled < self.buf.len() && memchr::memrchr(b'\n', &self.buf[..filled]).is_none() {
+                if !eof
+                    && filled < self.buf.len()
+                    && memchr::memrchr(b'\n', &self.buf[..filled]).is_none()
+                {
                     continue;
                 }
             }
@@ -347,11 +395,13 @@ impl Runner {
             }
             let end = self.chunk_end(filled, eof, &pos);
             let last = eof && end == filled;
-            let step = transform.apply(&mut self.buf[..end], last, &mut self.out).map_err(|err| ProcessorError::Data {
-                path: input.to_path_buf(),
-                offset: pos.at.byte_offset + err.offset_in_chunk as u64,
-                message: err.message,
-            })?;
+            let step = transform
+                .apply(&mut self.buf[..end], last, &mut self.out)
+                .map_err(|err| ProcessorError::Data {
+                    path: input.to_path_buf(),
+                    offset: pos.at.byte_offset + err.offset_in_chunk as u64,
+                    message: err.message,
+                })?;
             if step.consumed == 0 {
                 if last {
                     return Err(ProcessorError::Data {
@@ -369,7 +419,8 @@ impl Runner {
                 Emit::Chunk => consumed,
                 Emit::Buffer => &self.out[..],
             };
-            sink.write_all(written).map_err(ProcessorError::io("writing output", output))?;
+            sink.write_all(written)
+                .map_err(ProcessorError::io("writing output", output))?;
             pos.at.output_bytes += written.len() as u64;
             pos.at.byte_offset += step.consumed as u64;
             pos.at.line_offset += lines;
@@ -429,12 +480,19 @@ impl Runner {
         let c = &self.cadence;
         c.every_lines.is_some_and(|n| pos.lines_since >= n)
             || c.every_bytes.is_some_and(|n| pos.bytes_since >= n)
-            || c.every_seconds.is_some_and(|s| pos.since.elapsed().as_secs_f64() >= s)
+            || c.every_seconds
+                .is_some_and(|s| pos.since.elapsed().as_secs_f64() >= s)
     }
 
     /// Makes the output durable up to `pos`, then reports `pos` on the progress pipe.
-    fn checkpoint(&mut self, sink: &File, output: &Path, pos: &mut Position) -> Result<(), ProcessorError> {
-        sink.sync_data().map_err(ProcessorError::io("syncing output", output))?;
+    fn checkpoint(
+        &mut self,
+        sink: &File,
+        output: &Path,
+        pos: &mut Position,
+    ) -> Result<(), ProcessorError> {
+        sink.sync_data()
+            .map_err(ProcessorError::io("syncing output", output))?;
         if !pos.dir_synced {
             sync_dirs_up_to(output, &self.staging_root)?;
             pos.dir_synced = true;
@@ -442,7 +500,10 @@ impl Runner {
         if let Some(progress) = &mut self.progress {
             progress
                 .write_all(pos.at.to_line().as_bytes())
-                .map_err(ProcessorError::io("writing a checkpoint to", Path::new("PIPELINE_PROGRESS_FD")))?;
+                .map_err(ProcessorError::io(
+                    "writing a checkpoint to",
+                    Path::new("PIPELINE_PROGRESS_FD"),
+                ))?;
         }
         self.summary.checkpoints += 1;
         pos.lines_since = 0;
@@ -467,7 +528,10 @@ fn open_output(
     if !resuming {
         return File::create(output).map_err(ProcessorError::io("creating output", output));
     }
-    let input_len = source.metadata().map_err(ProcessorError::io("reading input size", input))?.len();
+    let input_len = source
+        .metadata()
+        .map_err(ProcessorError::io("reading input size", input))?
+        .len();
     if start.byte_offset > input_len {
         return Err(ProcessorError::Data {
             path: input.to_path_buf(),
@@ -481,17 +545,30 @@ fn open_output(
         .truncate(false)
         .open(output)
         .map_err(ProcessorError::io("opening output to resume", output))?;
-    let have = sink.metadata().map_err(ProcessorError::io("reading output size", output))?.len();
+    let have = sink
+        .metadata()
+        .map_err(ProcessorError::io("reading output size", output))?
+        .len();
     if have < start.output_bytes {
         return Err(ProcessorError::Data {
             path: output.to_path_buf(),
             offset: have,
-            message: format!("output is shorter than the checkpoint's {} bytes: it cannot be resumed", start.output_bytes),
+            message: format!(
+                "output is shorter than the checkpoint's {} bytes: it cannot be resumed",
+                start.output_bytes
+            ),
         });
     }
-    sink.set_len(start.output_bytes).map_err(ProcessorError::io("truncating output to the checkpoint", output))?;
-    sink.seek(SeekFrom::End(0)).map_err(ProcessorError::io("seeking output", output))?;
-    source.seek(SeekFrom::Start(start.byte_offset)).map_err(ProcessorError::io("seeking input", input))?;
+    sink.set_len(start.output_bytes)
+        .map_err(ProcessorError::io(
+            "truncating output to the checkpoint",
+            output,
+        ))?;
+    sink.seek(SeekFrom::End(0))
+        .map_err(ProcessorError::io("seeking output", output))?;
+    source
+        .seek(SeekFrom::Start(start.byte_offset))
+        .map_err(ProcessorError::io("seeking input", input))?;
     Ok(sink)
 }
 

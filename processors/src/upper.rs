@@ -42,20 +42,22 @@ impl ChunkTransform for Upper {
                 emit: Emit::Chunk,
             });
         }
-        let valid = match std::str::from_utf8(chunk) {
-            Ok(text) => text,
-            // A character cut by the end of the read buffer: take what is whole, the rest comes
-            // back with the next read.
-            Err(err) if err.error_len().is_none() && !eof => {
-                std::str::from_utf8(&chunk[..err.valid_up_to()]).expect("valid_up_to is a char boundary")
-            }
-            Err(err) => {
-                return Err(DataError {
+        let valid =
+            match std::str::from_utf8(chunk) {
+                Ok(text) => text,
+                // A character cut by the end of the read buffer: take what is whole, the rest comes
+                // back with the next read.
+                Err(err) if err.error_len().is_none() && !eof => {
+                    std::str::from_utf8(&chunk[..err.valid_up_to()])
+                        .expect("valid_up_to is a char boundary")
+                }
+                Err(err) => return Err(DataError {
                     offset_in_chunk: err.valid_up_to(),
-                    message: "invalid UTF-8 (use `\"params\": {\"mode\": \"ascii\"}` for non-UTF-8 data)".into(),
-                })
-            }
-        };
+                    message:
+                        "invalid UTF-8 (use `\"params\": {\"mode\": \"ascii\"}` for non-UTF-8 data)"
+                            .into(),
+                }),
+            };
         out.extend_from_slice(valid.to_uppercase().as_bytes());
         Ok(Step {
             consumed: valid.len(),
@@ -91,7 +93,11 @@ mod tests {
         ];
         for (input, expected) in cases {
             let (out, consumed) = upper(Mode::Unicode, input.as_bytes(), true).unwrap();
-            assert_eq!(String::from_utf8(out).unwrap(), *expected, "input {input:?}");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                *expected,
+                "input {input:?}"
+            );
             assert_eq!(consumed, input.len());
         }
     }

@@ -489,8 +489,8 @@ impl Validator {
                 let mut files = BTreeSet::new();
                 for (j, arg) in argv.iter().enumerate() {
                     let names_file = j == 0 && arg.contains('/');
-                    match normalize(arg) {
-                        Ok(rel) if !rel.is_empty() && self.root.join(&rel).is_file() => {
+                    match processor_path(arg) {
+                        Some(rel) if self.root.join(&rel).is_file() => {
                             files.insert(rel);
                         }
                         _ if names_file => self.error(
@@ -503,21 +503,15 @@ impl Validator {
                     }
                 }
                 for (j, file) in raw.files.iter().enumerate() {
-                    match normalize(file) {
-                        Ok(rel) if !rel.is_empty() && self.root.join(&rel).exists() => {
+                    match processor_path(file) {
+                        Some(rel) if self.root.join(&rel).exists() => {
                             files.insert(rel);
                         }
-                        Ok(_) => self.error(
+                        _ => self.error(
                             &at(&format!("/files/{j}")),
                             format!("processor file `{file}` does not exist"),
                             "no such file",
                             Some("paths are relative to the Pipefile's folder".into()),
-                        ),
-                        Err(why) => self.error(
-                            &at(&format!("/files/{j}")),
-                            format!("invalid processor file `{file}`: {why}"),
-                            "here",
-                            None,
                         ),
                     }
                 }
@@ -665,6 +659,33 @@ pub fn normalize(path: &str) -> Result<String, &'static str> {
     Ok(parts.join("/"))
 }
 
+/// Normalises a processor file path lexically. Unlike data paths, processor files may live outside
+/// the project (a shared script folder, an absolute path): they are fingerprinted by content under
+/// the path as written, so moving the project does not change their key. `None` for an empty path.
+pub fn processor_path(path: &str) -> Option<String> {
+    let absolute = path.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|p| *p != "..") => {
+                parts.pop();
+            }
+            ".." if absolute => {}
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    let joined = parts.join("/");
+    Some(if absolute {
+        format!("/{joined}")
+    } else {
+        joined
+    })
+}
+
 /// Parses an input: a glob if it has glob syntax, else a path.
 fn parse_input(input: &str) -> Result<Input, String> {
     if !input.contains(['*', '?', '[', '{']) {
@@ -730,6 +751,24 @@ mod tests {
         assert!(normalize("../x").is_err());
         assert!(normalize("/etc").is_err());
         assert!(normalize("").is_err());
+    }
+
+    #[test]
+    fn processor_paths_may_leave_the_project() {
+        assert_eq!(
+            processor_path("./tools/p.py").as_deref(),
+            Some("tools/p.py")
+        );
+        assert_eq!(
+            processor_path("../../processors/python/p.py").as_deref(),
+            Some("../../processors/python/p.py")
+        );
+        assert_eq!(processor_path("a/../../b").as_deref(), Some("../b"));
+        assert_eq!(
+            processor_path("/opt/x/../y.py").as_deref(),
+            Some("/opt/y.py")
+        );
+        assert_eq!(processor_path("."), None);
     }
 
     #[test]

@@ -28,9 +28,18 @@ impl Fixture {
 
     fn vars(&self) -> HashMap<String, String> {
         let mut vars = HashMap::new();
-        vars.insert("PIPELINE_INPUTS".into(), serde_json::to_string(&self.inputs).unwrap());
-        vars.insert("PIPELINE_INPUT_ROOT".into(), self.dir.path().join("in").display().to_string());
-        vars.insert("PIPELINE_OUTPUT_DIR".into(), self.dir.path().join("out").display().to_string());
+        vars.insert(
+            "PIPELINE_INPUTS".into(),
+            serde_json::to_string(&self.inputs).unwrap(),
+        );
+        vars.insert(
+            "PIPELINE_INPUT_ROOT".into(),
+            self.dir.path().join("in").display().to_string(),
+        );
+        vars.insert(
+            "PIPELINE_OUTPUT_DIR".into(),
+            self.dir.path().join("out").display().to_string(),
+        );
         vars.insert("PIPELINE_STAGE".into(), "test".into());
         vars
     }
@@ -47,13 +56,19 @@ impl Fixture {
         transform: &mut T,
     ) -> (Result<Summary, ProcessorError>, Vec<Checkpoint>) {
         let (reader, writer) = rustix::pipe::pipe().unwrap();
-        vars.insert("PIPELINE_PROGRESS_FD".into(), writer.into_raw_fd().to_string());
+        vars.insert(
+            "PIPELINE_PROGRESS_FD".into(),
+            writer.into_raw_fd().to_string(),
+        );
         let mut ctx = Context::from_vars(|k| vars.get(k).cloned()).unwrap();
         let result = run(&mut ctx, transform);
         drop(ctx);
         let mut text = String::new();
         File::from(reader).read_to_string(&mut text).unwrap();
-        let checkpoints = text.lines().map(|l| Checkpoint::parse(l).unwrap()).collect();
+        let checkpoints = text
+            .lines()
+            .map(|l| Checkpoint::parse(l).unwrap())
+            .collect();
         (result, checkpoints)
     }
 }
@@ -76,8 +91,18 @@ fn copies_inputs_to_mirrored_paths_with_a_final_checkpoint_each() {
     assert_eq!(
         cps,
         vec![
-            Checkpoint { input_index: 0, line_offset: 2, byte_offset: 8, output_bytes: 8 },
-            Checkpoint { input_index: 1, line_offset: 1, byte_offset: 5, output_bytes: 5 },
+            Checkpoint {
+                input_index: 0,
+                line_offset: 2,
+                byte_offset: 8,
+                output_bytes: 8
+            },
+            Checkpoint {
+                input_index: 1,
+                line_offset: 1,
+                byte_offset: 5,
+                output_bytes: 5
+            },
         ]
     );
 }
@@ -87,8 +112,16 @@ fn every_lines_cadence_checkpoints_exactly_on_its_lines() {
     let data = lines(1000, 6);
     let fx = Fixture::new(&[("big.txt", &data)]);
     let mut vars = fx.vars();
-    vars.insert("PIPELINE_CHECKPOINT".into(), r#"{"everyLines": 100}"#.into());
-    let (summary, cps) = fx.run_with(vars, &mut Upper { mode: Mode::Unicode });
+    vars.insert(
+        "PIPELINE_CHECKPOINT".into(),
+        r#"{"everyLines": 100}"#.into(),
+    );
+    let (summary, cps) = fx.run_with(
+        vars,
+        &mut Upper {
+            mode: Mode::Unicode,
+        },
+    );
     summary.unwrap();
     let offsets: Vec<u64> = cps.iter().map(|c| c.line_offset).collect();
     let mut expected: Vec<u64> = (1..=10).map(|i| i * 100).collect();
@@ -96,7 +129,10 @@ fn every_lines_cadence_checkpoints_exactly_on_its_lines() {
     assert_eq!(offsets, expected);
     for cp in &cps {
         let consumed = &data[..cp.byte_offset as usize];
-        assert_eq!(memchr::memchr_iter(b'\n', consumed).count() as u64, cp.line_offset);
+        assert_eq!(
+            memchr::memchr_iter(b'\n', consumed).count() as u64,
+            cp.line_offset
+        );
         let expected_out = String::from_utf8(consumed.to_vec()).unwrap().to_uppercase();
         assert_eq!(cp.output_bytes, expected_out.len() as u64);
     }
@@ -109,16 +145,31 @@ fn resume_from_every_checkpoint_gives_identical_output() {
     let files: Vec<(String, Vec<u8>)> = vec![
         ("a.txt".into(), lines(300, 4)),
         ("b/c.txt".into(), lines(450, 5)),
-        ("d.txt".into(), "no newline at the end: ß".as_bytes().to_vec()),
+        (
+            "d.txt".into(),
+            "no newline at the end: ß".as_bytes().to_vec(),
+        ),
     ];
-    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
     let fx = Fixture::new(&refs);
     let mut vars = fx.vars();
     vars.insert("PIPELINE_CHECKPOINT".into(), r#"{"everyLines": 37}"#.into());
-    let (summary, cps) = fx.run_with(vars.clone(), &mut Upper { mode: Mode::Unicode });
+    let (summary, cps) = fx.run_with(
+        vars.clone(),
+        &mut Upper {
+            mode: Mode::Unicode,
+        },
+    );
     summary.unwrap();
     let golden: Vec<Vec<u8>> = files.iter().map(|(n, _)| fx.output(n)).collect();
-    assert!(cps.len() > 15, "expected many checkpoints, got {}", cps.len());
+    assert!(
+        cps.len() > 15,
+        "expected many checkpoints, got {}",
+        cps.len()
+    );
 
     for cp in &cps {
         // Damage what was not durable: the current output gets garbage past the checkpoint, later
@@ -135,10 +186,19 @@ fn resume_from_every_checkpoint_gives_identical_output() {
         }
         let mut resume_vars = vars.clone();
         resume_vars.insert("PIPELINE_RESUME".into(), serde_json::to_string(cp).unwrap());
-        let (summary, _) = fx.run_with(resume_vars, &mut Upper { mode: Mode::Unicode });
+        let (summary, _) = fx.run_with(
+            resume_vars,
+            &mut Upper {
+                mode: Mode::Unicode,
+            },
+        );
         summary.unwrap();
         for (i, (name, _)) in files.iter().enumerate() {
-            assert_eq!(fx.output(name), golden[i], "resume from {cp:?}: {name} differs");
+            assert_eq!(
+                fx.output(name),
+                golden[i],
+                "resume from {cp:?}: {name} differs"
+            );
         }
     }
 }
@@ -155,7 +215,10 @@ fn resume_with_an_output_shorter_than_the_checkpoint_is_a_data_error() {
     let (result, _) = fx.run_with(vars, &mut Upper { mode: Mode::Ascii });
     let err = result.unwrap_err();
     assert_eq!(err.exit_code(), EXIT_DATA);
-    assert!(err.to_string().contains("shorter than the checkpoint"), "{err}");
+    assert!(
+        err.to_string().contains("shorter than the checkpoint"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -178,11 +241,19 @@ fn invalid_utf8_names_the_file_and_absolute_offset() {
     let bad_at = data.len() + 4;
     data.extend_from_slice(b"bad \xff\n");
     let fx = Fixture::new(&[("x.txt", &data)]);
-    let (result, _) = fx.run_with(fx.vars(), &mut Upper { mode: Mode::Unicode });
+    let (result, _) = fx.run_with(
+        fx.vars(),
+        &mut Upper {
+            mode: Mode::Unicode,
+        },
+    );
     let err = result.unwrap_err();
     assert_eq!(err.exit_code(), EXIT_DATA);
     let text = err.to_string();
-    assert!(text.contains("x.txt") && text.contains(&format!("byte offset {bad_at}")), "{text}");
+    assert!(
+        text.contains("x.txt") && text.contains(&format!("byte offset {bad_at}")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -190,7 +261,12 @@ fn lines_longer_than_the_read_buffer_stream_through() {
     let mut data = "é".repeat(CHUNK_BYTES).into_bytes(); // 2 MiB, no newline, chars cut at 1 MiB edges
     data.extend_from_slice("\nend ß".as_bytes());
     let fx = Fixture::new(&[("long.txt", &data)]);
-    let (summary, _) = fx.run_with(fx.vars(), &mut Upper { mode: Mode::Unicode });
+    let (summary, _) = fx.run_with(
+        fx.vars(),
+        &mut Upper {
+            mode: Mode::Unicode,
+        },
+    );
     summary.unwrap();
     let expected = String::from_utf8(data).unwrap().to_uppercase();
     assert_eq!(fx.output("long.txt"), expected.as_bytes());
@@ -200,11 +276,19 @@ fn lines_longer_than_the_read_buffer_stream_through() {
 fn context_errors_say_what_is_wrong() {
     let fx = Fixture::new(&[("a.txt", b"x")]);
     let cases: &[(&str, Option<&str>, &str)] = &[
-        ("PIPELINE_OUTPUT_DIR", None, "PIPELINE_OUTPUT_DIR is not set"),
+        (
+            "PIPELINE_OUTPUT_DIR",
+            None,
+            "PIPELINE_OUTPUT_DIR is not set",
+        ),
         ("PIPELINE_PARAMS", Some("[1]"), "must be a JSON object"),
         ("PIPELINE_PARAMS", Some("{"), "not valid JSON"),
         ("PIPELINE_RESUME", Some("{}"), "not a valid checkpoint"),
-        ("PIPELINE_CHECKPOINT", Some(r#"{"everyLine": 3}"#), "not a valid cadence"),
+        (
+            "PIPELINE_CHECKPOINT",
+            Some(r#"{"everyLine": 3}"#),
+            "not a valid cadence",
+        ),
         ("PIPELINE_PROGRESS_FD", Some("x"), "file descriptor number"),
         ("PIPELINE_PROGRESS_FD", Some("1"), "above 2"),
         ("PIPE_FAULT", Some("crash"), "crash-after-lines:N"),
@@ -218,7 +302,10 @@ fn context_errors_say_what_is_wrong() {
         };
         let err = Context::from_vars(|k| vars.get(k).cloned()).unwrap_err();
         assert_eq!(err.exit_code(), EXIT_USAGE);
-        assert!(err.to_string().contains(expected), "{name}={value:?}: {err}");
+        assert!(
+            err.to_string().contains(expected),
+            "{name}={value:?}: {err}"
+        );
     }
 }
 
