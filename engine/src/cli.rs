@@ -361,7 +361,7 @@ fn load(file: &std::path::Path, out: &Output) -> Result<(Spec, Graph), u8> {
     match Graph::compile(&spec) {
         Ok(graph) => Ok((spec, graph)),
         Err(err) => {
-            out.spec_errors(&[err]);
+            out.spec_errors(&[*err]);
             Err(EXIT_INVALID)
         }
     }

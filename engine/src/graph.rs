@@ -32,7 +32,7 @@ pub struct Graph {
 
 impl Graph {
     /// Compiles `spec`; a cycle is a located error naming the whole cycle.
-    pub fn compile(spec: &Spec) -> Result<Graph, SpecError> {
+    pub fn compile(spec: &Spec) -> Result<Graph, Box<SpecError>> {
         let mut dag = DiGraph::new();
         let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| dag.add_node(i)).collect();
         for (b, stage) in spec.stages.iter().enumerate() {
@@ -70,12 +70,12 @@ impl Graph {
                 } else {
                     format!("dependency cycle: {}", names.join(" → "))
                 };
-                Err(spec.error_at(
+                Err(Box::new(spec.error_at(
                     &format!("/stages/{first}/name"),
                     message,
                     "part of the cycle",
                     Some("a stage may only read folders produced by stages that do not (indirectly) read its own output".into()),
-                ))
+                )))
             }
         }
     }
