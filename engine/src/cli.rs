@@ -32,7 +32,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// pipe: an offline, incremental, resumable task-graph engine for batch file processing.
 #[derive(Debug, Parser)]
-#[command(name = "pipe", version = VERSION_TEXT, args_conflicts_with_subcommands = true, disable_help_subcommand = true)]
+#[command(name = "pipe", version = VERSION_TEXT, disable_help_subcommand = true)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -40,7 +40,33 @@ pub struct Cli {
     global: GlobalArgs,
     /// Without a subcommand, `pipe [--run-id ID] ...` builds (the seed's spelling).
     #[command(flatten)]
-    build: BuildArgs,
+    seed: SeedArgs,
+}
+
+/// The build flags accepted without a subcommand (`pipe --pipeline pipeline.json --run-id demo1`).
+#[derive(Debug, Args, Default)]
+struct SeedArgs {
+    /// Print what would run and why; write nothing
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Name this run (default: timestamp + random suffix); a used id is refused
+    #[arg(long, value_name = "ID")]
+    run_id: Option<String>,
+    /// Run stages not downstream of a failure
+    #[arg(short, long)]
+    keep_going: bool,
+}
+
+impl From<SeedArgs> for BuildArgs {
+    fn from(seed: SeedArgs) -> BuildArgs {
+        BuildArgs {
+            stages: Vec::new(),
+            dry_run: seed.dry_run,
+            run_id: seed.run_id,
+            keep_going: seed.keep_going,
+            wait_lock: None,
+        }
+    }
 }
 
 /// `pipe --version`: the release and the fingerprint schema it writes.
@@ -284,7 +310,21 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> u8 {
     let out = Output::new(&cli.global);
-    let command = cli.command.unwrap_or(Command::Build(cli.build));
+    let seed_given = cli.seed.dry_run || cli.seed.keep_going || cli.seed.run_id.is_some();
+    let command = match cli.command {
+        None => Command::Build(cli.seed.into()),
+        Some(Command::Build(mut args)) => {
+            args.dry_run |= cli.seed.dry_run;
+            args.keep_going |= cli.seed.keep_going;
+            args.run_id = args.run_id.or(cli.seed.run_id);
+            Command::Build(args)
+        }
+        Some(_) if seed_given => {
+            out.error("`--run-id`, `--dry-run` and `--keep-going` go with `pipe build`");
+            return EXIT_INVALID;
+        }
+        Some(other) => other,
+    };
     match command {
         Command::Schema => {
             out.stdout(crate::spec::raw::json_schema().trim_end());
