@@ -813,3 +813,33 @@ def test_missing_input_file_is_fatal_and_named(tmp_path, capsys):
     assert stage_copy.main(env) == 1
     err = capsys.readouterr().err
     assert err.startswith("pipe_sdk: ") and "gone.txt" in err
+
+
+# --- failpoints (shared names with the Rust SDK; the crash sweep arms them through the engine) ---
+
+
+def test_failpoint_kills_at_the_kth_hit_and_reports_it(tmp_path):
+    """A real subprocess: armed `sdk.after-output-fsync:2` SIGKILLs at the second checkpoint and
+    names itself in the fired log; unarmed names and earlier hits do nothing."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import pipe_sdk\n"
+        "for i in range(3):\n"
+        "    pipe_sdk._failpoint('sdk.after-output-write')\n"
+        "    pipe_sdk._failpoint('sdk.after-output-fsync')\n"
+        "    print(i, flush=True)\n"
+    )
+    fired = tmp_path / "fired.log"
+    env = dict(os.environ, PIPE_FAILPOINT="sdk.after-output-fsync:2", PIPE_FAILPOINT_FIRED=str(fired))
+    proc = subprocess.run([sys.executable, "-c", script, str(PY_DIR)], env=env, capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert proc.stdout.decode().split() == ["0"]
+    assert fired.read_text() == "sdk.after-output-fsync:2\n"
+
+
+def test_failpoint_unarmed_or_malformed_never_fires():
+    pipe_sdk._FAILPOINT_STATE.clear()
+    try:
+        pipe_sdk._failpoint("sdk.after-output-write", env={"PIPE_FAILPOINT": "sdk.after-output-write:x"})
+        pipe_sdk._failpoint("sdk.after-output-write")
+    finally:
+        pipe_sdk._FAILPOINT_STATE.clear()

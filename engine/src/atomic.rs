@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
 
+use pipe_processors::failpoint;
 use serde::Serialize;
 
 /// Writes `bytes` to `path` atomically and durably.
@@ -28,10 +29,15 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let result = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;
+        failpoint::hit("atomic.after-tmp-write");
         file.sync_all()?;
+        failpoint::hit("atomic.after-tmp-fsync");
         drop(file);
         std::fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        failpoint::hit("atomic.after-rename");
+        sync_dir(dir)?;
+        failpoint::hit("atomic.after-dir-fsync");
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

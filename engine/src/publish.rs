@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use pipe_processors::failpoint;
 use walkdir::WalkDir;
 
 use crate::atomic;
@@ -44,6 +45,7 @@ pub fn publish(p: &Publication<'_>, cache: &mut StatCache) -> io::Result<Marker>
     }
     if atomic::remove_if_exists(p.marker_path)? {
         atomic::sync_dir(p.output_dir)?;
+        failpoint::hit("publish.after-old-marker-removed");
     }
     let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::from([p.output_dir.to_path_buf()]);
     for ((rel, abs), entry) in staged.iter().zip(&outputs) {
@@ -54,6 +56,7 @@ pub fn publish(p: &Publication<'_>, cache: &mut StatCache) -> io::Result<Marker>
             std::fs::remove_dir_all(&dest)?;
         }
         std::fs::rename(abs, &dest)?;
+        failpoint::hit("publish.after-output-rename");
         touched_dirs.insert(parent.to_path_buf());
         cache.remember(&dest, &entry.blake3)?;
     }
@@ -70,7 +73,9 @@ pub fn publish(p: &Publication<'_>, cache: &mut StatCache) -> io::Result<Marker>
     for dir in touched_dirs.iter().filter(|d| d.is_dir()) {
         atomic::sync_dir(dir)?;
     }
+    failpoint::hit("publish.after-outputs-synced");
     std::fs::remove_dir_all(p.staging)?;
+    failpoint::hit("publish.after-staging-removed");
     let marker = Marker {
         version: MARKER_VERSION,
         stage: p.stage.to_string(),
@@ -81,6 +86,7 @@ pub fn publish(p: &Publication<'_>, cache: &mut StatCache) -> io::Result<Marker>
         ingredients: p.ingredients.clone(),
     };
     atomic::write_json(p.marker_path, &marker)?;
+    failpoint::hit("publish.after-marker");
     Ok(marker)
 }
 

@@ -343,6 +343,7 @@ class _Attempt:
                 f"invalid UTF-8 in {self.path} at byte offset {self.pos + err.start} (line {line}): {err.reason}"
             ) from None
         self.out.write(data)
+        _failpoint("sdk.after-output-write")
         self.pos += len(piece)
 
     def _at_line_boundary(self) -> None:
@@ -355,13 +356,17 @@ class _Attempt:
     def _checkpoint(self) -> None:
         """Make the output durable, and only then tell the engine how far it goes."""
         self.out.flush()
+        _failpoint("sdk.after-output-flush")
         os.fsync(self.out.fileno())
+        _failpoint("sdk.after-output-fsync")
         for folder in self.unsynced_dirs:
             _fsync_dir(folder)
+            _failpoint("sdk.after-dir-fsync")
         self.unsynced_dirs = []
         if self.context.progress_fd is not None:
             line = Checkpoint(self.index, self.lines, self.pos, self.out.tell()).to_line()
             os.write(self.context.progress_fd, line)  # < PIPE_BUF bytes: one atomic write
+            _failpoint("sdk.after-checkpoint-sent")
         self.last_sent = (self.index, self.pos)
         self._reset_cadence()
 
@@ -370,6 +375,30 @@ class _Attempt:
         self.checkpoint_line = self.done + cadence.every_lines if cadence.every_lines else _NEVER
         self.checkpoint_byte = self.pos + cadence.every_bytes if cadence.every_bytes else _NEVER
         self.deadline = time.monotonic() + cadence.every_seconds if cadence.every_seconds else math.inf
+
+
+_FAILPOINT_STATE: dict[str, Any] = {}
+
+
+def _failpoint(name: str, env: Mapping[str, str] | None = None) -> None:
+    """A named crash point at a durability step (`PIPE_FAILPOINT=NAME:K`: SIGKILL at the K-th hit
+    in this process), shared with the Rust SDK and engine for the crash-consistency sweep. When
+    `PIPE_FAILPOINT_FIRED` names a file, `NAME:K` is appended to it first."""
+    state = _FAILPOINT_STATE
+    if "name" not in state:
+        spec = (os.environ if env is None else env).get("PIPE_FAILPOINT", "")
+        target, _, at = spec.rpartition(":")
+        state.update(name=target if at.isdigit() else None, at=int(at) if at.isdigit() else 0, hits=0)
+        state["fired"] = (os.environ if env is None else env).get("PIPE_FAILPOINT_FIRED")
+    if state["name"] != name:
+        return
+    state["hits"] += 1
+    if state["hits"] != state["at"]:
+        return
+    if state["fired"]:
+        with open(state["fired"], "a", encoding="utf-8") as log:
+            log.write(f"{name}:{state['hits']}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _after_nth_newline(data: bytes, start: int, stop: int, n: int) -> int:

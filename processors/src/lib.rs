@@ -12,5 +12,6 @@
 
 pub mod builtins;
 pub mod checkpoint;
+pub mod failpoint;
 pub mod sdk;
 pub mod upper;

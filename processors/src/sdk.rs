@@ -421,6 +421,7 @@ impl Runner {
             };
             sink.write_all(written)
                 .map_err(ProcessorError::io("writing output", output))?;
+            crate::failpoint::hit("sdk.after-output-write");
             pos.at.output_bytes += written.len() as u64;
             pos.at.byte_offset += step.consumed as u64;
             pos.at.line_offset += lines;
@@ -435,7 +436,7 @@ impl Runner {
             filled -= step.consumed;
             if let Some(Fault::CrashAfterLines(n)) = self.fault {
                 if self.lines_this_attempt >= n {
-                    crash_now();
+                    crate::failpoint::crash_now();
                 }
             }
             if on_boundary && self.checkpoint_due(&pos) {
@@ -493,9 +494,11 @@ impl Runner {
     ) -> Result<(), ProcessorError> {
         sink.sync_data()
             .map_err(ProcessorError::io("syncing output", output))?;
+        crate::failpoint::hit("sdk.after-output-fsync");
         if !pos.dir_synced {
             sync_dirs_up_to(output, &self.staging_root)?;
             pos.dir_synced = true;
+            crate::failpoint::hit("sdk.after-dir-fsync");
         }
         if let Some(progress) = &mut self.progress {
             progress
@@ -504,6 +507,7 @@ impl Runner {
                     "writing a checkpoint to",
                     Path::new("PIPELINE_PROGRESS_FD"),
                 ))?;
+            crate::failpoint::hit("sdk.after-checkpoint-sent");
         }
         self.summary.checkpoints += 1;
         pos.lines_since = 0;
@@ -598,12 +602,6 @@ fn sync_dirs_up_to(output: &Path, root: &Path) -> Result<(), ProcessorError> {
         dir = d.parent();
     }
     Ok(())
-}
-
-/// Dies the way a power cut or the OOM killer would: no unwinding, no buffers flushed.
-fn crash_now() -> ! {
-    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
-    std::process::abort()
 }
 
 #[cfg(test)]
