@@ -57,6 +57,36 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Whether `name` is a temporary file of [`write`] (`.NAME.tmp-PID`).
+pub fn is_temporary(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes temporaries that a process killed in the middle of [`write`] left in `dir` (and below
+/// it when `recursive`). Call only while holding the workspace lock, so no live writer owns them.
+pub fn sweep_temporaries(dir: &Path, recursive: bool) -> io::Result<usize> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() && recursive {
+            removed += sweep_temporaries(&entry.path(), true)?;
+        } else if kind.is_file() && is_temporary(&entry.file_name().to_string_lossy()) {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Removes a file if it exists; `Ok(true)` when something was removed.
 pub fn remove_if_exists(path: &Path) -> io::Result<bool> {
     match std::fs::remove_file(path) {
@@ -86,6 +116,31 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn stray_temporaries_are_recognised_and_swept() {
+        assert!(is_temporary(".run_x.json.tmp-1234"));
+        assert!(!is_temporary("run_x.json.tmp-1234"));
+        assert!(!is_temporary(".a.tmp-"));
+        assert!(!is_temporary(".a.tmp-12x"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        for name in [
+            ".a.json.tmp-1",
+            "sub/.b.json.tmp-22",
+            "keep.json",
+            ".hidden",
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(sweep_temporaries(dir.path(), false).unwrap(), 1);
+        assert_eq!(sweep_temporaries(dir.path(), true).unwrap(), 1);
+        assert!(dir.path().join("keep.json").exists() && dir.path().join(".hidden").exists());
+        assert_eq!(
+            sweep_temporaries(&dir.path().join("missing"), true).unwrap(),
+            0
+        );
     }
 
     #[test]

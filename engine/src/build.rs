@@ -21,7 +21,7 @@ use crate::graph::Graph;
 use crate::hashing::StatCache;
 use crate::lock::{self, Holder, LockError, Wait};
 use crate::plan::{self, Decision, Progress, StagePlan};
-use crate::publish::{self, Publication};
+use crate::publish::{self, Recovery};
 use crate::spec::{Processor, Spec, Stage};
 use crate::state::{
     self, AttemptRecord, Classification, Metrics, RunRecord, RunStage, RunStatus, StageMetrics,
@@ -115,11 +115,27 @@ pub fn build(
     if ws.run_file(&run_id).exists() {
         return Err(BuildError::RunIdUsed(run_id));
     }
+    ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;
+    let mut recovery_cache = StatCache::load(&ws.stat_cache_file());
+    for stage in &spec.stages {
+        match publish::recover(&ws.publish_target(stage), &mut recovery_cache)? {
+            Recovery::Nothing => {}
+            Recovery::Completed => report(&Event::Warning {
+                message: format!("completed the interrupted publish of `{}`", stage.name),
+            }),
+            Recovery::Abandoned(why) => report(&Event::Warning {
+                message: format!(
+                    "could not complete the interrupted publish of `{}` ({why}); it runs again",
+                    stage.name
+                ),
+            }),
+        }
+    }
     let mut b = Builder {
         spec,
         ws: ws.clone(),
         opts,
-        cache: StatCache::load(&ws.stat_cache_file()),
+        cache: recovery_cache,
         started: Instant::now(),
         run: RunRecord {
             version: state::STATE_VERSION,
@@ -486,20 +502,18 @@ impl Builder<'_> {
         };
         let mut status = final_status;
         if status == StageStatus::Succeeded {
-            let publication = Publication {
-                stage: &stage.name,
-                staging: &staging,
-                output_dir: &self.ws.output_dir(&stage.output_dir),
-                marker_path: &self.ws.marker_file(&stage.output_dir, &stage.name),
-                previous: plan.marker.as_ref(),
-                run_id: &self.run.run_id,
-                fingerprint: &fingerprint,
-                ingredients: plan.ingredients.as_ref().expect("decided"),
-            };
-            match publish::publish(&publication, &mut self.cache) {
+            let target = self.ws.publish_target(stage);
+            let ingredients = plan.ingredients.as_ref().expect("decided");
+            match publish::publish(
+                &target,
+                plan.marker.as_ref(),
+                &self.run.run_id,
+                &fingerprint,
+                ingredients,
+                &mut self.cache,
+            ) {
                 Ok(marker) => {
                     metrics.output_bytes = marker.outputs.iter().map(|o| o.size).sum();
-                    atomic::remove_if_exists(&self.ws.progress_file(&stage.name))?;
                     record.error = None;
                     if resumed_from_line.is_some() {
                         status = StageStatus::Resumed;

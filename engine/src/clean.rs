@@ -58,6 +58,7 @@ pub fn clean(
         started_at: state::now_rfc3339(),
     };
     let _lock = lock::acquire(&ws, &me, wait, |_| {})?;
+    ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;
     let mut cleaned = Cleaned::default();
     for i in indices {
         let stage = &spec.stages[i];
@@ -75,6 +76,27 @@ pub fn clean(
                     remove_empty_dirs(path.parent(), &out_dir);
                 }
             }
+        }
+        let journal_path = out_dir.join(crate::workspace::journal_name(&stage.name));
+        if let Some(journal) = std::fs::read(&journal_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::publish::Journal>(&b).ok())
+        {
+            for output in journal
+                .marker
+                .outputs
+                .iter()
+                .filter(|o| is_relative_inside(&o.path))
+            {
+                let path = out_dir.join(&output.path);
+                if atomic::remove_if_exists(&path)? {
+                    cleaned.files.push(ws.relative(&path));
+                    remove_empty_dirs(path.parent(), &out_dir);
+                }
+            }
+        }
+        if atomic::remove_if_exists(&journal_path)? {
+            cleaned.files.push(ws.relative(&journal_path));
         }
         if atomic::remove_if_exists(&marker_path)? {
             cleaned.files.push(ws.relative(&marker_path));

@@ -107,6 +107,8 @@ pub enum Reason {
     },
     /// Interrupted progress exists but no longer matches the stage (its inputs changed).
     StaleProgress,
+    /// A crash interrupted publishing the outputs; the next build completes it.
+    PublishInterrupted,
 }
 
 fn short(hash: &str) -> &str {
@@ -142,6 +144,9 @@ impl fmt::Display for Reason {
                 f,
                 "inputs changed since the interruption: restarting from zero"
             ),
+            Reason::PublishInterrupted => {
+                write!(f, "publishing was interrupted: the next build completes it")
+            }
         }
     }
 }

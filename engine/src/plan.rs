@@ -225,6 +225,13 @@ pub fn decide(
             r
         }
     };
+    if ws
+        .output_dir(&stage.output_dir)
+        .join(crate::workspace::journal_name(&stage.name))
+        .exists()
+    {
+        reasons = vec![Reason::PublishInterrupted];
+    }
     let decision = if reasons.is_empty() {
         Decision::Skip
     } else {

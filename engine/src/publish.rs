@@ -1,17 +1,23 @@
-//! Publishing a stage's outputs: staging folder → output folder, marker last.
+//! Publishing a stage's outputs: staging folder → output folder, marker last, crash-safe.
 //!
 //! **Architecture invariant:** a crash at any instant leaves either the previous complete outputs
-//! with their marker, or no marker at all (and then the stage reruns). The order that guarantees
-//! it: hash the staged files; remove the old marker (durably); move each staged file into place
-//! with a rename (same filesystem: the staging folder lives inside the output folder); remove
-//! outputs of the old marker that the new run did not produce; fsync the folders; write the new
-//! marker atomically.
+//! with their marker, or no marker at all; and an interrupted publish is completed by the next
+//! build (rolled forward) rather than redone.
+//!
+//! The order: hash the staged files into the marker-to-be; write it as a journal
+//! (`<outputDir>/.<stage>.publishing`, atomically); forget the stage's progress (its work is done);
+//! remove the old marker; move each staged file into place with a rename (same filesystem: the
+//! staging folder lives inside the output folder); remove outputs of the old marker that the new
+//! run did not produce; fsync the folders; remove the staging folder; write the marker; remove the
+//! journal. [`recover`] finishes the same steps from the journal after a crash: every journal
+//! output is either still staged or already in place with its recorded hash.
 
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use pipe_processors::failpoint;
+use serde::{Deserialize, Serialize};
 use walkdir::WalkDir;
 
 use crate::atomic;
@@ -19,75 +25,169 @@ use crate::fingerprint::Ingredients;
 use crate::hashing::{hash_file, StatCache};
 use crate::marker::{Marker, OutputEntry, MARKER_VERSION};
 
-/// What a publish needs to know.
-pub struct Publication<'a> {
-    pub stage: &'a str,
-    pub staging: &'a Path,
-    pub output_dir: &'a Path,
-    pub marker_path: &'a Path,
-    pub previous: Option<&'a Marker>,
-    pub run_id: &'a str,
-    pub fingerprint: &'a str,
-    pub ingredients: &'a Ingredients,
+/// Where one stage publishes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub stage: String,
+    pub staging: PathBuf,
+    pub output_dir: PathBuf,
+    pub marker: PathBuf,
+    pub journal: PathBuf,
+    pub progress: PathBuf,
+}
+
+/// A publish in progress: the marker to write and the outputs of the marker it replaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Journal {
+    pub marker: Marker,
+    pub previous_outputs: Vec<String>,
 }
 
 /// Publishes the staged outputs and writes the marker. Returns the marker written.
-pub fn publish(p: &Publication<'_>, cache: &mut StatCache) -> io::Result<Marker> {
-    let staged = staged_files(p.staging)?;
-    let mut outputs = Vec::with_capacity(staged.len());
-    for (rel, abs) in &staged {
-        let size = std::fs::metadata(abs)?.len();
+pub fn publish(
+    target: &Target,
+    previous: Option<&Marker>,
+    run_id: &str,
+    fingerprint: &str,
+    ingredients: &Ingredients,
+    cache: &mut StatCache,
+) -> io::Result<Marker> {
+    let mut outputs = Vec::new();
+    for (rel, abs) in staged_files(&target.staging)? {
+        let size = std::fs::metadata(&abs)?.len();
         outputs.push(OutputEntry {
-            path: rel.clone(),
+            path: rel,
             size,
-            blake3: hash_file(abs, size)?,
+            blake3: hash_file(&abs, size)?,
         });
     }
-    if atomic::remove_if_exists(p.marker_path)? {
-        atomic::sync_dir(p.output_dir)?;
+    let journal = Journal {
+        marker: Marker {
+            version: MARKER_VERSION,
+            stage: target.stage.clone(),
+            fingerprint: fingerprint.to_string(),
+            run_id: run_id.to_string(),
+            finished_at: crate::state::now_rfc3339(),
+            outputs,
+            ingredients: ingredients.clone(),
+        },
+        previous_outputs: previous
+            .map(|m| m.outputs.iter().map(|o| o.path.clone()).collect())
+            .unwrap_or_default(),
+    };
+    atomic::write_json(&target.journal, &journal)?;
+    failpoint::hit("publish.after-journal");
+    complete(target, &journal, cache)
+}
+
+/// What [`recover`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// No interrupted publish.
+    Nothing,
+    /// An interrupted publish was completed: the stage's marker is now written.
+    Completed,
+    /// An interrupted publish could not be completed (a staged or published file vanished or was
+    /// changed): the journal and any marker were removed, so the stage runs again.
+    Abandoned(String),
+}
+
+/// Completes a publish that a crash interrupted, if there is one.
+pub fn recover(target: &Target, cache: &mut StatCache) -> io::Result<Recovery> {
+    let bytes = match std::fs::read(&target.journal) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Recovery::Nothing),
+        Err(err) => return Err(err),
+    };
+    let outcome = match serde_json::from_slice::<Journal>(&bytes) {
+        Ok(journal) => match complete(target, &journal, cache) {
+            Ok(_) => return Ok(Recovery::Completed),
+            Err(err) if err.kind() == io::ErrorKind::InvalidData => err.to_string(),
+            Err(err) => return Err(err),
+        },
+        Err(err) => format!("unreadable publish journal: {err}"),
+    };
+    atomic::remove_if_exists(&target.marker)?;
+    atomic::remove_if_exists(&target.journal)?;
+    atomic::sync_dir(&target.output_dir)?;
+    Ok(Recovery::Abandoned(outcome))
+}
+
+/// Steps after the journal: idempotent, so a crash anywhere in them can be followed by a rerun.
+fn complete(target: &Target, journal: &Journal, cache: &mut StatCache) -> io::Result<Marker> {
+    let out = &target.output_dir;
+    if atomic::remove_if_exists(&target.progress)? {
+        failpoint::hit("publish.after-progress-removed");
+    }
+    if atomic::remove_if_exists(&target.marker)? {
+        atomic::sync_dir(out)?;
         failpoint::hit("publish.after-old-marker-removed");
     }
-    let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::from([p.output_dir.to_path_buf()]);
-    for ((rel, abs), entry) in staged.iter().zip(&outputs) {
-        let dest = p.output_dir.join(rel);
-        let parent = dest.parent().expect("an output has a folder");
-        std::fs::create_dir_all(parent)?;
-        if dest.is_dir() {
-            std::fs::remove_dir_all(&dest)?;
+    let mut touched: BTreeSet<PathBuf> = BTreeSet::from([out.to_path_buf()]);
+    for entry in &journal.marker.outputs {
+        if !is_relative_inside(&entry.path) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("journal names `{}` outside the output folder", entry.path),
+            ));
         }
-        std::fs::rename(abs, &dest)?;
-        failpoint::hit("publish.after-output-rename");
-        touched_dirs.insert(parent.to_path_buf());
+        let staged = target.staging.join(&entry.path);
+        let dest = out.join(&entry.path);
+        let parent = dest.parent().expect("an output has a folder");
+        if staged.is_file() {
+            std::fs::create_dir_all(parent)?;
+            if dest.is_dir() {
+                std::fs::remove_dir_all(&dest)?;
+            }
+            std::fs::rename(&staged, &dest)?;
+            failpoint::hit("publish.after-output-rename");
+        } else {
+            // Moved before the crash: it must be in place, unchanged.
+            let intact = dest.is_file()
+                && hash_file(&dest, std::fs::metadata(&dest)?.len())? == entry.blake3;
+            if !intact {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "output `{}` is neither staged nor published intact",
+                        entry.path
+                    ),
+                ));
+            }
+        }
+        touched.insert(parent.to_path_buf());
         cache.remember(&dest, &entry.blake3)?;
     }
-    let produced: BTreeSet<&str> = outputs.iter().map(|o| o.path.as_str()).collect();
-    for old in p.previous.map(|m| m.outputs.as_slice()).unwrap_or_default() {
-        if !produced.contains(old.path.as_str()) && is_relative_inside(&old.path) {
-            let path = p.output_dir.join(&old.path);
+    let produced: BTreeSet<&str> = journal
+        .marker
+        .outputs
+        .iter()
+        .map(|o| o.path.as_str())
+        .collect();
+    for old in &journal.previous_outputs {
+        if !produced.contains(old.as_str()) && is_relative_inside(old) {
+            let path = out.join(old);
             if atomic::remove_if_exists(&path)? {
-                touched_dirs.insert(path.parent().expect("has a folder").to_path_buf());
-                remove_empty_dirs(path.parent(), p.output_dir);
+                touched.insert(path.parent().expect("has a folder").to_path_buf());
+                remove_empty_dirs(path.parent(), out);
             }
         }
     }
-    for dir in touched_dirs.iter().filter(|d| d.is_dir()) {
+    for dir in touched.iter().filter(|d| d.is_dir()) {
         atomic::sync_dir(dir)?;
     }
     failpoint::hit("publish.after-outputs-synced");
-    std::fs::remove_dir_all(p.staging)?;
+    match std::fs::remove_dir_all(&target.staging) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
     failpoint::hit("publish.after-staging-removed");
-    let marker = Marker {
-        version: MARKER_VERSION,
-        stage: p.stage.to_string(),
-        fingerprint: p.fingerprint.to_string(),
-        run_id: p.run_id.to_string(),
-        finished_at: crate::state::now_rfc3339(),
-        outputs,
-        ingredients: p.ingredients.clone(),
-    };
-    atomic::write_json(p.marker_path, &marker)?;
+    atomic::write_json(&target.marker, &journal.marker)?;
     failpoint::hit("publish.after-marker");
-    Ok(marker)
+    atomic::remove_if_exists(&target.journal)?;
+    atomic::sync_dir(out)?;
+    Ok(journal.marker.clone())
 }
 
 /// Every regular file under `staging`, relative and `/`-separated, sorted.

@@ -72,6 +72,20 @@ impl Workspace {
         self.output_dir(output_dir).join(STAGING_DIR)
     }
 
+    /// Where `stage` publishes (staging, output folder, marker, journal, progress).
+    pub fn publish_target(&self, stage: &crate::spec::Stage) -> crate::publish::Target {
+        crate::publish::Target {
+            stage: stage.name.clone(),
+            staging: self.staging_dir(&stage.output_dir),
+            output_dir: self.output_dir(&stage.output_dir),
+            marker: self.marker_file(&stage.output_dir, &stage.name),
+            journal: self
+                .output_dir(&stage.output_dir)
+                .join(journal_name(&stage.name)),
+            progress: self.progress_file(&stage.name),
+        }
+    }
+
     /// `path` relative to the root, `/`-separated (paths outside the root are returned whole).
     pub fn relative(&self, path: &Path) -> String {
         let rel = path.strip_prefix(&self.root).unwrap_or(path);
@@ -87,7 +101,36 @@ pub fn marker_name(stage: &str) -> String {
     format!(".{stage}.done")
 }
 
-/// Whether a file name is one of pipe's own (a marker or a staging folder): never an input.
+/// The publish journal's file name for `stage`.
+pub fn journal_name(stage: &str) -> String {
+    format!(".{stage}.publishing")
+}
+
+/// Whether a file name is one of pipe's own (a marker, a publish journal, a staging folder, or a
+/// temporary file of an atomic write): never an input.
 pub fn is_pipe_internal(name: &str) -> bool {
-    name == STAGING_DIR || (name.starts_with('.') && name.ends_with(".done") && name.len() > 6)
+    let hidden_with = |suffix: &str| {
+        name.starts_with('.') && name.ends_with(suffix) && name.len() > suffix.len() + 1
+    };
+    name == STAGING_DIR
+        || hidden_with(".done")
+        || hidden_with(".publishing")
+        || crate::atomic::is_temporary(name)
+}
+
+impl Workspace {
+    /// Removes the temporaries of atomic writes interrupted by a crash (in `state/`, `locks/`,
+    /// `cache/` and the given output folders). Only under the workspace lock.
+    pub fn sweep_temporaries<'a>(
+        &self,
+        output_dirs: impl IntoIterator<Item = &'a str>,
+    ) -> std::io::Result<usize> {
+        let mut removed = crate::atomic::sweep_temporaries(&self.state_dir(), true)?;
+        removed += crate::atomic::sweep_temporaries(&self.locks_dir(), false)?;
+        removed += crate::atomic::sweep_temporaries(&self.cache_dir(), false)?;
+        for dir in output_dirs {
+            removed += crate::atomic::sweep_temporaries(&self.output_dir(dir), false)?;
+        }
+        Ok(removed)
+    }
 }
