@@ -247,6 +247,7 @@ class _Attempt:
         self.transform = transform
         self.crash_at = context.crash_after_lines or _NEVER
         self.done = 0
+        self.tallied = 0
         self.index = 0
         self.path = ""
         self.pos = 0
@@ -367,6 +368,11 @@ class _Attempt:
             line = Checkpoint(self.index, self.lines, self.pos, self.out.tell()).to_line()
             os.write(self.context.progress_fd, line)  # < PIPE_BUF bytes: one atomic write
             _failpoint("sdk.after-checkpoint-sent")
+        tally = os.environ.get("PIPE_LINE_TALLY")
+        if tally:  # test instrumentation: lines handled since the last checkpoint
+            with open(tally, "a", encoding="utf-8") as log:
+                log.write(f"{self.done - self.tallied}\n")
+            self.tallied = self.done
         self.last_sent = (self.index, self.pos)
         self._reset_cadence()
 

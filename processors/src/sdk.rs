@@ -108,6 +108,10 @@ pub struct Context {
     pub resume: Option<Checkpoint>,
     pub cadence: Cadence,
     pub fault: Option<Fault>,
+    /// Test instrumentation (`PIPE_LINE_TALLY`): a file to which each checkpoint appends the
+    /// number of lines handled since the previous one, so a test can add up the work done across
+    /// killed attempts.
+    pub line_tally: Option<PathBuf>,
     progress: Option<File>,
 }
 
@@ -199,6 +203,7 @@ impl Context {
             resume,
             cadence,
             fault: var("PIPE_FAULT").map(|f| Fault::parse(&f)).transpose()?,
+            line_tally: var("PIPE_LINE_TALLY").map(PathBuf::from),
             progress,
         })
     }
@@ -302,6 +307,8 @@ pub fn run<T: ChunkTransform>(
     let mut runner = Runner {
         cadence: ctx.cadence,
         fault: ctx.fault,
+        line_tally: ctx.line_tally.clone(),
+        untallied: 0,
         progress: ctx.progress.take(),
         staging_root: ctx.output_dir.clone(),
         summary: Summary::default(),
@@ -333,6 +340,8 @@ pub fn run<T: ChunkTransform>(
 struct Runner {
     cadence: Cadence,
     fault: Option<Fault>,
+    line_tally: Option<PathBuf>,
+    untallied: u64,
     progress: Option<File>,
     staging_root: PathBuf,
     summary: Summary,
@@ -431,6 +440,7 @@ impl Runner {
             self.summary.input_bytes += step.consumed as u64;
             self.summary.output_bytes += written.len() as u64;
             self.lines_this_attempt += lines;
+            self.untallied += lines;
             self.out.clear();
             self.buf.copy_within(step.consumed..filled, 0);
             filled -= step.consumed;
@@ -508,6 +518,16 @@ impl Runner {
                     Path::new("PIPELINE_PROGRESS_FD"),
                 ))?;
             crate::failpoint::hit("sdk.after-checkpoint-sent");
+        }
+        if let Some(tally) = &self.line_tally {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(tally)
+                .map_err(ProcessorError::io("opening the line tally", tally))?;
+            writeln!(file, "{}", self.untallied)
+                .map_err(ProcessorError::io("writing the line tally", tally))?;
+            self.untallied = 0;
         }
         self.summary.checkpoints += 1;
         pos.lines_since = 0;
