@@ -71,7 +71,14 @@ pub fn sweep_temporaries(dir: &Path, recursive: bool) -> io::Result<usize> {
     let mut removed = 0;
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(0)
+        }
         Err(err) => return Err(err),
     };
     for entry in entries {

@@ -191,7 +191,10 @@ pub fn build(
                 0,
             )
         } else {
-            b.run_stage(i, report)?
+            // An error of pipe's own (a state write, the staging folder) fails this stage, and the
+            // build stops with its records closed, rather than leaving them `running`.
+            b.run_stage(i, report)
+                .unwrap_or_else(|err| (StageStatus::Failed, err.to_string(), 0, 0))
         };
         match status {
             StageStatus::Failed if !opts.keep_going => stop = true,
@@ -301,12 +304,24 @@ impl Builder<'_> {
         let plan = match plan::decide(self.spec, &self.ws, i, &mut self.cache) {
             Ok(plan) => plan,
             Err(err) => {
-                return Ok((
-                    StageStatus::Failed,
-                    err.to_string(),
-                    0,
-                    started.elapsed().as_millis() as u64,
-                ))
+                let duration = started.elapsed().as_millis() as u64;
+                let now = state::now_rfc3339();
+                let record = StageRecord {
+                    version: state::STATE_VERSION,
+                    name: stage.name.clone(),
+                    status: StageStatus::Failed,
+                    fingerprint: String::new(),
+                    last_run_id: self.run.run_id.clone(),
+                    reason: "cannot be planned".into(),
+                    started_at: now.clone(),
+                    finished_at: Some(now),
+                    duration_ms: Some(duration),
+                    attempts: Vec::new(),
+                    resumed_from_line: None,
+                    error: Some(err.to_string()),
+                };
+                atomic::write_json(&self.ws.stage_file(&stage.name), &record)?;
+                return Ok((StageStatus::Failed, err.to_string(), 0, duration));
             }
         };
         for warning in &plan.warnings {

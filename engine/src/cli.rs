@@ -64,6 +64,7 @@ impl From<SeedArgs> for BuildArgs {
             dry_run: seed.dry_run,
             run_id: seed.run_id,
             keep_going: seed.keep_going,
+            jobs: None,
             wait_lock: None,
         }
     }
@@ -159,6 +160,9 @@ struct BuildArgs {
     /// Run stages not downstream of a failure
     #[arg(short, long)]
     keep_going: bool,
+    /// Run at most N stages at once [default: the CPU quota]
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: Option<u32>,
     /// Wait for the workspace lock (optionally at most SECONDS) instead of failing with exit 3
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, require_equals = true)]
     wait_lock: Option<Option<u64>>,

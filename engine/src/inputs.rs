@@ -26,6 +26,8 @@ pub struct ResolvedInputs {
 /// An input that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
+    #[error("input file name `{path}` is not valid UTF-8: pipe records paths in JSON and passes them to processors as JSON, so rename the file")]
+    NotUtf8 { path: String },
     #[error("input `{path}` does not exist")]
     Missing { path: String },
     #[error("cannot read input `{path}`: {source}")]
@@ -104,6 +106,11 @@ fn walk(
         })?;
         if !entry.file_type().is_file() {
             continue;
+        }
+        if entry.path().to_str().is_none() {
+            return Err(InputError::NotUtf8 {
+                path: entry.path().to_string_lossy().into_owned(),
+            });
         }
         let relative = entry
             .path()

@@ -313,6 +313,15 @@ impl Validator {
                 p
             }
             Ok(p) => {
+                let on_disk = self.root.join(&p);
+                if on_disk.exists() && !on_disk.is_dir() {
+                    self.error(
+                        &at("outputDir"),
+                        format!("the output folder `{p}` exists and is not a folder"),
+                        "not a folder",
+                        Some("move the file away or choose another output folder; pipe never overwrites it".into()),
+                    );
+                }
                 if let Some(r) = RESERVED_DIRS.iter().find(|r| overlaps(&p, r)) {
                     self.error(
                         &at("outputDir"),
