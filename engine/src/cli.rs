@@ -515,6 +515,7 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
         run_id: args.run_id,
         targets: args.stages,
         keep_going: args.keep_going,
+        jobs: args.jobs,
         wait_lock: wait_of(args.wait_lock),
         exe,
         interrupt,

@@ -140,6 +140,14 @@ impl StatCache {
         Ok(())
     }
 
+    /// Takes over the entries of another cache (e.g. hashes a worker recorded while publishing).
+    pub fn absorb(&mut self, other: StatCache) {
+        if !other.entries.is_empty() {
+            self.entries.extend(other.entries);
+            self.dirty = true;
+        }
+    }
+
     /// Drops entries of files that no longer exist (keeps the cache from growing forever).
     pub fn prune_missing(&mut self) {
         let before = self.entries.len();

@@ -4,9 +4,10 @@
 //! The modules follow the data flow of one build (see `ARCHITECTURE.md`):
 //!
 //! [`spec`] (load + validate the Pipefile) → [`graph`] (compile the DAG, no I/O) →
-//! [`plan`] (fingerprints and decisions with reasons) → [`lock`] → [`build`] (run stages in
-//! order through [`executor`], [`publish`] outputs, marker last) → [`state`] records, all written
-//! through [`atomic`].
+//! [`plan`] (fingerprints and decisions with reasons) → [`lock`] → [`build`] (the coordinator:
+//! [`scheduler`] admits ready stages under quotas, [`stage_job`] runs each on a worker through
+//! [`executor`] and [`publish`]es outputs, marker last) → [`state`] records, all written through
+//! [`atomic`].
 
 pub mod atomic;
 pub mod build;
@@ -24,7 +25,9 @@ pub mod plan;
 pub mod publish;
 pub mod retry;
 pub mod runid;
+pub mod scheduler;
 pub mod spec;
+pub mod stage_job;
 pub mod state;
 pub mod workspace;
 

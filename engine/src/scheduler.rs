@@ -1,0 +1,379 @@
+//! Admission of ready stages under CPU, memory, IO and job quotas: the pure core of the scheduler.
+//!
+//! **Architecture invariant:** no I/O and no processes. [`Scheduler`] only answers "which stage
+//! may start now?" and is told when stages finish; the build loop does the running. That keeps the
+//! rules testable with a fake runner (see the property test below): no stage starts before every
+//! stage it depends on has finished successfully, and the sum of running stages' resources never
+//! exceeds a quota. Ready stages are admitted in topological order with file order breaking ties;
+//! a ready stage that does not fit lets later ones that do fit start (backfilling), and since a
+//! stage that could never fit alone is rejected when the Pipefile is validated, nothing waits
+//! forever.
+
+use std::collections::BTreeSet;
+
+/// What one stage needs while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub io: u32,
+}
+
+/// What the whole build may use at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub cpus: u32,
+    /// `None`: unlimited.
+    pub memory_mb: Option<u64>,
+    pub io: u32,
+    /// Stages running at once (`-j`).
+    pub jobs: u32,
+}
+
+/// Where a stage is in the build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Waiting,
+    Running,
+    Succeeded,
+    /// Failed, or will never run (upstream failed, build stopped).
+    Failed,
+}
+
+/// The admission state of one build.
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    order: Vec<usize>,
+    upstream: Vec<Vec<usize>>,
+    needs: Vec<Need>,
+    capacity: Capacity,
+    phase: Vec<Phase>,
+    used: Need,
+    running: usize,
+    /// Cores handed to running stages (for CPU pinning), by stage.
+    cores: Vec<Vec<usize>>,
+    free_cores: BTreeSet<usize>,
+}
+
+impl Scheduler {
+    /// `order`: the stages to build in topological order; `upstream[i]`: stage i's direct
+    /// dependencies; `needs[i]`: its resources; `machine_cores`: cores available for pinning.
+    pub fn new(
+        order: Vec<usize>,
+        upstream: Vec<Vec<usize>>,
+        needs: Vec<Need>,
+        capacity: Capacity,
+        machine_cores: usize,
+    ) -> Scheduler {
+        let n = needs.len();
+        let selected: BTreeSet<usize> = order.iter().copied().collect();
+        // Dependencies outside the selection are not built here: they count as satisfied.
+        let upstream = upstream
+            .into_iter()
+            .map(|deps| deps.into_iter().filter(|d| selected.contains(d)).collect())
+            .collect();
+        Scheduler {
+            order,
+            upstream,
+            needs,
+            capacity,
+            phase: vec![Phase::Waiting; n],
+            used: Need {
+                cpus: 0,
+                memory_mb: 0,
+                io: 0,
+            },
+            running: 0,
+            cores: vec![Vec::new(); n],
+            free_cores: (0..machine_cores).collect(),
+        }
+    }
+
+    fn fits(&self, need: Need) -> bool {
+        self.running < self.capacity.jobs as usize
+            && self.used.cpus + need.cpus <= self.capacity.cpus
+            && self
+                .capacity
+                .memory_mb
+                .is_none_or(|cap| self.used.memory_mb + need.memory_mb <= cap)
+            && self.used.io + need.io <= self.capacity.io
+    }
+
+    /// Whether every dependency of `stage` succeeded.
+    pub fn ready(&self, stage: usize) -> bool {
+        self.phase[stage] == Phase::Waiting
+            && self.upstream[stage]
+                .iter()
+                .all(|&u| self.phase[u] == Phase::Succeeded)
+    }
+
+    /// The next stage that may start now, if any (it is not started until [`Scheduler::start`]).
+    pub fn next(&self) -> Option<usize> {
+        self.order
+            .iter()
+            .copied()
+            .find(|&i| self.ready(i) && self.fits(self.needs[i]))
+    }
+
+    /// Marks `stage` running and reserves its resources; returns the cores it may be pinned to.
+    pub fn start(&mut self, stage: usize) -> Vec<usize> {
+        assert!(
+            self.ready(stage) && self.fits(self.needs[stage]),
+            "stage {stage} started while not admissible"
+        );
+        let need = self.needs[stage];
+        self.phase[stage] = Phase::Running;
+        self.running += 1;
+        self.used.cpus += need.cpus;
+        self.used.memory_mb += need.memory_mb;
+        self.used.io += need.io;
+        let cores: Vec<usize> = self
+            .free_cores
+            .iter()
+            .copied()
+            .take(need.cpus as usize)
+            .collect();
+        for c in &cores {
+            self.free_cores.remove(c);
+        }
+        self.cores[stage] = cores.clone();
+        cores
+    }
+
+    /// Marks a stage that needed no running (skipped) as succeeded without reserving anything.
+    pub fn skip(&mut self, stage: usize) {
+        assert!(self.ready(stage), "stage {stage} skipped while not ready");
+        self.phase[stage] = Phase::Succeeded;
+    }
+
+    /// Marks `stage` finished and releases its resources.
+    pub fn finish(&mut self, stage: usize, succeeded: bool) {
+        if self.phase[stage] == Phase::Running {
+            let need = self.needs[stage];
+            self.running -= 1;
+            self.used.cpus -= need.cpus;
+            self.used.memory_mb -= need.memory_mb;
+            self.used.io -= need.io;
+            self.free_cores
+                .extend(std::mem::take(&mut self.cores[stage]));
+        }
+        self.phase[stage] = if succeeded {
+            Phase::Succeeded
+        } else {
+            Phase::Failed
+        };
+    }
+
+    /// Marks every waiting stage as never to run (after a failure without `--keep-going`, or an
+    /// interrupt); returns them in order.
+    pub fn abandon_waiting(&mut self) -> Vec<usize> {
+        let waiting: Vec<usize> = self
+            .order
+            .iter()
+            .copied()
+            .filter(|&i| self.phase[i] == Phase::Waiting)
+            .collect();
+        for &i in &waiting {
+            self.phase[i] = Phase::Failed;
+        }
+        waiting
+    }
+
+    /// Waiting stages that can never run because a dependency failed; marks them failed.
+    pub fn blocked(&mut self) -> Vec<(usize, usize)> {
+        let mut blocked = Vec::new();
+        for &i in &self.order {
+            if self.phase[i] != Phase::Waiting {
+                continue;
+            }
+            if let Some(&u) = self.upstream[i]
+                .iter()
+                .find(|&&u| self.phase[u] == Phase::Failed)
+            {
+                blocked.push((i, u));
+                self.phase[i] = Phase::Failed;
+            }
+        }
+        blocked
+    }
+
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    pub fn phase(&self, stage: usize) -> Phase {
+        self.phase[stage]
+    }
+
+    /// Resources in use now.
+    pub fn used(&self) -> Need {
+        self.used
+    }
+
+    /// Whether every stage has finished (or will never run).
+    pub fn done(&self) -> bool {
+        self.order
+            .iter()
+            .all(|&i| matches!(self.phase[i], Phase::Succeeded | Phase::Failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn need(cpus: u32, memory_mb: u64, io: u32) -> Need {
+        Need {
+            cpus,
+            memory_mb,
+            io,
+        }
+    }
+
+    fn capacity(cpus: u32, memory_mb: Option<u64>, io: u32, jobs: u32) -> Capacity {
+        Capacity {
+            cpus,
+            memory_mb,
+            io,
+            jobs,
+        }
+    }
+
+    #[test]
+    fn independent_stages_fill_the_cpu_quota_in_file_order() {
+        let mut s = Scheduler::new(
+            vec![0, 1, 2, 3],
+            vec![vec![]; 4],
+            vec![need(1, 0, 0); 4],
+            capacity(2, None, 2, 8),
+            2,
+        );
+        assert_eq!(s.next(), Some(0));
+        assert_eq!(s.start(0), vec![0]);
+        assert_eq!(s.next(), Some(1));
+        assert_eq!(s.start(1), vec![1]);
+        assert_eq!(s.next(), None, "the CPU quota is full");
+        s.finish(0, true);
+        assert_eq!(s.next(), Some(2));
+        assert_eq!(s.start(2), vec![0], "the freed core is reused");
+    }
+
+    #[test]
+    fn a_stage_waits_for_its_dependencies_and_a_failure_blocks_its_dependents() {
+        let mut s = Scheduler::new(
+            vec![0, 1, 2],
+            vec![vec![], vec![0], vec![]],
+            vec![need(1, 0, 0); 3],
+            capacity(4, None, 2, 4),
+            4,
+        );
+        assert_eq!(s.next(), Some(0));
+        s.start(0);
+        assert_eq!(s.next(), Some(2), "1 waits for 0");
+        s.start(2);
+        s.finish(0, false);
+        assert_eq!(s.blocked(), vec![(1, 0)]);
+        s.finish(2, true);
+        assert!(s.done());
+    }
+
+    #[test]
+    fn memory_and_io_and_jobs_bound_admission_and_later_stages_backfill() {
+        let needs = vec![
+            need(1, 700, 0),
+            need(1, 700, 1),
+            need(1, 200, 1),
+            need(1, 100, 1),
+        ];
+        let mut s = Scheduler::new(
+            vec![0, 1, 2, 3],
+            vec![vec![]; 4],
+            needs,
+            capacity(4, Some(1000), 1, 3),
+            4,
+        );
+        s.start(s.next().unwrap()); // 0: 700 MiB
+        assert_eq!(s.next(), Some(2), "1 does not fit in memory; 2 backfills");
+        s.start(2);
+        assert_eq!(s.next(), None, "3 needs the only IO slot, which 2 holds");
+        s.finish(2, true);
+        assert_eq!(s.next(), Some(3));
+    }
+
+    #[test]
+    fn dependencies_outside_the_selection_count_as_satisfied() {
+        let s = Scheduler::new(
+            vec![1],
+            vec![vec![], vec![0]],
+            vec![need(1, 0, 0); 2],
+            capacity(1, None, 1, 1),
+            1,
+        );
+        assert_eq!(s.next(), Some(1));
+    }
+
+    /// A random DAG (edges only from lower to higher index) with random needs that each fit alone.
+    fn dag_and_needs() -> impl Strategy<Value = (Vec<Vec<usize>>, Vec<Need>, Capacity, Vec<u8>)> {
+        (
+            1usize..12,
+            1u32..5,
+            proptest::option::of(100u64..2000),
+            1u32..4,
+            1u32..6,
+        )
+            .prop_flat_map(|(n, cpus, mem, io, jobs)| {
+                let edges =
+                    proptest::collection::vec(proptest::collection::vec(any::<bool>(), n), n);
+                let needs =
+                    proptest::collection::vec((1..=cpus, 0..=mem.unwrap_or(4000), 0..=io), n);
+                let choices = proptest::collection::vec(any::<u8>(), 4 * n);
+                (edges, needs, Just(capacity(cpus, mem, io, jobs)), choices).prop_map(
+                    move |(edges, needs, cap, choices)| {
+                        let upstream = (0..n)
+                            .map(|b| (0..b).filter(|&a| edges[a][b]).collect())
+                            .collect();
+                        let needs = needs.into_iter().map(|(c, m, i)| need(c, m, i)).collect();
+                        (upstream, needs, cap, choices)
+                    },
+                )
+            })
+    }
+
+    proptest! {
+        /// With a fake runner that finishes running stages in a random order (and fails some):
+        /// no stage starts before its dependencies succeeded, no quota is ever exceeded, and the
+        /// build always ends.
+        #[test]
+        fn quotas_and_dependencies_always_hold((upstream, needs, cap, choices) in dag_and_needs()) {
+            let n = needs.len();
+            let mut s = Scheduler::new((0..n).collect(), upstream.clone(), needs.clone(), cap, cap.cpus as usize);
+            let mut running: Vec<usize> = Vec::new();
+            let mut choice = choices.into_iter().cycle();
+            let mut steps = 0;
+            while !s.done() {
+                steps += 1;
+                prop_assert!(steps < 10 * n + 10, "the build does not end");
+                while let Some(i) = s.next() {
+                    for &u in &upstream[i] {
+                        prop_assert_eq!(s.phase(u), Phase::Succeeded, "stage {} started before {}", i, u);
+                    }
+                    let cores = s.start(i);
+                    prop_assert_eq!(cores.len(), needs[i].cpus as usize);
+                    running.push(i);
+                    let used = s.used();
+                    prop_assert!(used.cpus <= cap.cpus && used.io <= cap.io && s.running() <= cap.jobs as usize);
+                    prop_assert!(cap.memory_mb.is_none_or(|m| used.memory_mb <= m));
+                }
+                s.blocked();
+                if running.is_empty() {
+                    prop_assert!(s.done(), "nothing runs, nothing can start, but the build is not done");
+                    break;
+                }
+                let c = choice.next().unwrap() as usize;
+                let finished = running.remove(c % running.len());
+                s.finish(finished, !c.is_multiple_of(7));
+            }
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! One stage's run on a worker thread: attempts with retries and backoff, then publishing.
+//!
+//! A [`StageJob`] owns everything it needs (no borrows of the build), so the scheduler can hand it
+//! to a pool thread. It writes only the files that belong to its stage and that nobody else
+//! writes: the staging folder, `state/progress_<stage>.json`, the attempt logs and (through
+//! [`crate::publish`]) its outputs and marker. Everything else — stage and run records, metrics,
+//! console output, the stat cache — goes to the coordinator as [`JobMessage`]s, which is the
+//! single writer of shared state.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pipe_processors::checkpoint::Checkpoint;
+
+use crate::event::Event;
+use crate::executor::{self, Invocation, Outcome};
+use crate::hashing::StatCache;
+use crate::inputs::ResolvedInputs;
+use crate::marker::Marker;
+use crate::plan::{self, Progress};
+use crate::publish;
+use crate::spec::{Processor, RetryPolicy, Spec, Stage};
+use crate::state::{self, AttemptRecord, Classification, StageMetrics, StageRecord, StageStatus};
+use crate::workspace::Workspace;
+use crate::{atomic, retry};
+
+/// Above this size the input list goes to a file (`PIPELINE_INPUTS_FILE`).
+const MAX_INPUTS_ENV: usize = 64 * 1024;
+
+/// What a worker tells the coordinator.
+#[derive(Debug)]
+pub enum JobMessage {
+    /// Something to show the user.
+    Event(Event),
+    /// The stage record changed: write it.
+    Record(StageRecord),
+    /// The stage is done.
+    Done(usize, Box<JobResult>),
+}
+
+/// How a stage's run ended.
+#[derive(Debug)]
+pub struct JobResult {
+    pub status: StageStatus,
+    pub reason: String,
+    pub attempts: u32,
+    pub duration_ms: u64,
+    pub retries: u32,
+    pub metrics: StageMetrics,
+    /// Hashes of the files this job published, for the coordinator's stat cache.
+    pub hashes: StatCache,
+}
+
+/// Everything one stage's run needs, owned.
+#[derive(Debug)]
+pub struct StageJob {
+    pub index: usize,
+    pub stage: Stage,
+    pub root: PathBuf,
+    pub ws: Workspace,
+    pub run_id: String,
+    pub exe: PathBuf,
+    pub interrupt: Arc<AtomicBool>,
+    pub fingerprint: String,
+    pub ingredients: crate::fingerprint::Ingredients,
+    pub inputs: ResolvedInputs,
+    pub previous: Option<Marker>,
+    pub resume: Option<Checkpoint>,
+    pub record: StageRecord,
+    /// Cores the processor may be pinned to (empty: no pinning).
+    pub cores: Vec<usize>,
+}
+
+impl StageJob {
+    /// Builds the job for a stage the planner decided to run or resume.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        spec: &Spec,
+        ws: &Workspace,
+        index: usize,
+        plan: &plan::StagePlan,
+        run_id: &str,
+        exe: &Path,
+        interrupt: &Arc<AtomicBool>,
+        reason: String,
+    ) -> StageJob {
+        let stage = spec.stages[index].clone();
+        let fingerprint = plan
+            .fingerprint
+            .clone()
+            .expect("a decided stage has a fingerprint");
+        let resume = match &plan.decision {
+            plan::Decision::Resume { checkpoint, .. } => Some(*checkpoint),
+            _ => None,
+        };
+        let record = StageRecord {
+            version: state::STATE_VERSION,
+            name: stage.name.clone(),
+            status: StageStatus::Running,
+            fingerprint: fingerprint.clone(),
+            last_run_id: run_id.to_string(),
+            reason,
+            started_at: state::now_rfc3339(),
+            finished_at: None,
+            duration_ms: None,
+            attempts: Vec::new(),
+            resumed_from_line: resume.map(|c| c.line_offset),
+            error: None,
+        };
+        StageJob {
+            index,
+            stage,
+            root: spec.root.clone(),
+            ws: ws.clone(),
+            run_id: run_id.to_string(),
+            exe: exe.to_path_buf(),
+            interrupt: Arc::clone(interrupt),
+            fingerprint,
+            ingredients: plan.ingredients.clone().expect("decided"),
+            inputs: plan.inputs.clone().expect("decided"),
+            previous: plan.marker.clone(),
+            resume,
+            record,
+            cores: Vec::new(),
+        }
+    }
+
+    /// Runs the stage to its end and reports it; never panics on I/O errors (they fail the stage).
+    pub fn run(mut self, tx: &Sender<JobMessage>) {
+        let started = Instant::now();
+        let mut hashes = StatCache::default();
+        let mut metrics = StageMetrics {
+            input_bytes: self
+                .inputs
+                .files
+                .values()
+                .filter_map(|p| p.metadata().ok())
+                .map(|m| m.len())
+                .sum(),
+            ..StageMetrics::default()
+        };
+        let (status, attempts, retries) = match self.attempts(tx, &mut metrics, &mut hashes) {
+            Ok(done) => done,
+            Err(err) => {
+                self.record.error = Some(format!("pipe could not run the stage: {err}"));
+                (StageStatus::Failed, self.record.attempts.len() as u32, 0)
+            }
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        self.record.status = status;
+        self.record.finished_at = Some(state::now_rfc3339());
+        self.record.duration_ms = Some(duration_ms);
+        metrics.wall_ms = duration_ms;
+        metrics.attempts = attempts;
+        let reason = match (&self.record.error, status) {
+            (Some(err), StageStatus::Failed | StageStatus::Interrupted) => err.clone(),
+            _ => self.record.reason.clone(),
+        };
+        let _ = tx.send(JobMessage::Record(self.record.clone()));
+        let result = JobResult {
+            status,
+            reason,
+            attempts,
+            duration_ms,
+            retries,
+            metrics,
+            hashes,
+        };
+        let _ = tx.send(JobMessage::Done(self.index, Box::new(result)));
+    }
+
+    /// The attempt loop and the publish; returns (status, attempts, retries).
+    fn attempts(
+        &mut self,
+        tx: &Sender<JobMessage>,
+        metrics: &mut StageMetrics,
+        hashes: &mut StatCache,
+    ) -> io::Result<(StageStatus, u32, u32)> {
+        let target = self.ws.publish_target(&self.stage);
+        if self.resume.is_none() {
+            reset_staging(&target.staging, &target.progress)?;
+        }
+        let base_env = self.environment()?;
+        let policy = self.stage.retry.clone();
+        let name = self.stage.name.clone();
+        let mut lines_by_input: BTreeMap<u64, u64> = BTreeMap::new();
+        let (mut attempt, mut retries, mut delay) = (0u32, 0u32, 0u64);
+        let status =
+            loop {
+                attempt += 1;
+                if attempt > 1 {
+                    delay = retry::delay_ms(&policy, &self.run_id, &name, attempt);
+                    if !sleep_unless_interrupted(Duration::from_millis(delay), &self.interrupt) {
+                        break StageStatus::Interrupted;
+                    }
+                }
+                let _ = tx.send(JobMessage::Event(Event::StageStarted {
+                    stage: name.clone(),
+                    attempt,
+                }));
+                let log = self
+                    .ws
+                    .logs_dir(&self.run_id)
+                    .join(format!("{name}.attempt{attempt}.log"));
+                let mut env = base_env.clone();
+                env.push(("PIPELINE_ATTEMPT".into(), attempt.to_string().into()));
+                if let Some(cp) = self.resume {
+                    env.push((
+                        "PIPELINE_RESUME".into(),
+                        serde_json::to_string(&cp)
+                            .expect("checkpoint serialises")
+                            .into(),
+                    ));
+                }
+                let inv = Invocation {
+                    argv: self.argv(),
+                    env,
+                    cwd: self.root.clone(),
+                    log: log.clone(),
+                    timeout: policy.timeout,
+                };
+                let attempt_started = state::now_rfc3339();
+                let mut on_checkpoint = |cp: Checkpoint| -> io::Result<()> {
+                    let progress = Progress {
+                        stage: name.clone(),
+                        fingerprint: self.fingerprint.clone(),
+                        input_index: cp.input_index,
+                        line_offset: cp.line_offset,
+                        byte_offset: cp.byte_offset,
+                        output_bytes: cp.output_bytes,
+                        updated_at: state::now_rfc3339(),
+                    };
+                    atomic::write_json(&target.progress, &progress)?;
+                    lines_by_input.insert(cp.input_index, cp.line_offset);
+                    let _ = tx.send(JobMessage::Event(Event::Checkpoint {
+                        stage: name.clone(),
+                        input_index: cp.input_index,
+                        line_offset: cp.line_offset,
+                        byte_offset: cp.byte_offset,
+                    }));
+                    Ok(())
+                };
+                let outcome = executor::run(&inv, &self.interrupt, &mut on_checkpoint)
+                    .unwrap_or_else(|err| Outcome {
+                        protocol_error: Some(format!(
+                            "cannot start the processor `{}`: {err}",
+                            inv.argv[0].to_string_lossy()
+                        )),
+                        ..Outcome::default()
+                    });
+                metrics.cpu_user_ms += outcome.user_ms;
+                metrics.cpu_sys_ms += outcome.sys_ms;
+                metrics.max_rss_kb = metrics.max_rss_kb.max(outcome.max_rss_kb);
+                metrics.lines = lines_by_input.values().sum();
+                let classification = classify(&outcome, &policy);
+                let tail = executor::tail(&log, 20);
+                self.record.attempts.push(AttemptRecord {
+                    attempt,
+                    started_at: attempt_started,
+                    duration_ms: outcome.duration.as_millis() as u64,
+                    exit_code: outcome.exit_code,
+                    signal: outcome.signal,
+                    classification,
+                    delay_before_ms: delay,
+                    stderr_tail: tail.clone(),
+                    log: self.ws.relative(&log),
+                });
+                if classification == Classification::Ok {
+                    break StageStatus::Succeeded;
+                }
+                let message = failure_message(&outcome, classification, &tail);
+                self.record.error = Some(message.clone());
+                if classification == Classification::Interrupted {
+                    break StageStatus::Interrupted;
+                }
+                let retryable = classification == Classification::Retryable
+                    || (classification == Classification::Timeout && policy.retry_on_timeout);
+                let more = retryable && attempt < policy.max_attempts;
+                let retry_in_ms =
+                    more.then(|| retry::delay_ms(&policy, &self.run_id, &name, attempt + 1));
+                let _ = tx.send(JobMessage::Event(Event::AttemptFailed {
+                    stage: name.clone(),
+                    attempt,
+                    classification,
+                    message,
+                    retry_in_ms,
+                }));
+                let _ = tx.send(JobMessage::Record(self.record.clone()));
+                if !more {
+                    break StageStatus::Failed;
+                }
+                retries += 1;
+                // A retry resumes from the last durable checkpoint of this fingerprint.
+                self.resume = match plan::read_progress(&self.ws, &name) {
+                    Ok(Some(p)) if p.fingerprint == self.fingerprint => Some(p.checkpoint()),
+                    _ => {
+                        reset_staging(&target.staging, &target.progress)?;
+                        None
+                    }
+                };
+            };
+        if status != StageStatus::Succeeded {
+            return Ok((status, attempt, retries));
+        }
+        let marker = publish::publish(
+            &target,
+            self.previous.as_ref(),
+            &self.run_id,
+            &self.fingerprint,
+            &self.ingredients,
+            hashes,
+        )
+        .map_err(|err| io::Error::new(err.kind(), format!("publishing outputs failed: {err}")))?;
+        metrics.output_bytes = marker.outputs.iter().map(|o| o.size).sum();
+        self.record.error = None;
+        let status = if self.record.resumed_from_line.is_some() {
+            StageStatus::Resumed
+        } else {
+            StageStatus::Succeeded
+        };
+        Ok((status, attempt, retries))
+    }
+
+    fn argv(&self) -> Vec<OsString> {
+        match &self.stage.processor {
+            Processor::Builtin { name, .. } => {
+                vec![self.exe.clone().into(), "processor".into(), name.into()]
+            }
+            Processor::Command { argv, .. } => argv.iter().map(OsString::from).collect(),
+        }
+    }
+
+    /// The `PIPELINE_*` environment of the stage (without the per-attempt variables).
+    fn environment(&self) -> io::Result<Vec<(OsString, OsString)>> {
+        let stage = &self.stage;
+        let staging = self.ws.staging_dir(&stage.output_dir);
+        let paths: Vec<&PathBuf> = self.inputs.files.values().collect();
+        let list = serde_json::to_string(&paths).map_err(io::Error::other)?;
+        let cpus = stage.resources.cpus.to_string();
+        let mut env: Vec<(OsString, OsString)> = vec![
+            ("PIPELINE_RUN_ID".into(), self.run_id.clone().into()),
+            ("PIPELINE_STAGE".into(), stage.name.clone().into()),
+            (
+                "PIPELINE_INPUT_ROOT".into(),
+                root_join(&self.root, &self.inputs.root).into(),
+            ),
+            ("PIPELINE_OUTPUT_DIR".into(), staging.into()),
+            (
+                "PIPELINE_PARAMS".into(),
+                serde_json::Value::Object(stage.params.clone())
+                    .to_string()
+                    .into(),
+            ),
+            (
+                "PIPELINE_CHECKPOINT".into(),
+                serde_json::to_string(&stage.cadence)
+                    .map_err(io::Error::other)?
+                    .into(),
+            ),
+        ];
+        for var in [
+            "PIPELINE_CPUS",
+            "OMP_NUM_THREADS",
+            "RAYON_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS",
+        ] {
+            env.push((var.into(), cpus.clone().into()));
+        }
+        if let Some(mb) = stage.resources.memory_mb {
+            env.push(("PIPELINE_MEMORY_MB".into(), mb.to_string().into()));
+        }
+        if list.len() > MAX_INPUTS_ENV {
+            let file = self
+                .ws
+                .logs_dir(&self.run_id)
+                .join(format!("{}.inputs.json", stage.name));
+            atomic::write(&file, list.as_bytes())?;
+            env.push(("PIPELINE_INPUTS_FILE".into(), file.into()));
+        } else {
+            env.push(("PIPELINE_INPUTS".into(), list.into()));
+        }
+        Ok(env)
+    }
+}
+
+fn root_join(root: &Path, relative: &str) -> PathBuf {
+    if relative.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(relative)
+    }
+}
+
+/// Empties the staging folder and forgets stale progress: a fresh start.
+fn reset_staging(staging: &Path, progress: &Path) -> io::Result<()> {
+    atomic::remove_if_exists(progress)?;
+    match std::fs::remove_dir_all(staging) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    std::fs::create_dir_all(staging)
+}
+
+/// How an attempt ended, in retry-policy terms.
+pub fn classify(outcome: &Outcome, policy: &RetryPolicy) -> Classification {
+    if outcome.interrupted {
+        Classification::Interrupted
+    } else if outcome.timed_out {
+        Classification::Timeout
+    } else if outcome.protocol_error.is_some() {
+        Classification::Fatal
+    } else if outcome.signal.is_some() {
+        Classification::Signal
+    } else {
+        match outcome.exit_code {
+            Some(0) => Classification::Ok,
+            Some(code) if policy.retryable_exit_codes.contains(&code) => Classification::Retryable,
+            _ => Classification::Fatal,
+        }
+    }
+}
+
+fn failure_message(outcome: &Outcome, classification: Classification, tail: &str) -> String {
+    let what = if let Some(err) = &outcome.protocol_error {
+        format!("protocol error: {err}")
+    } else {
+        match classification {
+            Classification::Timeout => format!(
+                "timed out after {} ms and was killed",
+                outcome.duration.as_millis()
+            ),
+            Classification::Interrupted => "interrupted".to_string(),
+            _ => match (outcome.exit_code, outcome.signal) {
+                (Some(code), _) => format!("processor exited with code {code}"),
+                (_, Some(sig)) => format!("processor was killed by signal {sig}"),
+                _ => "processor ended abnormally".to_string(),
+            },
+        }
+    };
+    match tail.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(line) => format!("{what}: {}", line.trim()),
+        None => what,
+    }
+}
+
+/// Sleeps `total` unless interrupted first; returns false when interrupted.
+fn sleep_unless_interrupted(total: Duration, interrupt: &AtomicBool) -> bool {
+    let end = Instant::now() + total;
+    loop {
+        if interrupt.load(Ordering::SeqCst) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= end {
+            return true;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}
