@@ -16,11 +16,14 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use crate::event::Event;
 use crate::graph::Graph;
 use crate::hashing::StatCache;
 use crate::lock::{self, Holder, LockError, Wait};
 use crate::plan::{self, Decision};
+use crate::procfs;
 use crate::publish::{self, Recovery};
 use crate::scheduler::{Capacity, Need, Scheduler};
 use crate::spec::Spec;
@@ -115,6 +118,7 @@ pub fn build(
     if ws.run_file(&run_id).exists() {
         return Err(BuildError::RunIdUsed(run_id));
     }
+    stop_orphans(&ws, report)?;
     ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;
     let mut cache = StatCache::load(&ws.stat_cache_file());
     for stage in &spec.stages {
@@ -150,6 +154,7 @@ pub fn build(
         metrics: BTreeMap::new(),
         totals: Totals::default(),
         statuses: BTreeMap::new(),
+        processes: BTreeMap::new(),
     };
     b.save_run()?;
     report(&Event::RunStarted {
@@ -172,6 +177,52 @@ struct Coordinator<'a> {
     metrics: BTreeMap<String, StageMetrics>,
     totals: Totals,
     statuses: BTreeMap<usize, StageStatus>,
+    /// Processors running now, by stage (`state/processes.json`), so that a later build can stop
+    /// what a killed one left behind.
+    processes: BTreeMap<String, RunningProcess>,
+}
+
+/// A processor started by a build, as recorded in `state/processes.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningProcess {
+    pub pid: u32,
+    /// From `/proc/<pid>/stat`: with the pid, identifies the process across time.
+    pub start_time: u64,
+    pub run_id: String,
+}
+
+/// Stops the processors a previous build recorded as running and that are still alive: that build
+/// died (it held the lock we now hold). A pid whose start time differs belongs to an unrelated
+/// process and is left alone; a vanished group leader's group is signalled anyway, since its
+/// group id cannot be reused while members remain.
+fn stop_orphans(ws: &Workspace, report: &mut dyn FnMut(&Event)) -> io::Result<()> {
+    let path = ws.processes_file();
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    let recorded: BTreeMap<String, RunningProcess> =
+        serde_json::from_slice(&bytes).unwrap_or_default();
+    for (stage, p) in recorded {
+        let same_process = match procfs::stat(p.pid as i32) {
+            Some(now) => now.start_time == p.start_time,
+            None => true,
+        };
+        let Some(group) = rustix::process::Pid::from_raw(p.pid as i32).filter(|_| same_process)
+        else {
+            continue;
+        };
+        if rustix::process::kill_process_group(group, rustix::process::Signal::KILL).is_ok() {
+            report(&Event::Warning {
+                message: format!(
+                    "stopped processor pid {} of stage `{stage}` left running by run {}",
+                    p.pid, p.run_id
+                ),
+            });
+        }
+    }
+    atomic::remove_if_exists(&path)?;
+    Ok(())
 }
 
 impl Coordinator<'_> {
@@ -279,6 +330,18 @@ impl Coordinator<'_> {
             }
             match rx.recv().expect("a running stage holds a sender") {
                 JobMessage::Event(event) => report(&event),
+                JobMessage::Spawned { stage, pid } => {
+                    let start_time = procfs::stat(pid as i32).map_or(0, |s| s.start_time);
+                    self.processes.insert(
+                        stage,
+                        RunningProcess {
+                            pid,
+                            start_time,
+                            run_id: self.run.run_id.clone(),
+                        },
+                    );
+                    atomic::write_json(&self.ws.processes_file(), &self.processes)?;
+                }
                 JobMessage::Record(record) => {
                     atomic::write_json(&self.ws.stage_file(&record.name), &record)?
                 }

@@ -20,6 +20,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pipe_processors::checkpoint::Checkpoint;
+
+use crate::procfs;
 use rustix::process::{Pid, Signal};
 
 /// The fd number the progress pipe has in the child.
@@ -38,7 +40,16 @@ pub struct Invocation {
     /// stdout and stderr of the attempt go here.
     pub log: PathBuf,
     pub timeout: Option<Duration>,
+    /// Cores the processor is pinned to (`sched_setaffinity`); `None`: not pinned.
+    pub cpu_set: Option<Vec<usize>>,
+    /// Resident memory cap of the processor's whole process group, enforced by the watchdog.
+    pub memory_limit_mb: Option<u64>,
+    /// Address-space backstop (`RLIMIT_AS`), with `MALLOC_ARENA_MAX=2`.
+    pub virtual_memory_mb: Option<u64>,
 }
+
+/// How often the memory watchdog samples the process group.
+const MEMORY_SAMPLE: Duration = Duration::from_millis(100);
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -54,6 +65,12 @@ pub struct Outcome {
     /// A malformed checkpoint line or a failure to persist one: the attempt failed.
     pub protocol_error: Option<String>,
     pub last_checkpoint: Option<Checkpoint>,
+    /// Highest resident memory of the process group the watchdog saw, in KiB.
+    pub peak_group_rss_kb: u64,
+    /// The group went over `memory_limit_mb` and was killed.
+    pub memory_exceeded: bool,
+    /// Process id (= process group id) of the processor.
+    pub pid: u32,
 }
 
 impl Outcome {
@@ -62,6 +79,7 @@ impl Outcome {
             && self.protocol_error.is_none()
             && !self.timed_out
             && !self.interrupted
+            && !self.memory_exceeded
     }
 }
 
@@ -71,11 +89,13 @@ enum Message {
     Exited { status: i32, usage: libc::rusage },
 }
 
-/// Runs `inv` to completion. `interrupt` is polled; `on_checkpoint` persists each checkpoint and
-/// its error fails the attempt.
+/// Runs `inv` to completion. `interrupt` is polled; `on_spawn` learns the processor's pid (which
+/// is also its process group) and start time; `on_checkpoint` persists each checkpoint and its
+/// error fails the attempt.
 pub fn run(
     inv: &Invocation,
     interrupt: &AtomicBool,
+    on_spawn: &mut dyn FnMut(u32),
     on_checkpoint: &mut dyn FnMut(Checkpoint) -> io::Result<()>,
 ) -> io::Result<Outcome> {
     if let Some(dir) = inv.log.parent() {
@@ -100,12 +120,32 @@ pub fn run(
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
+    if inv.virtual_memory_mb.is_some() {
+        command.env("MALLOC_ARENA_MAX", "2");
+    }
     let parent = std::process::id() as libc::pid_t;
     let progress_fd = writer.as_raw_fd();
+    // Prepared before fork: the child may only make syscalls on ready-made values.
+    let affinity = inv.cpu_set.as_ref().map(|cores| cpu_set_of(cores));
+    let address_space = inv.virtual_memory_mb.map(|mb| libc::rlimit {
+        rlim_cur: mb.saturating_mul(1024 * 1024),
+        rlim_max: mb.saturating_mul(1024 * 1024),
+    });
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe syscalls
-    // (prctl, getppid, dup2, fcntl) on plain integers; it allocates nothing and takes no locks.
+    // (prctl, getppid, dup2, fcntl, sched_setaffinity, setrlimit) on values prepared before the
+    // fork; it allocates nothing and takes no locks.
     unsafe {
         command.pre_exec(move || {
+            if let Some(set) = &affinity {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(limit) = &address_space {
+                if libc::setrlimit(libc::RLIMIT_AS, limit) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -128,6 +168,7 @@ pub fn run(
     drop(writer);
     let pid = child.id() as libc::pid_t;
     drop(child); // reaped below with wait4, which also reports resource usage
+    on_spawn(pid as u32);
 
     let (tx, rx) = mpsc::channel();
     let lines_tx = tx.clone();
@@ -138,7 +179,11 @@ pub fn run(
     });
 
     let group = Pid::from_raw(pid).expect("child pid is positive");
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome {
+        pid: pid as u32,
+        ..Outcome::default()
+    };
+    let mut next_sample = Instant::now();
     let mut exited = None;
     let mut eof = false;
     let mut kill_at: Option<Instant> = None;
@@ -192,6 +237,15 @@ pub fn run(
             if kill_at.is_some_and(|t| Instant::now() >= t) {
                 let _ = rustix::process::kill_process_group(group, Signal::KILL);
                 kill_at = None;
+            }
+            if Instant::now() >= next_sample && !outcome.memory_exceeded {
+                next_sample = Instant::now() + MEMORY_SAMPLE;
+                let rss = procfs::group_rss_kb(pid);
+                outcome.peak_group_rss_kb = outcome.peak_group_rss_kb.max(rss);
+                if inv.memory_limit_mb.is_some_and(|mb| rss > mb * 1024) {
+                    outcome.memory_exceeded = true;
+                    let _ = rustix::process::kill_process_group(group, Signal::KILL);
+                }
             }
         }
     }
@@ -265,6 +319,17 @@ fn wait4(pid: libc::pid_t) -> (i32, libc::rusage) {
             return (status, usage);
         }
     }
+}
+
+/// A `cpu_set_t` holding `cores`.
+fn cpu_set_of(cores: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &core in cores.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: `core` is below CPU_SETSIZE, so the bit lies inside `set`.
+        unsafe { libc::CPU_SET(core, &mut set) };
+    }
+    set
 }
 
 fn timeval_ms(tv: libc::timeval) -> u64 {

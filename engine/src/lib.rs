@@ -22,6 +22,7 @@ pub mod inputs;
 pub mod lock;
 pub mod marker;
 pub mod plan;
+pub mod procfs;
 pub mod publish;
 pub mod retry;
 pub mod runid;

@@ -40,6 +40,8 @@ pub enum JobMessage {
     Event(Event),
     /// The stage record changed: write it.
     Record(StageRecord),
+    /// A processor started (its pid is also its process group).
+    Spawned { stage: String, pid: u32 },
     /// The stage is done.
     Done(usize, Box<JobResult>),
 }
@@ -191,120 +193,140 @@ impl StageJob {
         let name = self.stage.name.clone();
         let mut lines_by_input: BTreeMap<u64, u64> = BTreeMap::new();
         let (mut attempt, mut retries, mut delay) = (0u32, 0u32, 0u64);
-        let status =
-            loop {
-                attempt += 1;
-                if attempt > 1 {
-                    delay = retry::delay_ms(&policy, &self.run_id, &name, attempt);
-                    if !sleep_unless_interrupted(Duration::from_millis(delay), &self.interrupt) {
-                        break StageStatus::Interrupted;
-                    }
-                }
-                let _ = tx.send(JobMessage::Event(Event::StageStarted {
-                    stage: name.clone(),
-                    attempt,
-                }));
-                let log = self
-                    .ws
-                    .logs_dir(&self.run_id)
-                    .join(format!("{name}.attempt{attempt}.log"));
-                let mut env = base_env.clone();
-                env.push(("PIPELINE_ATTEMPT".into(), attempt.to_string().into()));
-                if let Some(cp) = self.resume {
-                    env.push((
-                        "PIPELINE_RESUME".into(),
-                        serde_json::to_string(&cp)
-                            .expect("checkpoint serialises")
-                            .into(),
-                    ));
-                }
-                let inv = Invocation {
-                    argv: self.argv(),
-                    env,
-                    cwd: self.root.clone(),
-                    log: log.clone(),
-                    timeout: policy.timeout,
-                };
-                let attempt_started = state::now_rfc3339();
-                let mut on_checkpoint = |cp: Checkpoint| -> io::Result<()> {
-                    let progress = Progress {
-                        stage: name.clone(),
-                        fingerprint: self.fingerprint.clone(),
-                        input_index: cp.input_index,
-                        line_offset: cp.line_offset,
-                        byte_offset: cp.byte_offset,
-                        output_bytes: cp.output_bytes,
-                        updated_at: state::now_rfc3339(),
-                    };
-                    atomic::write_json(&target.progress, &progress)?;
-                    lines_by_input.insert(cp.input_index, cp.line_offset);
-                    let _ = tx.send(JobMessage::Event(Event::Checkpoint {
-                        stage: name.clone(),
-                        input_index: cp.input_index,
-                        line_offset: cp.line_offset,
-                        byte_offset: cp.byte_offset,
-                    }));
-                    Ok(())
-                };
-                let outcome = executor::run(&inv, &self.interrupt, &mut on_checkpoint)
-                    .unwrap_or_else(|err| Outcome {
-                        protocol_error: Some(format!(
-                            "cannot start the processor `{}`: {err}",
-                            inv.argv[0].to_string_lossy()
-                        )),
-                        ..Outcome::default()
-                    });
-                metrics.cpu_user_ms += outcome.user_ms;
-                metrics.cpu_sys_ms += outcome.sys_ms;
-                metrics.max_rss_kb = metrics.max_rss_kb.max(outcome.max_rss_kb);
-                metrics.lines = lines_by_input.values().sum();
-                let classification = classify(&outcome, &policy);
-                let tail = executor::tail(&log, 20);
-                self.record.attempts.push(AttemptRecord {
-                    attempt,
-                    started_at: attempt_started,
-                    duration_ms: outcome.duration.as_millis() as u64,
-                    exit_code: outcome.exit_code,
-                    signal: outcome.signal,
-                    classification,
-                    delay_before_ms: delay,
-                    stderr_tail: tail.clone(),
-                    log: self.ws.relative(&log),
-                });
-                if classification == Classification::Ok {
-                    break StageStatus::Succeeded;
-                }
-                let message = failure_message(&outcome, classification, &tail);
-                self.record.error = Some(message.clone());
-                if classification == Classification::Interrupted {
+        let status = loop {
+            attempt += 1;
+            if attempt > 1 {
+                delay = retry::delay_ms(&policy, &self.run_id, &name, attempt);
+                if !sleep_unless_interrupted(Duration::from_millis(delay), &self.interrupt) {
                     break StageStatus::Interrupted;
                 }
-                let retryable = classification == Classification::Retryable
-                    || (classification == Classification::Timeout && policy.retry_on_timeout);
-                let more = retryable && attempt < policy.max_attempts;
-                let retry_in_ms =
-                    more.then(|| retry::delay_ms(&policy, &self.run_id, &name, attempt + 1));
-                let _ = tx.send(JobMessage::Event(Event::AttemptFailed {
-                    stage: name.clone(),
-                    attempt,
-                    classification,
-                    message,
-                    retry_in_ms,
-                }));
-                let _ = tx.send(JobMessage::Record(self.record.clone()));
-                if !more {
-                    break StageStatus::Failed;
-                }
-                retries += 1;
-                // A retry resumes from the last durable checkpoint of this fingerprint.
-                self.resume = match plan::read_progress(&self.ws, &name) {
-                    Ok(Some(p)) if p.fingerprint == self.fingerprint => Some(p.checkpoint()),
-                    _ => {
-                        reset_staging(&target.staging, &target.progress)?;
-                        None
-                    }
-                };
+            }
+            let _ = tx.send(JobMessage::Event(Event::StageStarted {
+                stage: name.clone(),
+                attempt,
+            }));
+            let log = self
+                .ws
+                .logs_dir(&self.run_id)
+                .join(format!("{name}.attempt{attempt}.log"));
+            let mut env = base_env.clone();
+            env.push(("PIPELINE_ATTEMPT".into(), attempt.to_string().into()));
+            if let Some(cp) = self.resume {
+                env.push((
+                    "PIPELINE_RESUME".into(),
+                    serde_json::to_string(&cp)
+                        .expect("checkpoint serialises")
+                        .into(),
+                ));
+            }
+            let inv = Invocation {
+                argv: self.argv(),
+                env,
+                cwd: self.root.clone(),
+                log: log.clone(),
+                timeout: policy.timeout,
+                cpu_set: (!self.cores.is_empty()).then(|| self.cores.clone()),
+                memory_limit_mb: self.stage.resources.memory_mb,
+                virtual_memory_mb: self.stage.resources.virtual_memory_mb,
             };
+            let attempt_started = state::now_rfc3339();
+            let mut on_checkpoint = |cp: Checkpoint| -> io::Result<()> {
+                let progress = Progress {
+                    stage: name.clone(),
+                    fingerprint: self.fingerprint.clone(),
+                    input_index: cp.input_index,
+                    line_offset: cp.line_offset,
+                    byte_offset: cp.byte_offset,
+                    output_bytes: cp.output_bytes,
+                    updated_at: state::now_rfc3339(),
+                };
+                atomic::write_json(&target.progress, &progress)?;
+                lines_by_input.insert(cp.input_index, cp.line_offset);
+                let _ = tx.send(JobMessage::Event(Event::Checkpoint {
+                    stage: name.clone(),
+                    input_index: cp.input_index,
+                    line_offset: cp.line_offset,
+                    byte_offset: cp.byte_offset,
+                }));
+                Ok(())
+            };
+            let outcome = executor::run(
+                &inv,
+                &self.interrupt,
+                &mut |pid| {
+                    let _ = tx.send(JobMessage::Spawned {
+                        stage: name.clone(),
+                        pid,
+                    });
+                },
+                &mut on_checkpoint,
+            )
+            .unwrap_or_else(|err| Outcome {
+                protocol_error: Some(format!(
+                    "cannot start the processor `{}`: {err}",
+                    inv.argv[0].to_string_lossy()
+                )),
+                ..Outcome::default()
+            });
+            metrics.cpu_user_ms += outcome.user_ms;
+            metrics.cpu_sys_ms += outcome.sys_ms;
+            metrics.max_rss_kb = metrics
+                .max_rss_kb
+                .max(outcome.max_rss_kb)
+                .max(outcome.peak_group_rss_kb);
+            metrics.lines = lines_by_input.values().sum();
+            let classification = classify(&outcome, &policy);
+            let tail = executor::tail(&log, 20);
+            self.record.attempts.push(AttemptRecord {
+                attempt,
+                started_at: attempt_started,
+                duration_ms: outcome.duration.as_millis() as u64,
+                exit_code: outcome.exit_code,
+                signal: outcome.signal,
+                classification,
+                delay_before_ms: delay,
+                stderr_tail: tail.clone(),
+                log: self.ws.relative(&log),
+            });
+            if classification == Classification::Ok {
+                break StageStatus::Succeeded;
+            }
+            let message = failure_message(
+                &outcome,
+                classification,
+                &tail,
+                self.stage.resources.memory_mb,
+            );
+            self.record.error = Some(message.clone());
+            if classification == Classification::Interrupted {
+                break StageStatus::Interrupted;
+            }
+            let retryable = classification == Classification::Retryable
+                || (classification == Classification::Timeout && policy.retry_on_timeout);
+            let more = retryable && attempt < policy.max_attempts;
+            let retry_in_ms =
+                more.then(|| retry::delay_ms(&policy, &self.run_id, &name, attempt + 1));
+            let _ = tx.send(JobMessage::Event(Event::AttemptFailed {
+                stage: name.clone(),
+                attempt,
+                classification,
+                message,
+                retry_in_ms,
+            }));
+            let _ = tx.send(JobMessage::Record(self.record.clone()));
+            if !more {
+                break StageStatus::Failed;
+            }
+            retries += 1;
+            // A retry resumes from the last durable checkpoint of this fingerprint.
+            self.resume = match plan::read_progress(&self.ws, &name) {
+                Ok(Some(p)) if p.fingerprint == self.fingerprint => Some(p.checkpoint()),
+                _ => {
+                    reset_staging(&target.staging, &target.progress)?;
+                    None
+                }
+            };
+        };
         if status != StageStatus::Succeeded {
             return Ok((status, attempt, retries));
         }
@@ -412,6 +434,8 @@ fn reset_staging(staging: &Path, progress: &Path) -> io::Result<()> {
 pub fn classify(outcome: &Outcome, policy: &RetryPolicy) -> Classification {
     if outcome.interrupted {
         Classification::Interrupted
+    } else if outcome.memory_exceeded {
+        Classification::Memory
     } else if outcome.timed_out {
         Classification::Timeout
     } else if outcome.protocol_error.is_some() {
@@ -427,7 +451,12 @@ pub fn classify(outcome: &Outcome, policy: &RetryPolicy) -> Classification {
     }
 }
 
-fn failure_message(outcome: &Outcome, classification: Classification, tail: &str) -> String {
+fn failure_message(
+    outcome: &Outcome,
+    classification: Classification,
+    tail: &str,
+    memory_mb: Option<u64>,
+) -> String {
     let what = if let Some(err) = &outcome.protocol_error {
         format!("protocol error: {err}")
     } else {
@@ -437,6 +466,11 @@ fn failure_message(outcome: &Outcome, classification: Classification, tail: &str
                 outcome.duration.as_millis()
             ),
             Classification::Interrupted => "interrupted".to_string(),
+            Classification::Memory => format!(
+                "exceeded its memory cap of {} MiB (peak seen {} MiB) and was killed",
+                memory_mb.unwrap_or(0),
+                outcome.peak_group_rss_kb / 1024
+            ),
             _ => match (outcome.exit_code, outcome.signal) {
                 (Some(code), _) => format!("processor exited with code {code}"),
                 (_, Some(sig)) => format!("processor was killed by signal {sig}"),

@@ -84,6 +84,8 @@ pub enum Classification {
     Timeout,
     Signal,
     Interrupted,
+    /// Over the stage's `memoryMb` cap: killed by the watchdog; not retried.
+    Memory,
 }
 
 /// One attempt of a stage.

@@ -56,6 +56,10 @@ impl Workspace {
         self.state_dir().join(format!("progress_{stage}.json"))
     }
 
+    pub fn processes_file(&self) -> PathBuf {
+        self.state_dir().join("processes.json")
+    }
+
     pub fn stat_cache_file(&self) -> PathBuf {
         self.cache_dir().join("stat-v1.json")
     }

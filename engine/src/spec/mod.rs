@@ -113,6 +113,7 @@ pub struct RetryPolicy {
 pub struct Resources {
     pub cpus: u32,
     pub memory_mb: Option<u64>,
+    pub virtual_memory_mb: Option<u64>,
     pub io: u32,
 }
 

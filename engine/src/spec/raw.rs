@@ -58,8 +58,11 @@ pub struct RawQuotas {
 pub struct RawResources {
     /// CPU cores (default 1).
     pub cpus: Option<u32>,
-    /// Memory in MiB.
+    /// Resident memory cap in MiB of the processor and everything it starts: over it, the
+    /// attempt is killed and classified `memory` (not retried).
     pub memory_mb: Option<u64>,
+    /// Optional address-space limit in MiB (`RLIMIT_AS`), a backstop for runaway allocation.
+    pub virtual_memory_mb: Option<u64>,
     /// IO slots (default 0).
     pub io: Option<u32>,
 }

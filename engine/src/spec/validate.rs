@@ -400,6 +400,7 @@ impl Validator {
         let resources = Resources {
             cpus: r.cpus.unwrap_or(1),
             memory_mb: r.memory_mb,
+            virtual_memory_mb: r.virtual_memory_mb,
             io: r.io.unwrap_or(0),
         };
         if resources.cpus == 0 || resources.cpus > quotas.cpus {
