@@ -358,7 +358,7 @@ impl Coordinator<'_> {
                     self.cache.absorb(hashes);
                     self.totals.retries += retries;
                     self.metrics.insert(spec.stages[i].name.clone(), metrics);
-                    let ok = matches!(status, StageStatus::Succeeded | StageStatus::Resumed);
+                    let ok = matches!(status, StageStatus::Succeeded | StageStatus::Resumed | StageStatus::Restored);
                     sched.finish(i, ok);
                     if !ok && !self.opts.keep_going {
                         stop = true;

@@ -30,6 +30,7 @@ pub mod scheduler;
 pub mod spec;
 pub mod stage_job;
 pub mod state;
+pub mod store;
 pub mod workspace;
 
 /// Version of the fingerprint encoding; bumping it reruns every stage once.

@@ -18,6 +18,7 @@ use crate::hashing::StatCache;
 use crate::inputs::{self, InputError, ResolvedInputs};
 use crate::marker::Marker;
 use crate::spec::{Processor, Spec, Stage};
+use crate::store::Store;
 use crate::workspace::Workspace;
 use crate::FINGERPRINT_SCHEMA;
 
@@ -32,6 +33,12 @@ pub enum Decision {
     Resume {
         from_line: u64,
         checkpoint: Checkpoint,
+    },
+    /// The output cache holds what this fingerprint produced before: restore it, run nothing.
+    #[serde(rename_all = "camelCase")]
+    Restore {
+        from_run: String,
+        reasons: Vec<Reason>,
     },
     /// Dry run only: an upstream stage runs first, so this stage's inputs are not known yet.
     Pending {
@@ -59,6 +66,13 @@ impl Decision {
                 format!("run ({}{more})", shown.join(", "))
             }
             Decision::Resume { from_line, .. } => format!("resume from line {from_line}"),
+            Decision::Restore { from_run, reasons } => {
+                let why: Vec<String> = reasons.iter().take(2).map(ToString::to_string).collect();
+                format!(
+                    "restore from cache (outputs of run {from_run}; {})",
+                    why.join(", ")
+                )
+            }
             Decision::Pending { upstream } => format!("pending (upstream {upstream} runs)"),
         }
     }
@@ -232,8 +246,16 @@ pub fn decide(
     {
         reasons = vec![Reason::PublishInterrupted];
     }
+    let cached = (!reasons.is_empty() && !reasons.contains(&Reason::PublishInterrupted))
+        .then(|| Store::new(&ws.cache_dir()).usable_action(&fingerprint))
+        .flatten();
     let decision = if reasons.is_empty() {
         Decision::Skip
+    } else if let Some(entry) = cached {
+        Decision::Restore {
+            from_run: entry.run_id,
+            reasons,
+        }
     } else {
         match read_progress(ws, &stage.name) {
             Ok(Some(p))

@@ -27,6 +27,7 @@ use crate::plan::{self, Progress};
 use crate::publish;
 use crate::spec::{Processor, RetryPolicy, Spec, Stage};
 use crate::state::{self, AttemptRecord, Classification, StageMetrics, StageRecord, StageStatus};
+use crate::store::{ActionEntry, Store};
 use crate::workspace::Workspace;
 use crate::{atomic, retry};
 
@@ -74,6 +75,8 @@ pub struct StageJob {
     pub inputs: ResolvedInputs,
     pub previous: Option<Marker>,
     pub resume: Option<Checkpoint>,
+    /// The run whose cached outputs this job restores, if the planner chose to restore.
+    pub restore_from: Option<String>,
     pub record: StageRecord,
     /// Cores the processor may be pinned to (empty: no pinning).
     pub cores: Vec<usize>,
@@ -128,6 +131,10 @@ impl StageJob {
             inputs: plan.inputs.clone().expect("decided"),
             previous: plan.marker.clone(),
             resume,
+            restore_from: match &plan.decision {
+                plan::Decision::Restore { from_run, .. } => Some(from_run.clone()),
+                _ => None,
+            },
             record,
             cores: Vec::new(),
         }
@@ -193,141 +200,146 @@ impl StageJob {
         let name = self.stage.name.clone();
         let mut lines_by_input: BTreeMap<u64, u64> = BTreeMap::new();
         let (mut attempt, mut retries, mut delay) = (0u32, 0u32, 0u64);
-        let status = loop {
-            attempt += 1;
-            if attempt > 1 {
-                delay = retry::delay_ms(&policy, &self.run_id, &name, attempt);
-                if !sleep_unless_interrupted(Duration::from_millis(delay), &self.interrupt) {
+        let restored = self.restore_from.is_some() && self.restore(tx, &target)?;
+        let status = if restored {
+            StageStatus::Restored
+        } else {
+            loop {
+                attempt += 1;
+                if attempt > 1 {
+                    delay = retry::delay_ms(&policy, &self.run_id, &name, attempt);
+                    if !sleep_unless_interrupted(Duration::from_millis(delay), &self.interrupt) {
+                        break StageStatus::Interrupted;
+                    }
+                }
+                let _ = tx.send(JobMessage::Event(Event::StageStarted {
+                    stage: name.clone(),
+                    attempt,
+                }));
+                let log = self
+                    .ws
+                    .logs_dir(&self.run_id)
+                    .join(format!("{name}.attempt{attempt}.log"));
+                let mut env = base_env.clone();
+                env.push(("PIPELINE_ATTEMPT".into(), attempt.to_string().into()));
+                if let Some(cp) = self.resume {
+                    env.push((
+                        "PIPELINE_RESUME".into(),
+                        serde_json::to_string(&cp)
+                            .expect("checkpoint serialises")
+                            .into(),
+                    ));
+                }
+                let inv = Invocation {
+                    argv: self.argv(),
+                    env,
+                    cwd: self.root.clone(),
+                    log: log.clone(),
+                    timeout: policy.timeout,
+                    cpu_set: (!self.cores.is_empty()).then(|| self.cores.clone()),
+                    memory_limit_mb: self.stage.resources.memory_mb,
+                    virtual_memory_mb: self.stage.resources.virtual_memory_mb,
+                };
+                let attempt_started = state::now_rfc3339();
+                let mut on_checkpoint = |cp: Checkpoint| -> io::Result<()> {
+                    let progress = Progress {
+                        stage: name.clone(),
+                        fingerprint: self.fingerprint.clone(),
+                        input_index: cp.input_index,
+                        line_offset: cp.line_offset,
+                        byte_offset: cp.byte_offset,
+                        output_bytes: cp.output_bytes,
+                        updated_at: state::now_rfc3339(),
+                    };
+                    atomic::write_json(&target.progress, &progress)?;
+                    lines_by_input.insert(cp.input_index, cp.line_offset);
+                    let _ = tx.send(JobMessage::Event(Event::Checkpoint {
+                        stage: name.clone(),
+                        input_index: cp.input_index,
+                        line_offset: cp.line_offset,
+                        byte_offset: cp.byte_offset,
+                    }));
+                    Ok(())
+                };
+                let outcome = executor::run(
+                    &inv,
+                    &self.interrupt,
+                    &mut |pid| {
+                        let _ = tx.send(JobMessage::Spawned {
+                            stage: name.clone(),
+                            pid,
+                        });
+                    },
+                    &mut on_checkpoint,
+                )
+                .unwrap_or_else(|err| Outcome {
+                    protocol_error: Some(format!(
+                        "cannot start the processor `{}`: {err}",
+                        inv.argv[0].to_string_lossy()
+                    )),
+                    ..Outcome::default()
+                });
+                metrics.cpu_user_ms += outcome.user_ms;
+                metrics.cpu_sys_ms += outcome.sys_ms;
+                metrics.max_rss_kb = metrics
+                    .max_rss_kb
+                    .max(outcome.max_rss_kb)
+                    .max(outcome.peak_group_rss_kb);
+                metrics.lines = lines_by_input.values().sum();
+                let classification = classify(&outcome, &policy);
+                let tail = executor::tail(&log, 20);
+                self.record.attempts.push(AttemptRecord {
+                    attempt,
+                    started_at: attempt_started,
+                    duration_ms: outcome.duration.as_millis() as u64,
+                    exit_code: outcome.exit_code,
+                    signal: outcome.signal,
+                    classification,
+                    delay_before_ms: delay,
+                    stderr_tail: tail.clone(),
+                    log: self.ws.relative(&log),
+                });
+                if classification == Classification::Ok {
+                    break StageStatus::Succeeded;
+                }
+                let message = failure_message(
+                    &outcome,
+                    classification,
+                    &tail,
+                    self.stage.resources.memory_mb,
+                );
+                self.record.error = Some(message.clone());
+                if classification == Classification::Interrupted {
                     break StageStatus::Interrupted;
                 }
-            }
-            let _ = tx.send(JobMessage::Event(Event::StageStarted {
-                stage: name.clone(),
-                attempt,
-            }));
-            let log = self
-                .ws
-                .logs_dir(&self.run_id)
-                .join(format!("{name}.attempt{attempt}.log"));
-            let mut env = base_env.clone();
-            env.push(("PIPELINE_ATTEMPT".into(), attempt.to_string().into()));
-            if let Some(cp) = self.resume {
-                env.push((
-                    "PIPELINE_RESUME".into(),
-                    serde_json::to_string(&cp)
-                        .expect("checkpoint serialises")
-                        .into(),
-                ));
-            }
-            let inv = Invocation {
-                argv: self.argv(),
-                env,
-                cwd: self.root.clone(),
-                log: log.clone(),
-                timeout: policy.timeout,
-                cpu_set: (!self.cores.is_empty()).then(|| self.cores.clone()),
-                memory_limit_mb: self.stage.resources.memory_mb,
-                virtual_memory_mb: self.stage.resources.virtual_memory_mb,
-            };
-            let attempt_started = state::now_rfc3339();
-            let mut on_checkpoint = |cp: Checkpoint| -> io::Result<()> {
-                let progress = Progress {
+                let retryable = classification == Classification::Retryable
+                    || (classification == Classification::Timeout && policy.retry_on_timeout);
+                let more = retryable && attempt < policy.max_attempts;
+                let retry_in_ms =
+                    more.then(|| retry::delay_ms(&policy, &self.run_id, &name, attempt + 1));
+                let _ = tx.send(JobMessage::Event(Event::AttemptFailed {
                     stage: name.clone(),
-                    fingerprint: self.fingerprint.clone(),
-                    input_index: cp.input_index,
-                    line_offset: cp.line_offset,
-                    byte_offset: cp.byte_offset,
-                    output_bytes: cp.output_bytes,
-                    updated_at: state::now_rfc3339(),
-                };
-                atomic::write_json(&target.progress, &progress)?;
-                lines_by_input.insert(cp.input_index, cp.line_offset);
-                let _ = tx.send(JobMessage::Event(Event::Checkpoint {
-                    stage: name.clone(),
-                    input_index: cp.input_index,
-                    line_offset: cp.line_offset,
-                    byte_offset: cp.byte_offset,
+                    attempt,
+                    classification,
+                    message,
+                    retry_in_ms,
                 }));
-                Ok(())
-            };
-            let outcome = executor::run(
-                &inv,
-                &self.interrupt,
-                &mut |pid| {
-                    let _ = tx.send(JobMessage::Spawned {
-                        stage: name.clone(),
-                        pid,
-                    });
-                },
-                &mut on_checkpoint,
-            )
-            .unwrap_or_else(|err| Outcome {
-                protocol_error: Some(format!(
-                    "cannot start the processor `{}`: {err}",
-                    inv.argv[0].to_string_lossy()
-                )),
-                ..Outcome::default()
-            });
-            metrics.cpu_user_ms += outcome.user_ms;
-            metrics.cpu_sys_ms += outcome.sys_ms;
-            metrics.max_rss_kb = metrics
-                .max_rss_kb
-                .max(outcome.max_rss_kb)
-                .max(outcome.peak_group_rss_kb);
-            metrics.lines = lines_by_input.values().sum();
-            let classification = classify(&outcome, &policy);
-            let tail = executor::tail(&log, 20);
-            self.record.attempts.push(AttemptRecord {
-                attempt,
-                started_at: attempt_started,
-                duration_ms: outcome.duration.as_millis() as u64,
-                exit_code: outcome.exit_code,
-                signal: outcome.signal,
-                classification,
-                delay_before_ms: delay,
-                stderr_tail: tail.clone(),
-                log: self.ws.relative(&log),
-            });
-            if classification == Classification::Ok {
-                break StageStatus::Succeeded;
-            }
-            let message = failure_message(
-                &outcome,
-                classification,
-                &tail,
-                self.stage.resources.memory_mb,
-            );
-            self.record.error = Some(message.clone());
-            if classification == Classification::Interrupted {
-                break StageStatus::Interrupted;
-            }
-            let retryable = classification == Classification::Retryable
-                || (classification == Classification::Timeout && policy.retry_on_timeout);
-            let more = retryable && attempt < policy.max_attempts;
-            let retry_in_ms =
-                more.then(|| retry::delay_ms(&policy, &self.run_id, &name, attempt + 1));
-            let _ = tx.send(JobMessage::Event(Event::AttemptFailed {
-                stage: name.clone(),
-                attempt,
-                classification,
-                message,
-                retry_in_ms,
-            }));
-            let _ = tx.send(JobMessage::Record(self.record.clone()));
-            if !more {
-                break StageStatus::Failed;
-            }
-            retries += 1;
-            // A retry resumes from the last durable checkpoint of this fingerprint.
-            self.resume = match plan::read_progress(&self.ws, &name) {
-                Ok(Some(p)) if p.fingerprint == self.fingerprint => Some(p.checkpoint()),
-                _ => {
-                    reset_staging(&target.staging, &target.progress)?;
-                    None
+                let _ = tx.send(JobMessage::Record(self.record.clone()));
+                if !more {
+                    break StageStatus::Failed;
                 }
-            };
+                retries += 1;
+                // A retry resumes from the last durable checkpoint of this fingerprint.
+                self.resume = match plan::read_progress(&self.ws, &name) {
+                    Ok(Some(p)) if p.fingerprint == self.fingerprint => Some(p.checkpoint()),
+                    _ => {
+                        reset_staging(&target.staging, &target.progress)?;
+                        None
+                    }
+                };
+            }
         };
-        if status != StageStatus::Succeeded {
+        if !matches!(status, StageStatus::Succeeded | StageStatus::Restored) {
             return Ok((status, attempt, retries));
         }
         let marker = publish::publish(
@@ -341,12 +353,92 @@ impl StageJob {
         .map_err(|err| io::Error::new(err.kind(), format!("publishing outputs failed: {err}")))?;
         metrics.output_bytes = marker.outputs.iter().map(|o| o.size).sum();
         self.record.error = None;
-        let status = if self.record.resumed_from_line.is_some() {
+        self.cache_outputs(tx, &target, &marker, hashes, !restored);
+        let status = if restored {
+            StageStatus::Restored
+        } else if self.record.resumed_from_line.is_some() {
             StageStatus::Resumed
         } else {
             StageStatus::Succeeded
         };
         Ok((status, attempt, retries))
+    }
+
+    /// Materialises the cached outputs of this fingerprint into the staging folder. A missing or
+    /// corrupt object is a warning and `false`: the stage then runs, never a wrong output.
+    fn restore(&mut self, tx: &Sender<JobMessage>, target: &publish::Target) -> io::Result<bool> {
+        reset_staging(&target.staging, &target.progress)?;
+        let store = Store::new(&self.ws.cache_dir());
+        let problem = match store.usable_action(&self.fingerprint) {
+            None => Some("the cache entry is gone".to_string()),
+            Some(entry) => entry.outputs.iter().find_map(|o| {
+                let dest = target.staging.join(&o.path);
+                match publish::is_relative_inside(&o.path) {
+                    false => Some(format!(
+                        "cache entry names `{}` outside the output folder",
+                        o.path
+                    )),
+                    true => store
+                        .restore(&o.blake3, &dest)
+                        .err()
+                        .map(|e| format!("{}: {e}", o.path)),
+                }
+            }),
+        };
+        match problem {
+            None => Ok(true),
+            Some(why) => {
+                let message = format!(
+                    "cannot restore `{}` from the cache ({why}); running it instead",
+                    self.stage.name
+                );
+                let _ = tx.send(JobMessage::Event(Event::Warning { message }));
+                self.record.reason = format!("{} (cache unusable: running)", self.record.reason);
+                reset_staging(&target.staging, &target.progress)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Stores the published outputs in the object store and records the action entry; a failure
+    /// only costs a future restore, so it is a warning.
+    fn cache_outputs(
+        &self,
+        tx: &Sender<JobMessage>,
+        target: &publish::Target,
+        marker: &Marker,
+        hashes: &mut StatCache,
+        record_action: bool,
+    ) {
+        let store = Store::new(&self.ws.cache_dir());
+        let result = (|| -> io::Result<()> {
+            for output in &marker.outputs {
+                let path = target.output_dir.join(&output.path);
+                store.put(&path, &output.blake3)?;
+                // Linking changed the file's ctime: record the new stat so the next build does
+                // not read the file again.
+                hashes.remember(&path, &output.blake3)?;
+            }
+            if !record_action {
+                // Restored: the entry already names the run that produced these outputs.
+                return Ok(());
+            }
+            store.put_action(&ActionEntry {
+                version: 1,
+                stage: self.stage.name.clone(),
+                fingerprint: self.fingerprint.clone(),
+                run_id: self.run_id.clone(),
+                finished_at: marker.finished_at.clone(),
+                outputs: marker.outputs.clone(),
+            })
+        })();
+        if let Err(err) = result {
+            let message = format!(
+                "could not store the outputs of `{}` in the cache: {err}",
+                self.stage.name
+            );
+            let _ = tx.send(JobMessage::Event(Event::Warning { message }));
+        }
     }
 
     fn argv(&self) -> Vec<OsString> {

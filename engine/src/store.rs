@@ -1,0 +1,247 @@
+//! The content-addressed output cache: objects by blake3, and action entries by fingerprint.
+//!
+//! When a stage publishes, each output file is stored once in `cache/objects-v1/<aa>/<rest of
+//! hash>` (a hard link to the published file where the filesystem allows, a copy otherwise; never
+//! a second copy of the same content), and `cache/actions-v1/<fingerprint>.json` maps the stage
+//! fingerprint to the output manifest. A later build whose fingerprint has an entry with every
+//! object present restores the outputs from the store instead of running the processor: going back
+//! to earlier inputs (a git checkout, an undo) costs no recomputation.
+//!
+//! Objects are verified against their hash before they are restored: a hard-linked object shares
+//! its inode with a published output, so editing that output in place corrupts the object too;
+//! verification turns that into a rerun with a warning, never a wrong output. Formats carry their
+//! version in the folder name (`-v1`), so a new format never misreads old data.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::atomic;
+use crate::hashing::hash_file;
+use crate::marker::OutputEntry;
+
+/// What a fingerprint produced, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionEntry {
+    pub version: u32,
+    pub stage: String,
+    pub fingerprint: String,
+    pub run_id: String,
+    pub finished_at: String,
+    pub outputs: Vec<OutputEntry>,
+}
+
+/// The cache folders of one workspace.
+#[derive(Debug, Clone)]
+pub struct Store {
+    objects: PathBuf,
+    actions: PathBuf,
+}
+
+/// Why an object could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("cached object {0} is missing")]
+    Missing(String),
+    #[error("cached object {hash} is corrupt (its content hashes to {actual})")]
+    Corrupt { hash: String, actual: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl Store {
+    pub fn new(cache_dir: &Path) -> Store {
+        Store {
+            objects: cache_dir.join("objects-v1"),
+            actions: cache_dir.join("actions-v1"),
+        }
+    }
+
+    /// Where the object with `hash` lives.
+    pub fn object_path(&self, hash: &str) -> PathBuf {
+        let (fan, rest) = hash.split_at(2.min(hash.len()));
+        self.objects.join(fan).join(rest)
+    }
+
+    fn action_path(&self, fingerprint: &str) -> PathBuf {
+        self.actions.join(format!("{fingerprint}.json"))
+    }
+
+    /// Stores `file` (whose content hashes to `hash`) unless an object with that hash exists.
+    pub fn put(&self, file: &Path, hash: &str) -> io::Result<()> {
+        let object = self.object_path(hash);
+        if object.exists() {
+            return Ok(());
+        }
+        let dir = object.parent().expect("objects live in a fan-out folder");
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            &hash[..hash.len().min(16)],
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        if std::fs::hard_link(file, &tmp).is_err() {
+            std::fs::copy(file, &tmp)?;
+            File::open(&tmp)?.sync_all()?;
+        }
+        std::fs::rename(&tmp, &object)?;
+        atomic::sync_dir(dir)
+    }
+
+    /// Materialises object `hash` at `dest` after checking its content.
+    pub fn restore(&self, hash: &str, dest: &Path) -> Result<(), RestoreError> {
+        let object = self.object_path(hash);
+        let meta =
+            std::fs::metadata(&object).map_err(|_| RestoreError::Missing(hash.to_string()))?;
+        let actual = hash_file(&object, meta.len())?;
+        if actual != hash {
+            return Err(RestoreError::Corrupt {
+                hash: hash.to_string(),
+                actual,
+            });
+        }
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if std::fs::hard_link(&object, dest).is_err() {
+            std::fs::copy(&object, dest)?;
+        }
+        Ok(())
+    }
+
+    /// Records what `entry.fingerprint` produced.
+    pub fn put_action(&self, entry: &ActionEntry) -> io::Result<()> {
+        atomic::write_json(&self.action_path(&entry.fingerprint), entry)
+    }
+
+    /// The action entry of `fingerprint` if every object it names is present (content is checked
+    /// when restoring).
+    pub fn usable_action(&self, fingerprint: &str) -> Option<ActionEntry> {
+        let entry: ActionEntry =
+            serde_json::from_slice(&std::fs::read(self.action_path(fingerprint)).ok()?).ok()?;
+        let complete = entry.version == 1
+            && entry
+                .outputs
+                .iter()
+                .all(|o| self.object_path(&o.blake3).is_file());
+        complete.then_some(entry)
+    }
+
+    /// Every action entry (unreadable ones are skipped).
+    pub fn actions(&self) -> Vec<(PathBuf, ActionEntry)> {
+        let Ok(dir) = std::fs::read_dir(&self.actions) else {
+            return Vec::new();
+        };
+        let mut entries: Vec<(PathBuf, ActionEntry)> = dir
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| {
+                Some((
+                    e.path(),
+                    serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?,
+                ))
+            })
+            .collect();
+        entries.sort_by(|a, b| a.1.finished_at.cmp(&b.1.finished_at));
+        entries
+    }
+
+    /// Every object: (hash, path, size).
+    pub fn objects(&self) -> Vec<(String, PathBuf, u64)> {
+        let mut objects = Vec::new();
+        for entry in walkdir::WalkDir::new(&self.objects)
+            .min_depth(2)
+            .max_depth(2)
+            .into_iter()
+            .filter_map(Result::ok)
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.file_type().is_file() || name.starts_with('.') {
+                continue;
+            }
+            let fan = entry
+                .path()
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let size = entry.metadata().map_or(0, |m| m.len());
+            objects.push((format!("{fan}{name}"), entry.into_path(), size));
+        }
+        objects
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blake(bytes: &[u8]) -> String {
+        blake3::hash(bytes).to_hex().to_string()
+    }
+
+    #[test]
+    fn stores_each_content_once_and_restores_it_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("cache"));
+        let a = dir.path().join("a.txt");
+        let b = dir.path().join("b.txt");
+        std::fs::write(&a, b"same").unwrap();
+        std::fs::write(&b, b"same").unwrap();
+        let h = blake(b"same");
+        store.put(&a, &h).unwrap();
+        store.put(&b, &h).unwrap();
+        assert_eq!(store.objects().len(), 1);
+        let out = dir.path().join("restored/x.txt");
+        store.restore(&h, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"same");
+    }
+
+    #[test]
+    fn corrupt_and_missing_objects_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"content").unwrap();
+        let h = blake(b"content");
+        store.put(&f, &h).unwrap();
+        std::fs::write(store.object_path(&h), b"tampered").unwrap();
+        assert!(matches!(
+            store.restore(&h, &dir.path().join("o")),
+            Err(RestoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.restore(&blake(b"other"), &dir.path().join("o")),
+            Err(RestoreError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn an_action_is_usable_only_with_all_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let entry = ActionEntry {
+            version: 1,
+            stage: "s".into(),
+            fingerprint: "fp".into(),
+            run_id: "r1".into(),
+            finished_at: "2026-01-01T00:00:00Z".into(),
+            outputs: vec![OutputEntry {
+                path: "f".into(),
+                size: 1,
+                blake3: blake(b"x"),
+            }],
+        };
+        store.put_action(&entry).unwrap();
+        assert!(store.usable_action("fp").is_none(), "object not stored yet");
+        store.put(&f, &blake(b"x")).unwrap();
+        assert_eq!(store.usable_action("fp"), Some(entry));
+        assert!(store.usable_action("other").is_none());
+    }
+}
