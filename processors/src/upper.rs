@@ -58,12 +58,73 @@ impl ChunkTransform for Upper {
                             .into(),
                 }),
             };
-        out.extend_from_slice(valid.to_uppercase().as_bytes());
+        upper_utf8(valid, out);
         Ok(Step {
             consumed: valid.len(),
             emit: Emit::Buffer,
         })
     }
+}
+
+/// Appends the full Unicode upper-casing of `text` to `out`: ASCII runs in bulk, other characters
+/// one by one (`str::to_uppercase` would build a new `String` and map every character singly).
+fn upper_utf8(text: &str, out: &mut Vec<u8>) {
+    let bytes = text.as_bytes();
+    out.reserve(bytes.len() + bytes.len() / 8);
+    let mut i = 0;
+    while i < bytes.len() {
+        let run_end = bytes[i..]
+            .iter()
+            .position(|b| !b.is_ascii())
+            .map_or(bytes.len(), |p| i + p);
+        let start = out.len();
+        out.extend_from_slice(&bytes[i..run_end]);
+        out[start..].make_ascii_uppercase();
+        i = run_end;
+        if let Some(c) = text[i..].chars().next() {
+            match two_byte_table().get((c as usize).wrapping_sub(0x80)) {
+                Some(upper) => out.extend_from_slice(&upper.bytes[..upper.len as usize]),
+                None => {
+                    let mut buf = [0u8; 4];
+                    for u in c.to_uppercase() {
+                        out.extend_from_slice(u.encode_utf8(&mut buf).as_bytes());
+                    }
+                }
+            }
+            i += c.len_utf8();
+        }
+    }
+}
+
+/// The UTF-8 upper-casing of one character, inline.
+#[derive(Clone, Copy)]
+struct Upper8 {
+    bytes: [u8; 12],
+    len: u8,
+}
+
+/// Upper-casings of every two-byte UTF-8 character (U+0080..U+07FF: Latin, Greek, Cyrillic,
+/// Hebrew, Arabic...), computed once: the common non-ASCII characters then cost a table lookup
+/// instead of a search of the case-mapping tables.
+fn two_byte_table() -> &'static [Upper8] {
+    static TABLE: std::sync::OnceLock<Vec<Upper8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0x80u32..0x800)
+            .map(|cp| {
+                let mut entry = Upper8 {
+                    bytes: [0; 12],
+                    len: 0,
+                };
+                if let Some(c) = char::from_u32(cp) {
+                    for u in c.to_uppercase() {
+                        let n = u.encode_utf8(&mut entry.bytes[entry.len as usize..]).len();
+                        entry.len += n as u8;
+                    }
+                }
+                entry
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -122,6 +183,36 @@ mod tests {
         assert_eq!(out, b"A");
         assert_eq!(consumed, 1);
         assert!(upper(Mode::Unicode, "aß".as_bytes().split_at(2).0, true).is_err());
+    }
+
+    #[test]
+    fn the_fast_path_equals_std_to_uppercase() {
+        let samples = [
+            "",
+            "abc",
+            "straße",
+            "ÄÖÜ äöü ß",
+            "mixed ascii ǆ ﬁ ΐ σς and 🦀 crab",
+            "ends with é",
+        ];
+        for text in samples {
+            let mut out = Vec::new();
+            upper_utf8(text, &mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                text.to_uppercase(),
+                "{text:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_fast_path_equals_std_to_uppercase_on_any_text(text in "\\PC{0,200}") {
+            let mut out = Vec::new();
+            upper_utf8(&text, &mut out);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), text.to_uppercase());
+        }
     }
 
     #[test]
