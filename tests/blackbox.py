@@ -383,12 +383,17 @@ sys.exit(0)
 
 
 def proc_stage(name: str, inputs: list[str], output_dir: str, params: dict[str, Any] | None = None, version: str = "1", **extra) -> dict[str, Any]:
-    """A stage running the test processor `proc.py` (which the project must contain)."""
+    """A stage running the test processor `proc.py` (which the project must contain).
+
+    proc.py keeps its instrumentation (counter, pid and handshake files) in the project folder, so
+    the stage lets the sandbox write there (`sandbox.writablePaths`); the offline tests use stages
+    of their own."""
     stage: dict[str, Any] = {
         "name": name,
         "processor": {"command": ["python3", "proc.py"], "version": version},
         "inputs": inputs,
         "outputDir": output_dir,
+        "sandbox": {"writablePaths": ["."]},
     }
     if params is not None:
         stage["params"] = params

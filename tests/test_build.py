@@ -181,8 +181,8 @@ def dry_run(project) -> dict[str, dict]:
 
 
 def kinds(event: dict) -> list[str]:
-    """The reason kinds of a `run` decision."""
-    assert event["decision"] == "run", event
+    """The reason kinds of a decision to do work (`run`, or `restore` from the output cache)."""
+    assert event["decision"] in ("run", "restore"), event
     return [r["kind"] for r in event["reasons"]]
 
 
@@ -223,9 +223,11 @@ def test_an_added_or_removed_input_reruns(demo):
 
     demo.path("input/new.txt").unlink()
     plan = dry_run(demo)
+    # Back to the inputs of run `one`: the output cache has that result, so it is restored.
+    assert plan["copy"]["decision"] == "restore" and plan["copy"]["fromRun"] == "one", plan
     assert kinds(plan["copy"]) == ["inputRemoved"] and "input/new.txt removed" in plan["copy"]["summary"], plan
     demo.ok("build", "--run-id", "three")
-    assert demo.statuses("three") == {"copy": "succeeded", "upper": "succeeded"}
+    assert demo.statuses("three") == {"copy": "restored", "upper": "restored"}
     assert not demo.exists("output/new.txt") and not demo.exists("work/new.txt")
 
 
@@ -269,9 +271,18 @@ def test_deleting_an_output_reruns_its_stage(demo):
     plan = dry_run(demo)
     assert_skip(plan["copy"])
     assert kinds(plan["upper"]) == ["outputMissing"] and "output output/hello.txt missing" in plan["upper"]["summary"], plan
+    assert plan["upper"]["decision"] == "restore", "the output cache still holds the deleted output"
 
     demo.ok("build", "--run-id", "two")
-    assert demo.statuses("two") == {"copy": "skipped", "upper": "succeeded"}
+    assert demo.statuses("two") == {"copy": "skipped", "upper": "restored"}
+    assert demo.read("output/hello.txt") == expected
+
+    # Without the output cache, the stage really runs again.
+    shutil.rmtree(demo.path("cache"))
+    demo.path("output/hello.txt").unlink()
+    assert dry_run(demo)["upper"]["decision"] == "run"
+    demo.ok("build", "--run-id", "three")
+    assert demo.statuses("three") == {"copy": "skipped", "upper": "succeeded"}
     assert demo.read("output/hello.txt") == expected
 
 
@@ -358,9 +369,10 @@ def test_copying_the_project_elsewhere_reruns_nothing(demo, tmp_path):
 
 
 def test_processor_sees_the_protocol_environment(make_project):
-    spec = pipeline(proc_stage("ext", ["input"], "out", {"counter": "runs.log", "dumpEnv": "env.json", "n": 7}, resources={"cpus": 1}))
+    sandbox = {"writablePaths": ["."], "passEnv": ["BB_PASSED_THROUGH"]}
+    spec = pipeline(proc_stage("ext", ["input"], "out", {"counter": "runs.log", "dumpEnv": "env.json", "n": 7}, resources={"cpus": 1}, sandbox=sandbox))
     project = make_project(spec, files={"input/b.txt": "b\n", "input/a/z.txt": "z\n", "input/a.txt": "a\n"})
-    project.ok("build", "--run-id", "envrun", env={"BB_PASSED_THROUGH": "yes"})
+    project.ok("build", "--run-id", "envrun", env={"BB_PASSED_THROUGH": "yes", "BB_NOT_LISTED": "no"})
     env = project.json("env.json")
     root = str(project.root.resolve())
     assert env["PIPELINE_RUN_ID"] == "envrun"
@@ -376,7 +388,8 @@ def test_processor_sees_the_protocol_environment(make_project):
     assert env["PIPELINE_PROGRESS_FD"] == "3" and env["fd3"] is True
     assert "PIPELINE_RESUME" not in env
     assert env["PIPELINE_CPUS"] == env["OMP_NUM_THREADS"] == env["RAYON_NUM_THREADS"] == "1"
-    assert env["BB_PASSED_THROUGH"] == "yes"
+    assert env["BB_PASSED_THROUGH"] == "yes"  # listed in sandbox.passEnv
+    assert "BB_NOT_LISTED" not in env  # the environment is an allowlist (docs/offline.md)
     assert os.path.realpath(env["cwd"]) == os.path.realpath(project.root)
     assert not os.path.exists(env["PIPELINE_OUTPUT_DIR"])  # published and removed
     assert project.read("out/a/z.txt") == b"z\n"

@@ -33,6 +33,7 @@ ENGINE_POINTS = [
     "publish.after-outputs-synced",
     "publish.after-staging-removed",
     "publish.after-marker",
+    "audit.after-append",
 ]
 SDK_POINTS = [
     "sdk.after-output-write",
@@ -138,6 +139,8 @@ def crash_and_resume(template_project: Path, workdir: Path, name: str, k: int, g
     again = pipe(project, "--message-format", "json", "build")
     statuses = [json.loads(l)["status"] for l in again.stdout.decode().splitlines() if '"stageFinished"' in l]
     assert statuses == ["skipped"] * 3, f"{name}:{k}: a third build still had work: {statuses}"
+    verified = pipe(project, "audit", "verify")
+    assert verified.returncode == 0, f"{name}:{k}: audit chain broken\n{verified.stderr.decode()}"
     return True
 
 

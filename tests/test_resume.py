@@ -183,6 +183,7 @@ def test_a_build_stopped_mid_stage_resumes_from_its_checkpoint(make_project, sig
             "inputs": ["input"],
             "outputDir": "out",
             "checkpoint": {"everyLines": 100},
+            "sandbox": {"writablePaths": ["."]},  # the started/release handshake files
         }
     )
     project = make_project(spec, files=files, with_proc=False)
@@ -259,6 +260,7 @@ def test_a_retry_continues_from_the_last_checkpoint(make_project):
             "inputs": ["input"],
             "outputDir": "out",
             "checkpoint": {"everyLines": 100},
+            "sandbox": {"writablePaths": ["."]},  # the resume-N.json records
             "retry": {"maxAttempts": 2, "baseDelayMs": 1},
         }
     )

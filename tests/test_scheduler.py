@@ -198,7 +198,8 @@ def test_a_new_build_stops_what_a_killed_build_left_running(tmp_path):
     (root / "input").mkdir(parents=True)
     (root / "input" / "x.txt").write_text("x\n")
     (root / "escaper.py").write_text(ESCAPER)
-    spec = {"version": 1, "stages": [{"name": "esc", "processor": {"command": ["python3", "escaper.py"], "version": "1"}, "inputs": ["input"], "outputDir": "out"}]}
+    sandbox = {"passEnv": ["PIDFILE"], "writablePaths": [str(tmp_path)]}
+    spec = {"version": 1, "stages": [{"name": "esc", "processor": {"command": ["python3", "escaper.py"], "version": "1"}, "inputs": ["input"], "outputDir": "out", "sandbox": sandbox}]}
     (root / "Pipefile.json").write_text(json.dumps(spec))
     pidfile = tmp_path / "grandchild.pid"
     env = {**os.environ, "NO_COLOR": "1", "PIDFILE": str(pidfile)}

@@ -140,7 +140,7 @@ def test_a_bare_program_argument_is_not_checked_but_fails_at_run_time(make_proje
 
 
 def test_an_absolute_program_path_that_exists_is_accepted(make_project):
-    text = spec_text({"name": "a", "processor": {"command": ["/usr/bin/env", "python3", "proc.py"], "version": "1"}, "inputs": ["input"], "outputDir": "out"})
+    text = spec_text({"name": "a", "processor": {"command": ["/usr/bin/env", "python3", "proc.py"], "version": "1"}, "inputs": ["input"], "outputDir": "out", "sandbox": {"writablePaths": ["."]}})
     project = make_project(text, files=FILES)
     project.ok("check")
     project.ok("build")

@@ -25,6 +25,7 @@ use crate::lock::{self, Holder, LockError, Wait};
 use crate::plan::{self, Decision};
 use crate::procfs;
 use crate::publish::{self, Recovery};
+use crate::runlog::RunLog;
 use crate::scheduler::{Capacity, Need, Scheduler};
 use crate::spec::Spec;
 use crate::stage_job::{JobMessage, JobResult, StageJob};
@@ -32,7 +33,7 @@ use crate::state::{
     self, Metrics, RunRecord, RunStage, RunStatus, StageMetrics, StageRecord, StageStatus, Totals,
 };
 use crate::workspace::Workspace;
-use crate::{atomic, runid};
+use crate::{atomic, audit, runid};
 
 /// How to build.
 #[derive(Debug, Clone)]
@@ -48,6 +49,10 @@ pub struct BuildOptions {
     pub exe: PathBuf,
     /// Set by SIGINT/SIGTERM: stop the running processors, keep their checkpoints, exit 130.
     pub interrupt: Arc<AtomicBool>,
+    /// The offline guard: which sandbox layers processors run under.
+    pub sandbox: crate::sandbox::Options,
+    /// Authenticates the audit records with HMAC-SHA256 (`--audit-key`).
+    pub audit_key: Option<audit::Key>,
 }
 
 /// Why a build could not start (as opposed to a stage failing).
@@ -63,6 +68,8 @@ pub enum BuildError {
     UnknownStage(String),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
     #[error("cannot write state: {0}")]
     State(#[from] io::Error),
 }
@@ -104,6 +111,16 @@ pub fn build(
         None => runid::generate(),
     };
     let selected = selection(spec, graph, &opts.targets).map_err(BuildError::UnknownStage)?;
+    // Every event of the run also goes to its log, `state/logs/run_<id>.jsonl` (buffered until
+    // the run id is known to be new).
+    let log = RunLog::new(ws.run_log_file(&run_id), &run_id);
+    let outer = report;
+    let report: &mut dyn FnMut(&Event) = &mut |event: &Event| {
+        if let Some(warning) = log.record(event) {
+            outer(&warning);
+        }
+        outer(event)
+    };
     let me = Holder {
         pid: std::process::id(),
         run_id: run_id.clone(),
@@ -118,11 +135,17 @@ pub fn build(
     if ws.run_file(&run_id).exists() {
         return Err(BuildError::RunIdUsed(run_id));
     }
-    stop_orphans(&ws, report)?;
+    log.open()?;
+    let mut audit = audit::Log::open(&ws, opts.audit_key.clone(), &_lock, Some(&run_id))?;
+    audit.run_started(spec, &selected)?;
+    audit.append("run.offline", None, opts.sandbox.audit_data())?;
+    stop_orphans(&ws, &mut audit, report)?;
     ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;
     let mut cache = StatCache::load(&ws.stat_cache_file());
     for stage in &spec.stages {
-        match publish::recover(&ws.publish_target(stage), &mut cache)? {
+        let recovery = publish::recover(&ws.publish_target(stage), &mut cache)?;
+        audit.publish_recovered(&ws, stage, &recovery)?;
+        match recovery {
             Recovery::Nothing => {}
             Recovery::Completed => report(&Event::Warning {
                 message: format!("completed the interrupted publish of `{}`", stage.name),
@@ -155,6 +178,7 @@ pub fn build(
         totals: Totals::default(),
         statuses: BTreeMap::new(),
         processes: BTreeMap::new(),
+        audit,
     };
     b.save_run()?;
     report(&Event::RunStarted {
@@ -163,7 +187,13 @@ pub fn build(
         stages: selected.len(),
     });
     b.schedule(graph, &selected, report)?;
-    b.finish(report)
+    let done = b.finish(report);
+    if let Err(err) = log.close() {
+        report(&Event::Warning {
+            message: format!("cannot sync the run log: {err}"),
+        });
+    }
+    done
 }
 
 /// The coordinator's state for one build.
@@ -180,6 +210,8 @@ struct Coordinator<'a> {
     /// Processors running now, by stage (`state/processes.json`), so that a later build can stop
     /// what a killed one left behind.
     processes: BTreeMap<String, RunningProcess>,
+    /// The audit log, appended to by this thread only, under the workspace lock.
+    audit: audit::Log,
 }
 
 /// A processor started by a build, as recorded in `state/processes.json`.
@@ -196,7 +228,11 @@ pub struct RunningProcess {
 /// died (it held the lock we now hold). A pid whose start time differs belongs to an unrelated
 /// process and is left alone; a vanished group leader's group is signalled anyway, since its
 /// group id cannot be reused while members remain.
-fn stop_orphans(ws: &Workspace, report: &mut dyn FnMut(&Event)) -> io::Result<()> {
+fn stop_orphans(
+    ws: &Workspace,
+    audit: &mut audit::Log,
+    report: &mut dyn FnMut(&Event),
+) -> io::Result<()> {
     let path = ws.processes_file();
     let Ok(bytes) = std::fs::read(&path) else {
         return Ok(());
@@ -213,6 +249,7 @@ fn stop_orphans(ws: &Workspace, report: &mut dyn FnMut(&Event)) -> io::Result<()
             continue;
         };
         if rustix::process::kill_process_group(group, rustix::process::Signal::KILL).is_ok() {
+            audit.lock_takeover(&stage, p.pid, &p.run_id)?;
             report(&Event::Warning {
                 message: format!(
                     "stopped processor pid {} of stage `{stage}` left running by run {}",
@@ -358,7 +395,10 @@ impl Coordinator<'_> {
                     self.cache.absorb(hashes);
                     self.totals.retries += retries;
                     self.metrics.insert(spec.stages[i].name.clone(), metrics);
-                    let ok = matches!(status, StageStatus::Succeeded | StageStatus::Resumed | StageStatus::Restored);
+                    let ok = matches!(
+                        status,
+                        StageStatus::Succeeded | StageStatus::Resumed | StageStatus::Restored
+                    );
                     sched.finish(i, ok);
                     if !ok && !self.opts.keep_going {
                         stop = true;
@@ -412,7 +452,7 @@ impl Coordinator<'_> {
             return Ok(Planned::Skip);
         }
         let reason = plan.decision.describe();
-        Ok(Planned::Run(Box::new(StageJob::new(
+        let mut job = StageJob::new(
             self.spec,
             &self.ws,
             i,
@@ -421,7 +461,16 @@ impl Coordinator<'_> {
             &self.opts.exe,
             &self.opts.interrupt,
             reason,
-        ))))
+        );
+        job.sandbox = crate::sandbox::stage_policy(
+            &self.opts.sandbox,
+            self.spec,
+            &self.ws,
+            stage,
+            &job.inputs,
+            &self.opts.exe,
+        );
+        Ok(Planned::Run(Box::new(job)))
     }
 
     /// Records a stage's end in the run record, the totals and the console.
@@ -455,6 +504,8 @@ impl Coordinator<'_> {
             duration_ms,
             reason: reason.clone(),
         });
+        self.audit
+            .stage_finished(&self.ws, &self.spec.stages[i], status, &reason, attempts)?;
         self.run.stages.push(RunStage {
             name,
             status,
@@ -492,6 +543,10 @@ impl Coordinator<'_> {
             stages: std::mem::take(&mut self.metrics),
         };
         atomic::write_json(&self.ws.metrics_file(&self.run.run_id), &metrics)?;
+        atomic::write(
+            &self.ws.metrics_prom_file(&self.run.run_id),
+            crate::prometheus::render(&metrics).as_bytes(),
+        )?;
         self.save_run()?;
         self.cache.prune_missing();
         if let Err(err) = self.cache.save(&self.ws.stat_cache_file()) {
@@ -499,6 +554,12 @@ impl Coordinator<'_> {
                 message: format!("could not save the stat cache (next build rehashes): {err}"),
             });
         }
+        self.audit.run_finished(&self.run, &self.totals)?;
+        let head = self.audit.head().clone();
+        report(&Event::AuditHead {
+            seq: head.seq,
+            hash: head.hash,
+        });
         report(&Event::RunFinished {
             run_id: self.run.run_id.clone(),
             status: self.run.status,

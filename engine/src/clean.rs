@@ -19,6 +19,8 @@ use crate::{atomic, state};
 pub struct Cleaned {
     pub files: Vec<String>,
     pub stages: Vec<String>,
+    /// The audit log's head after recording this clean.
+    pub audit_head: Option<crate::audit::Head>,
 }
 
 /// Why clean failed.
@@ -28,6 +30,8 @@ pub enum CleanError {
     UnknownStage(String),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -39,6 +43,7 @@ pub fn clean(
     with_state: bool,
     with_cache: bool,
     wait: Wait,
+    audit_key: Option<crate::audit::Key>,
 ) -> Result<Cleaned, CleanError> {
     let ws = Workspace::new(spec);
     let mut indices = Vec::new();
@@ -58,6 +63,7 @@ pub fn clean(
         started_at: state::now_rfc3339(),
     };
     let _lock = lock::acquire(&ws, &me, wait, |_| {})?;
+    let mut audit = crate::audit::Log::open(&ws, audit_key, &_lock, None)?;
     ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;
     let mut cleaned = Cleaned::default();
     for i in indices {
@@ -124,6 +130,8 @@ pub fn clean(
         std::fs::remove_dir_all(ws.cache_dir())?;
         cleaned.files.push("cache/".into());
     }
+    audit.cleaned(&cleaned, with_state, with_cache)?;
+    cleaned.audit_head = Some(audit.head().clone());
     Ok(cleaned)
 }
 
@@ -136,7 +144,9 @@ fn remove_run_records(ws: &Workspace, cleaned: &mut Cleaned) -> io::Result<()> {
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if (name.starts_with("run_") || name.starts_with("metrics_")) && name.ends_with(".json") {
+        if (name.starts_with("run_") || name.starts_with("metrics_"))
+            && (name.ends_with(".json") || name.ends_with(".prom"))
+        {
             std::fs::remove_file(entry.path())?;
             cleaned.files.push(format!("state/{name}"));
         }

@@ -24,11 +24,35 @@ use crate::spec::{LoadError, Spec, SpecError};
 use crate::state::{RunRecord, RunStatus, StageStatus};
 use crate::workspace::Workspace;
 
+mod offline;
+mod progress;
+mod reference;
+
+mod audit_cmd;
+
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
 pub const EXIT_LOCKED: u8 = 3;
 pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Every exit code and its meaning (for `pipe man` and `docs/cli.md`).
+pub const EXIT_CODES: &[(u8, &str)] = &[
+    (EXIT_OK, "success (also when everything was skipped)"),
+    (
+        EXIT_FAILED,
+        "a stage failed, `status --exit-code` found work to do, or `audit verify` found the log altered",
+    ),
+    (
+        EXIT_INVALID,
+        "invalid pipeline or usage (Pipefile errors are reported as FILE:LINE:COL)",
+    ),
+    (EXIT_LOCKED, "the workspace lock is held by another run"),
+    (
+        EXIT_INTERRUPTED,
+        "interrupted (Ctrl-C / SIGTERM); running stages keep their checkpoints",
+    ),
+];
 
 /// pipe: an offline, incremental, resumable task-graph engine for batch file processing.
 #[derive(Debug, Parser)]
@@ -66,6 +90,9 @@ impl From<SeedArgs> for BuildArgs {
             keep_going: seed.keep_going,
             jobs: None,
             wait_lock: None,
+            audit: Default::default(),
+            offline_guard: offline::OfflineGuard::Strict,
+            sandbox_debug: false,
         }
     }
 }
@@ -132,13 +159,37 @@ enum Command {
     },
     /// Print the stage graph
     Graph {
+        /// Output format (json: nodes and edges for tools)
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
-    /// Validate the Pipefile without running anything
-    Check,
+    /// Validate the Pipefile and statically scan Python processors for network use, without
+    /// running anything
+    Check {
+        /// Also prove the runtime sandbox on this machine: canaries must fail to reach a
+        /// loopback listener pipe starts itself
+        #[arg(long)]
+        sandbox: bool,
+    },
+    /// Free cache space: entries of old runs, objects nothing references (never what current
+    /// outputs need)
+    Gc(GcArgs),
     /// Print the JSON Schema of the Pipefile format
     Schema,
+    /// Verify or show the tamper-evident audit log (state/audit.jsonl)
+    Audit(audit_cmd::AuditArgs),
+    /// Print a shell completion script (e.g. `pipe completions bash > /etc/bash_completion.d/pipe`)
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: reference::CompletionShell,
+    },
+    /// Print the man page (roff; view with `pipe man | man -l -`)
+    Man {
+        /// Print the page of this subcommand instead (`pipe-SUBCOMMAND(1)`)
+        #[arg(value_name = "SUBCOMMAND")]
+        subcommand: Option<String>,
+    },
     /// Run a built-in processor (the engine runs built-ins this way, as a child)
     Processor {
         /// copy | upper
@@ -166,6 +217,30 @@ struct BuildArgs {
     /// Wait for the workspace lock (optionally at most SECONDS) instead of failing with exit 3
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, require_equals = true)]
     wait_lock: Option<Option<u64>>,
+    /// Which offline layers processors run under (see docs/offline.md)
+    #[arg(long, value_enum, default_value_t = offline::OfflineGuard::Strict)]
+    offline_guard: offline::OfflineGuard,
+    /// Print the exact re-exec command of every processor attempt (to reproduce it by hand)
+    #[arg(long)]
+    sandbox_debug: bool,
+    #[command(flatten)]
+    audit: audit_cmd::KeyArg,
+}
+
+#[derive(Debug, Args)]
+struct GcArgs {
+    /// Keep the cache entries of the last N runs (default: all runs)
+    #[arg(long, value_name = "N")]
+    keep_runs: Option<usize>,
+    /// Then drop the oldest entries until the objects fit in SIZE (e.g. 500M, 2G)
+    #[arg(long, value_name = "SIZE", value_parser = crate::gc::parse_size)]
+    max_size: Option<u64>,
+    /// Say what would be freed; remove nothing
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Wait for the workspace lock (optionally at most SECONDS)
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, require_equals = true)]
+    wait_lock: Option<Option<u64>>,
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +257,8 @@ struct CleanArgs {
     /// Wait for the workspace lock (optionally at most SECONDS)
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, require_equals = true)]
     wait_lock: Option<Option<u64>>,
+    #[command(flatten)]
+    audit: audit_cmd::KeyArg,
 }
 
 fn wait_of(arg: Option<Option<u64>>) -> Wait {
@@ -198,6 +275,8 @@ struct Output {
     quiet: bool,
     verbose: bool,
     color: bool,
+    /// Show the live progress display (stderr is a terminal, human output, not `-q`).
+    live: bool,
 }
 
 impl Output {
@@ -214,6 +293,10 @@ impl Output {
             quiet: g.quiet,
             verbose: g.verbose > 0,
             color,
+            live: g.message_format == MessageFormat::Human
+                && !g.quiet
+                && std::io::stderr().is_terminal()
+                && progress::supported(),
         }
     }
 
@@ -227,18 +310,25 @@ impl Output {
     }
 
     fn error(&self, message: &str) {
+        self.stderr(&self.error_text(message));
+    }
+
+    fn error_text(&self, message: &str) -> String {
         let prefix = if self.color {
             "\x1b[1;31merror\x1b[0m"
         } else {
             "error"
         };
-        self.stderr(&format!("{prefix}: {message}"));
+        format!("{prefix}: {message}")
     }
 
-    fn event(&self, event: &Event) {
+    /// Renders an event of run `run_id`: with json, the event line object on stdout; and a human
+    /// line on stderr (as with json: human messages stay on stderr), above the live display when
+    /// there is one.
+    fn event(&self, run_id: &str, event: &Event, live: Option<&mut progress::Live>) {
         if self.json {
-            self.stdout(&serde_json::to_string(event).expect("events serialise"));
-            return;
+            let ts = crate::state::now_rfc3339();
+            self.stdout(&crate::runlog::line(&ts, run_id, event));
         }
         let line = match event {
             Event::RunStarted { run_id, stages, .. } => (!self.quiet).then(|| format!("pipe: run {run_id}: {stages} stage(s)")),
@@ -249,29 +339,42 @@ impl Output {
                 Some(ms) => format!("{stage}: attempt {attempt} failed ({}: {message}); retrying in {ms} ms", serde_json::to_value(classification).unwrap().as_str().unwrap_or("")),
                 None => format!("{stage}: attempt {attempt} failed ({}): {message}", serde_json::to_value(classification).unwrap().as_str().unwrap_or("")),
             }),
+            Event::StagePublished { stage, files, bytes, .. } => (self.verbose && !self.quiet).then(|| format!("{stage}: published {files} file(s), {bytes} bytes")),
             Event::StageFinished { stage, status, duration_ms, reason } => match status {
-                StageStatus::Failed => {
-                    self.error(&format!("stage `{stage}` failed: {reason}"));
-                    None
-                }
+                StageStatus::Failed => Some(self.error_text(&format!("stage `{stage}` failed: {reason}"))),
                 StageStatus::Skipped => None,
                 StageStatus::NotRun => (!self.quiet).then(|| format!("{stage}: not run ({reason})")),
                 other => (!self.quiet).then(|| format!("{stage}: {} in {duration_ms} ms", other.as_str())),
             },
             Event::Warning { message } => Some(format!("warning: {message}")),
+            Event::AuditHead { seq, hash } => (!self.quiet).then(|| format!("audit head: {seq}:{hash}")),
             Event::RunFinished { run_id, status, duration_ms, totals } => (!self.quiet || *status != RunStatus::Succeeded).then(|| {
                 format!(
-                    "pipe: {}: {} ran, {} skipped, {} resumed, {} failed in {duration_ms} ms (run {run_id})",
+                    "pipe: {}: {} ran, {} skipped, {} resumed, {}{} failed in {duration_ms} ms (run {run_id})",
                     serde_json::to_value(status).unwrap().as_str().unwrap_or(""),
                     totals.ran,
                     totals.skipped,
                     totals.resumed,
+                    match totals.restored {
+                        0 => String::new(),
+                        n => format!("{n} restored, "),
+                    },
                     totals.failed
                 )
             }),
         };
-        if let Some(line) = line {
-            self.stderr(&line);
+        match live {
+            Some(live) => {
+                live.update(event);
+                if let Some(line) = line {
+                    live.println(&line);
+                }
+            }
+            None => {
+                if let Some(line) = line {
+                    self.stderr(&line);
+                }
+            }
         }
     }
 
@@ -297,6 +400,10 @@ impl Output {
 
 /// Entry point of the `pipe` binary.
 pub fn main() -> ExitCode {
+    // `pipe __exec` (the sandbox's re-exec helper) and `pipe __connect` (a sandbox canary).
+    if let Some(code) = crate::sandbox::hidden_command() {
+        return ExitCode::from(code);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -309,6 +416,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // The canary listener of `check --sandbox` must live outside pipe's own socket filter, so it
+    // is forked first; then pipe denies itself every socket family but AF_UNIX.
+    if matches!(cli.command, Some(Command::Check { sandbox: true })) {
+        crate::sandbox::canary::start_listener();
+    }
+    let _ = crate::sandbox::install_engine_filter();
     ExitCode::from(run(cli))
 }
 
@@ -335,6 +448,20 @@ fn run(cli: Cli) -> u8 {
             EXIT_OK
         }
         Command::Processor { name } => pipe_processors::builtins::run(&name).clamp(0, 255) as u8,
+        Command::Audit(args) => audit_cmd::run(args, cli.global.pipeline, &out),
+        Command::Completions { shell } => {
+            reference::completions(shell, &mut std::io::stdout().lock());
+            EXIT_OK
+        }
+        Command::Man { subcommand } => {
+            match reference::man(subcommand.as_deref(), &mut std::io::stdout().lock()) {
+                Ok(()) => EXIT_OK,
+                Err(err) => {
+                    out.error(&err);
+                    EXIT_INVALID
+                }
+            }
+        }
         command => {
             let file = pipefile_path(cli.global.pipeline);
             let (spec, graph) = match load(&file, &out) {
@@ -364,14 +491,14 @@ fn run(cli: Cli) -> u8 {
                     }
                     EXIT_OK
                 }
-                Command::Check => {
-                    if !out.quiet {
-                        out.stderr(&format!("{}: ok ({} stages)", spec.file, spec.stages.len()));
-                    }
-                    EXIT_OK
-                }
+                Command::Check { sandbox } => offline::check(&spec, &out, sandbox),
                 Command::Clean(args) => run_clean(&spec, args, &out),
-                Command::Schema | Command::Processor { .. } => unreachable!("handled above"),
+                Command::Gc(args) => run_gc(&spec, args, &out),
+                Command::Schema
+                | Command::Processor { .. }
+                | Command::Completions { .. }
+                | Command::Man { .. }
+                | Command::Audit(_) => unreachable!("handled above"),
             }
         }
     }
@@ -511,16 +638,41 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
             return EXIT_FAILED;
         }
     };
+    let sandbox = match offline::preflight(
+        spec,
+        graph,
+        &args.stages,
+        args.offline_guard,
+        args.sandbox_debug,
+        &exe,
+        out,
+    ) {
+        Ok(options) => options,
+        Err(code) => return code,
+    };
+    // Generated here when not given, so every event line (json) carries it from the first.
+    let run_id = args.run_id.unwrap_or_else(crate::runid::generate);
+    let audit_key = match args.audit.load(&spec.root, out) {
+        Ok(key) => key,
+        Err(code) => return code,
+    };
+    let mut live = out.live.then(progress::Live::new);
     let opts = BuildOptions {
-        run_id: args.run_id,
+        run_id: Some(run_id.clone()),
         targets: args.stages,
         keep_going: args.keep_going,
         jobs: args.jobs,
         wait_lock: wait_of(args.wait_lock),
         exe,
         interrupt,
+        sandbox,
+        audit_key,
     };
-    match build::build(spec, graph, &opts, &mut |e| out.event(e)) {
+    let result = build::build(spec, graph, &opts, &mut |e| {
+        out.event(&run_id, e, live.as_mut())
+    });
+    drop(live);
+    match result {
         Ok(report) => match report.run.status {
             RunStatus::Succeeded => EXIT_OK,
             RunStatus::Interrupted => EXIT_INTERRUPTED,
@@ -546,17 +698,52 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
     }
 }
 
+fn run_gc(spec: &Spec, args: GcArgs, out: &Output) -> u8 {
+    let opts = crate::gc::GcOptions {
+        keep_runs: args.keep_runs,
+        max_size: args.max_size,
+        dry_run: args.dry_run,
+    };
+    match crate::gc::gc(spec, &opts, wait_of(args.wait_lock)) {
+        Ok(r) => {
+            let verb = if args.dry_run { "would free" } else { "freed" };
+            if out.json {
+                out.stdout(&serde_json::json!({"event": "gc", "dryRun": args.dry_run, "actionsRemoved": r.actions_removed, "objectsRemoved": r.objects_removed, "bytesFreed": r.bytes_freed, "objectsKept": r.objects_kept, "bytesKept": r.bytes_kept}).to_string());
+            } else if !out.quiet {
+                out.stderr(&format!(
+                    "pipe gc: {verb} {} bytes ({} objects, {} cache entries); kept {} objects ({} bytes)",
+                    r.bytes_freed, r.objects_removed, r.actions_removed, r.objects_kept, r.bytes_kept
+                ));
+            }
+            EXIT_OK
+        }
+        Err(err @ crate::gc::GcError::Lock(crate::lock::LockError::Held(_))) => {
+            out.error(&err.to_string());
+            EXIT_LOCKED
+        }
+        Err(err) => {
+            out.error(&err.to_string());
+            EXIT_FAILED
+        }
+    }
+}
+
 fn run_clean(spec: &Spec, args: CleanArgs, out: &Output) -> u8 {
+    let audit_key = match args.audit.load(&spec.root, out) {
+        Ok(key) => key,
+        Err(code) => return code,
+    };
     match crate::clean::clean(
         spec,
         &args.stages,
         args.state,
         args.cache,
         wait_of(args.wait_lock),
+        audit_key,
     ) {
         Ok(cleaned) => {
             if out.json {
-                out.stdout(&serde_json::json!({"event": "cleaned", "stages": cleaned.stages, "removed": cleaned.files}).to_string());
+                out.stdout(&serde_json::json!({"event": "cleaned", "stages": cleaned.stages, "removed": cleaned.files, "auditHead": cleaned.audit_head.as_ref().map(ToString::to_string)}).to_string());
             } else if !out.quiet {
                 for f in &cleaned.files {
                     out.stderr(&format!("removed {f}"));
@@ -566,6 +753,9 @@ fn run_clean(spec: &Spec, args: CleanArgs, out: &Output) -> u8 {
                     cleaned.stages.len(),
                     cleaned.files.len()
                 ));
+                if let Some(head) = &cleaned.audit_head {
+                    out.stderr(&format!("audit head: {head}"));
+                }
             }
             EXIT_OK
         }

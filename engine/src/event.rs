@@ -43,6 +43,15 @@ pub enum Event {
         message: String,
         retry_in_ms: Option<u64>,
     },
+    /// A stage's outputs and then its marker were published (after a run or a cache restore).
+    #[serde(rename_all = "camelCase")]
+    StagePublished {
+        stage: String,
+        fingerprint: String,
+        /// Output files the marker lists, and their total size.
+        files: usize,
+        bytes: u64,
+    },
     #[serde(rename_all = "camelCase")]
     StageFinished {
         stage: String,
@@ -52,6 +61,9 @@ pub enum Event {
     },
     #[serde(rename_all = "camelCase")]
     Warning { message: String },
+    /// The audit log's head after the run: write it down elsewhere (`pipe audit verify --head`).
+    #[serde(rename_all = "camelCase")]
+    AuditHead { seq: u64, hash: String },
     #[serde(rename_all = "camelCase")]
     RunFinished {
         run_id: String,

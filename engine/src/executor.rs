@@ -1,17 +1,26 @@
 //! Runs one attempt of a processor as a child process and watches it.
 //!
-//! The child runs in its own process group (so the whole tree can be signalled), gets a
-//! parent-death signal (so it dies with `pipe`, even on `kill -9`), has stdin closed and
-//! stdout/stderr appended to a log file, and receives the write end of a progress pipe as fd 3
-//! (`PIPELINE_PROGRESS_FD=3`). A reader thread turns checkpoint lines into calls of
-//! `on_checkpoint`; a waiter thread reaps the child with `wait4` to get its resource usage. The
-//! calling thread enforces the timeout and reacts to interruption: SIGTERM to the group, a grace
-//! period, then SIGKILL. When the processor exits, whatever it left in its group is killed.
+//! The child is `pipe __exec` (the re-exec helper, [`crate::sandbox::helper`]), which confines
+//! itself as the attempt's [`Policy`] says and then executes the processor in place, so the
+//! processor keeps the helper's pid. The child runs in its own process group (so the whole tree
+//! can be signalled), gets a parent-death signal (so it dies with `pipe`, even on `kill -9`), has
+//! stdin closed and stdout/stderr appended to a log file, an environment cut to an allowlist
+//! ([`crate::sandbox::env`]), the write end of a progress pipe as fd 3 (`PIPELINE_PROGRESS_FD=3`)
+//! and the report channel of the helper as fd 4 (close-on-exec in the helper, so the processor
+//! never sees it).
+//!
+//! Four threads: a reader turns checkpoint lines into calls of `on_checkpoint`; a waiter reaps
+//! the child with `wait4` to get its resource usage; a supervisor reads the helper's report (which
+//! layers it applied) and answers the seccomp notifications of network attempts (the offender is
+//! killed, the attempt recorded as a violation); the calling thread enforces the timeout and the
+//! memory cap and reacts to interruption: SIGTERM to the group, a grace period, then SIGKILL. When
+//! the processor exits, whatever it left in its group is killed.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,10 +31,16 @@ use std::time::{Duration, Instant};
 use pipe_processors::checkpoint::Checkpoint;
 
 use crate::procfs;
+use crate::sandbox::helper::{self, Report};
+use crate::sandbox::{self, channel, seccomp, Layers, Policy, Violation};
 use rustix::process::{Pid, Signal};
 
 /// The fd number the progress pipe has in the child.
 pub const PROGRESS_FD: i32 = 3;
+/// The fd number the helper's report channel has in the child.
+pub const REPORT_FD: i32 = helper::REPORT_FD;
+/// Above this size the helper's spec goes to a file next to the log instead of the command line.
+const MAX_SPEC_ARG: usize = 64 * 1024;
 /// How long an interrupted processor gets between SIGTERM and SIGKILL.
 pub const GRACE: Duration = Duration::from_secs(5);
 /// Longest checkpoint line accepted.
@@ -46,6 +61,9 @@ pub struct Invocation {
     pub memory_limit_mb: Option<u64>,
     /// Address-space backstop (`RLIMIT_AS`), with `MALLOC_ARENA_MAX=2`.
     pub virtual_memory_mb: Option<u64>,
+    /// How the attempt is confined. The default policy names no helper binary: the attempt
+    /// fails to start rather than run unconfined.
+    pub sandbox: Policy,
 }
 
 /// How often the memory watchdog samples the process group.
@@ -71,6 +89,12 @@ pub struct Outcome {
     pub memory_exceeded: bool,
     /// Process id (= process group id) of the processor.
     pub pid: u32,
+    /// What the sandbox applied (as the helper reported it); `None` if it never got that far.
+    pub sandbox: Option<Layers>,
+    /// The sandbox could not be set up: the processor never started.
+    pub sandbox_error: Option<String>,
+    /// Network accesses the sandbox blocked: the attempt failed, whatever the exit code.
+    pub violations: Vec<Violation>,
 }
 
 impl Outcome {
@@ -80,51 +104,165 @@ impl Outcome {
             && !self.timed_out
             && !self.interrupted
             && !self.memory_exceeded
+            && self.sandbox_error.is_none()
+            && self.violations.is_empty()
     }
 }
 
 enum Message {
     Line(Result<Checkpoint, String>),
     Eof,
-    Exited { status: i32, usage: libc::rusage },
+    Exited {
+        status: i32,
+        usage: libc::rusage,
+    },
+    Report(Report),
+    Violation(Violation),
+    /// The supervisor drained the notifications and stopped.
+    Supervised,
+}
+
+/// The helper command line of an invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    /// The whole environment (the child's is cleared first).
+    pub env: Vec<(OsString, OsString)>,
+    /// The spec file to write first, when the spec is too long for the command line.
+    pub spec_file: Option<(PathBuf, String)>,
+}
+
+/// What `inv` executes: `pipe __exec --report-fd 4 --spec-json SPEC -- ARGV...` and its
+/// environment.
+pub fn prepare(inv: &Invocation) -> io::Result<Prepared> {
+    let policy = &inv.sandbox;
+    if policy.exe.as_os_str().is_empty() {
+        return Err(io::Error::other(
+            "no sandbox policy for this attempt (internal error): refusing to run the processor unconfined",
+        ));
+    }
+    if inv.argv.is_empty() {
+        return Err(io::Error::other("empty argv"));
+    }
+    let mut spec = policy.spec.clone();
+    if let Some(read) = spec.landlock.as_mut().and_then(|r| r.read.as_mut()) {
+        // A hermetic processor must still read the input list the engine wrote for it.
+        if let Some((_, file)) = inv.env.iter().find(|(k, _)| k == "PIPELINE_INPUTS_FILE") {
+            read.push(PathBuf::from(file));
+        }
+    }
+    let json = serde_json::to_string(&spec).map_err(io::Error::other)?;
+    let mut args: Vec<OsString> = vec![
+        helper::SUBCOMMAND.into(),
+        "--report-fd".into(),
+        REPORT_FD.to_string().into(),
+    ];
+    let mut spec_file = None;
+    if json.len() > MAX_SPEC_ARG {
+        let path = inv.log.with_extension("sandbox.json");
+        args.extend(["--spec-file".into(), path.clone().into()]);
+        spec_file = Some((path, json));
+    } else {
+        args.extend(["--spec-json".into(), json.into()]);
+    }
+    args.push("--".into());
+    args.extend(inv.argv.iter().cloned());
+    let mut set = inv.env.clone();
+    set.push((
+        "PIPELINE_PROGRESS_FD".into(),
+        PROGRESS_FD.to_string().into(),
+    ));
+    if let Some(tmp) = &policy.tmpdir {
+        set.push(("TMPDIR".into(), tmp.clone().into()));
+    }
+    if inv.virtual_memory_mb.is_some() {
+        set.push(("MALLOC_ARENA_MAX".into(), "2".into()));
+    }
+    Ok(Prepared {
+        program: policy.exe.clone(),
+        args,
+        env: sandbox::env::environment(std::env::vars_os(), &policy.pass_env, &set),
+        spec_file,
+    })
+}
+
+/// The exact command an attempt runs, as a shell line a person can paste to reproduce it (fd 3,
+/// the progress pipe, stands in as `3>/dev/null`; without the engine on fd 4 the helper kills a
+/// network attempt with SIGSYS instead of reporting it).
+pub fn command_line(inv: &Invocation) -> io::Result<String> {
+    let prepared = prepare(inv)?;
+    let mut words = vec!["cd".to_string(), quote(inv.cwd.as_os_str()), "&&".into()];
+    words.extend(["env".into(), "-i".into()]);
+    for (k, v) in &prepared.env {
+        let mut pair = k.clone();
+        pair.push("=");
+        pair.push(v);
+        words.push(quote(&pair));
+    }
+    words.push(quote(prepared.program.as_os_str()));
+    words.extend(prepared.args.iter().map(|a| quote(a)));
+    words.push("3>/dev/null".into());
+    Ok(words.join(" "))
+}
+
+/// Single-quotes a word for a POSIX shell when it needs it.
+fn quote(word: &OsStr) -> String {
+    let text = word.to_string_lossy();
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if plain {
+        text.into_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// Runs `inv` to completion. `interrupt` is polled; `on_spawn` learns the processor's pid (which
-/// is also its process group) and start time; `on_checkpoint` persists each checkpoint and its
-/// error fails the attempt.
+/// is also its process group); `on_checkpoint` persists each checkpoint and its error fails the
+/// attempt.
 pub fn run(
     inv: &Invocation,
     interrupt: &AtomicBool,
     on_spawn: &mut dyn FnMut(u32),
     on_checkpoint: &mut dyn FnMut(Checkpoint) -> io::Result<()>,
 ) -> io::Result<Outcome> {
+    let prepared = prepare(inv)?;
     if let Some(dir) = inv.log.parent() {
         std::fs::create_dir_all(dir)?;
+    }
+    if let Some((path, json)) = &prepared.spec_file {
+        std::fs::write(path, json)?;
+    }
+    if let Some(tmp) = &inv.sandbox.tmpdir {
+        fresh_private_dir(tmp)?;
     }
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&inv.log)?;
+    // Both descriptors the child gets are moved above 4 first, so that moving them to 3 and 4
+    // in the child can never overwrite one with the other.
     let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let program = inv
-        .argv
-        .first()
-        .ok_or_else(|| io::Error::other("empty argv"))?;
-    let mut command = Command::new(program);
+    let writer = above_report_fd(writer)?;
+    let (report, helper_end) = channel::pair()?;
+    let helper_end = above_report_fd(helper_end)?;
+    let (wake_reader, wake_writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let mut command = Command::new(&prepared.program);
     command
-        .args(&inv.argv[1..])
-        .envs(inv.env.iter().map(|(k, v)| (k, v)))
-        .env("PIPELINE_PROGRESS_FD", PROGRESS_FD.to_string())
+        .args(&prepared.args)
+        .env_clear()
+        .envs(prepared.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&inv.cwd)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    if inv.virtual_memory_mb.is_some() {
-        command.env("MALLOC_ARENA_MAX", "2");
-    }
     let parent = std::process::id() as libc::pid_t;
     let progress_fd = writer.as_raw_fd();
+    let report_fd = helper_end.as_raw_fd();
     // Prepared before fork: the child may only make syscalls on ready-made values.
     let affinity = inv.cpu_set.as_ref().map(|cores| cpu_set_of(cores));
     let address_space = inv.virtual_memory_mb.map(|mb| libc::rlimit {
@@ -132,8 +270,8 @@ pub fn run(
         rlim_max: mb.saturating_mul(1024 * 1024),
     });
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe syscalls
-    // (prctl, getppid, dup2, fcntl, sched_setaffinity, setrlimit) on values prepared before the
-    // fork; it allocates nothing and takes no locks.
+    // (prctl, getppid, dup2, sched_setaffinity, setrlimit) on values prepared before the fork; it
+    // allocates nothing and takes no locks.
     unsafe {
         command.pre_exec(move || {
             if let Some(set) = &affinity {
@@ -152,12 +290,8 @@ pub fn run(
             if libc::getppid() != parent {
                 return Err(io::Error::other("pipe exited before the processor started"));
             }
-            let ok = if progress_fd == PROGRESS_FD {
-                libc::fcntl(PROGRESS_FD, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(progress_fd, PROGRESS_FD)
-            };
-            if ok < 0 {
+            // dup2 leaves the new descriptors open across exec.
+            if libc::dup2(progress_fd, PROGRESS_FD) < 0 || libc::dup2(report_fd, REPORT_FD) < 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
@@ -166,6 +300,7 @@ pub fn run(
     let started = Instant::now();
     let child = command.spawn()?;
     drop(writer);
+    drop(helper_end);
     let pid = child.id() as libc::pid_t;
     drop(child); // reaped below with wait4, which also reports resource usage
     on_spawn(pid as u32);
@@ -173,6 +308,8 @@ pub fn run(
     let (tx, rx) = mpsc::channel();
     let lines_tx = tx.clone();
     std::thread::spawn(move || read_checkpoints(File::from(reader), lines_tx));
+    let supervisor_tx = tx.clone();
+    std::thread::spawn(move || supervise(report, wake_reader, supervisor_tx));
     std::thread::spawn(move || {
         let (status, usage) = wait4(pid);
         let _ = tx.send(Message::Exited { status, usage });
@@ -183,9 +320,11 @@ pub fn run(
         pid: pid as u32,
         ..Outcome::default()
     };
+    let mut wake = Some(wake_writer);
     let mut next_sample = Instant::now();
     let mut exited = None;
     let mut eof = false;
+    let mut supervised = false;
     let mut kill_at: Option<Instant> = None;
     let mut exit_seen_at: Option<Instant> = None;
     loop {
@@ -209,18 +348,44 @@ pub fn run(
                 }
             }
             Ok(Message::Eof) => eof = true,
+            Ok(Message::Report(report)) => {
+                if let Some(mut layers) = report.layers {
+                    layers.guard = inv.sandbox.guard;
+                    outcome.sandbox = Some(layers);
+                }
+                if report.error.is_some() {
+                    outcome.sandbox_error = report.error;
+                }
+                if let Some(err) = report.exec_error {
+                    outcome.protocol_error = Some(format!(
+                        "cannot start the processor `{}`: {err}",
+                        inv.argv[0].to_string_lossy()
+                    ));
+                }
+            }
+            Ok(Message::Violation(v)) => {
+                // The supervisor killed the offender; the rest of the attempt goes too.
+                let _ = rustix::process::kill_process_group(group, Signal::KILL);
+                outcome.violations.push(v);
+            }
+            Ok(Message::Supervised) => supervised = true,
             Ok(Message::Exited { status, usage }) => {
                 outcome.duration = started.elapsed();
                 // Anything the processor left behind in its group goes with it.
                 let _ = rustix::process::kill_process_group(group, Signal::KILL);
                 exited = Some((status, usage));
                 exit_seen_at = Some(Instant::now());
+                // Let the supervisor take what is pending, then stop.
+                if let Some(w) = wake.take() {
+                    let _ = File::from(w).write_all(b"x");
+                }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         if exited.is_some()
-            && (eof || exit_seen_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)))
+            && ((eof && supervised)
+                || exit_seen_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)))
         {
             break;
         }
@@ -258,7 +423,193 @@ pub fn run(
     outcome.user_ms = timeval_ms(usage.ru_utime);
     outcome.sys_ms = timeval_ms(usage.ru_stime);
     outcome.max_rss_kb = usage.ru_maxrss.max(0) as u64;
+    if let Some(tmp) = &inv.sandbox.tmpdir {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    explain(inv, &mut outcome);
     Ok(outcome)
+}
+
+/// Completes the outcome from what the sandbox saw and says it in the attempt's log: a SIGSYS
+/// death under a killing filter is a network attempt; a hermetic stage that failed reading an
+/// undeclared file is told which input to declare.
+fn explain(inv: &Invocation, outcome: &mut Outcome) {
+    let seccomp_kills = outcome
+        .sandbox
+        .as_ref()
+        .is_some_and(|l| l.seccomp && l.violations.as_deref() == Some("kill"));
+    if outcome.violations.is_empty() && seccomp_kills && outcome.signal == Some(libc::SIGSYS) {
+        outcome.violations.push(Violation {
+            call: "a network socket (killed with SIGSYS by the socket filter)".into(),
+            pid: Some(outcome.pid),
+            command: join_argv(&inv.argv),
+        });
+    }
+    let mut notes: Vec<String> = outcome
+        .violations
+        .iter()
+        .map(|v| format!("pipe: the sandbox blocked a network access: {v}"))
+        .collect();
+    if notes.is_empty() && !outcome.succeeded() && !outcome.interrupted {
+        if let Some(hermetic) = &inv.sandbox.hermetic {
+            if let Some(message) = sandbox::explain_denial(hermetic, &tail(&inv.log, 40)) {
+                notes.push(format!("pipe: {message}"));
+            }
+        }
+    }
+    if notes.is_empty() {
+        return;
+    }
+    if let Ok(mut log) = OpenOptions::new().append(true).open(&inv.log) {
+        let _ = writeln!(log, "{}", notes.join("\n"));
+    }
+}
+
+/// `fd` moved to a number above [`REPORT_FD`] (close-on-exec); the original is closed.
+fn above_report_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > REPORT_FD {
+        return Ok(fd);
+    }
+    Ok(rustix::io::fcntl_dupfd_cloexec(&fd, REPORT_FD + 1)?)
+}
+
+/// Creates `dir` empty and private (mode 0700), removing what an earlier attempt left.
+fn fresh_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::remove_dir_all(dir) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(dir)
+}
+
+fn join_argv(argv: &[OsString]) -> String {
+    let text = argv
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    text.chars().take(200).collect()
+}
+
+/// The supervisor thread: reads the helper's report messages from `report` (the first may carry
+/// the seccomp listener) and answers the listener's notifications until `wake` says the processor
+/// exited; then it takes what is still pending, says so, and stops. Closing the listener makes
+/// any later network attempt of a leftover process fail with `ENOSYS`.
+fn supervise(report: OwnedFd, wake: OwnedFd, tx: mpsc::Sender<Message>) {
+    let mut report = Some(report);
+    let mut listener: Option<OwnedFd> = None;
+    let mut buf = vec![0u8; channel::MAX_MESSAGE];
+    let mut draining = false;
+    loop {
+        let mut fds = Vec::with_capacity(3);
+        if !draining {
+            fds.push(rustix::event::PollFd::new(
+                &wake,
+                rustix::event::PollFlags::IN,
+            ));
+        }
+        if let Some(r) = &report {
+            fds.push(rustix::event::PollFd::new(r, rustix::event::PollFlags::IN));
+        }
+        if let Some(l) = &listener {
+            fds.push(rustix::event::PollFd::new(l, rustix::event::PollFlags::IN));
+        }
+        let timeout = draining.then_some(rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        });
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => break,
+        }
+        let events: Vec<rustix::event::PollFlags> = fds.iter().map(|f| f.revents()).collect();
+        let ready: Vec<bool> = events.iter().map(|e| !e.is_empty()).collect();
+        let woken = !draining && ready[0];
+        let mut any = false;
+        let mut index = usize::from(!draining);
+        if report.is_some() {
+            if ready[index] {
+                any = true;
+                match channel::recv(report.as_ref().expect("checked").as_fd(), &mut buf) {
+                    Ok(Some((n, fd))) => {
+                        if fd.is_some() {
+                            listener = fd;
+                        }
+                        if let Ok(r) = serde_json::from_slice::<Report>(&buf[..n]) {
+                            let _ = tx.send(Message::Report(r));
+                        }
+                    }
+                    _ => report = None,
+                }
+            }
+            index += 1;
+        }
+        let listener_events = events
+            .get(index)
+            .copied()
+            .unwrap_or(rustix::event::PollFlags::empty());
+        if listener.is_some()
+            && !listener_events.contains(rustix::event::PollFlags::IN)
+            && !listener_events.is_empty()
+        {
+            // Hung up: no process uses the filter any more (reading would block).
+            listener = None;
+        }
+        if listener.is_some() && listener_events.contains(rustix::event::PollFlags::IN) {
+            any = true;
+            let fd = listener.as_ref().expect("checked");
+            match seccomp::receive(fd) {
+                Ok(Some(n)) => {
+                    let command = command_of(n.pid);
+                    if seccomp::still_pending(fd, n.id) {
+                        // The caller is blocked in the system call, so the pid is still its own.
+                        let _ = rustix::process::kill_process(
+                            Pid::from_raw(n.pid as i32).expect("pid is positive"),
+                            Signal::KILL,
+                        );
+                    }
+                    seccomp::deny(fd, n.id, libc::EPERM);
+                    let _ = tx.send(Message::Violation(Violation {
+                        call: format!(
+                            "{}({}, {})",
+                            n.syscall,
+                            seccomp::family_name(n.family),
+                            seccomp::type_name(n.sock_type)
+                        ),
+                        pid: Some(n.pid),
+                        command,
+                    }));
+                }
+                Ok(None) => {}
+                // No more users of the filter, or the listener broke: nothing more to hear.
+                Err(_) => listener = None,
+            }
+        }
+        if woken {
+            draining = true;
+        } else if draining && !any {
+            break;
+        }
+    }
+    let _ = tx.send(Message::Supervised);
+}
+
+/// The command line of process `pid`, as far as `/proc` tells it (at most 200 characters).
+fn command_of(pid: u32) -> String {
+    let Ok(bytes) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return String::new();
+    };
+    let words: Vec<OsString> = bytes
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| OsStr::from_bytes(w).to_os_string())
+        .collect();
+    join_argv(&words)
 }
 
 fn read_checkpoints(pipe: File, tx: mpsc::Sender<Message>) {

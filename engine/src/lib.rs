@@ -10,12 +10,14 @@
 //! [`atomic`].
 
 pub mod atomic;
+pub mod audit;
 pub mod build;
 pub mod clean;
 pub mod cli;
 pub mod event;
 pub mod executor;
 pub mod fingerprint;
+pub mod gc;
 pub mod graph;
 pub mod hashing;
 pub mod inputs;
@@ -23,9 +25,12 @@ pub mod lock;
 pub mod marker;
 pub mod plan;
 pub mod procfs;
+pub mod prometheus;
 pub mod publish;
 pub mod retry;
 pub mod runid;
+pub mod runlog;
+pub mod sandbox;
 pub mod scheduler;
 pub mod spec;
 pub mod stage_job;

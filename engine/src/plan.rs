@@ -30,6 +30,7 @@ pub enum Decision {
     Run {
         reasons: Vec<Reason>,
     },
+    #[serde(rename_all = "camelCase")]
     Resume {
         from_line: u64,
         checkpoint: Checkpoint,
@@ -246,9 +247,20 @@ pub fn decide(
     {
         reasons = vec![Reason::PublishInterrupted];
     }
-    let cached = (!reasons.is_empty() && !reasons.contains(&Reason::PublishInterrupted))
-        .then(|| Store::new(&ws.cache_dir()).usable_action(&fingerprint))
-        .flatten();
+    let cached = if reasons.is_empty() || reasons.contains(&Reason::PublishInterrupted) {
+        None
+    } else {
+        match Store::new(&ws.cache_dir()).verified_action(&fingerprint, cache) {
+            Ok(entry) => entry,
+            Err(why) => {
+                warnings.push(format!(
+                    "cannot restore `{}` from the cache ({why}); it runs instead",
+                    stage.name
+                ));
+                None
+            }
+        }
+    };
     let decision = if reasons.is_empty() {
         Decision::Skip
     } else if let Some(entry) = cached {

@@ -80,6 +80,8 @@ pub struct StageJob {
     pub record: StageRecord,
     /// Cores the processor may be pinned to (empty: no pinning).
     pub cores: Vec<usize>,
+    /// How the attempts are confined (set by the coordinator; the default refuses to run).
+    pub sandbox: crate::sandbox::Policy,
 }
 
 impl StageJob {
@@ -137,6 +139,7 @@ impl StageJob {
             },
             record,
             cores: Vec::new(),
+            sandbox: crate::sandbox::Policy::default(),
         }
     }
 
@@ -239,7 +242,17 @@ impl StageJob {
                     cpu_set: (!self.cores.is_empty()).then(|| self.cores.clone()),
                     memory_limit_mb: self.stage.resources.memory_mb,
                     virtual_memory_mb: self.stage.resources.virtual_memory_mb,
+                    sandbox: self.sandbox.clone(),
                 };
+                if inv.sandbox.debug {
+                    let command = executor::command_line(&inv)
+                        .unwrap_or_else(|err| format!("(no command: {err})"));
+                    let _ = tx.send(JobMessage::Event(Event::Warning {
+                        message: format!(
+                            "sandbox-debug: `{name}` attempt {attempt} runs: {command}"
+                        ),
+                    }));
+                }
                 let attempt_started = state::now_rfc3339();
                 let mut on_checkpoint = |cp: Checkpoint| -> io::Result<()> {
                     let progress = Progress {
@@ -298,6 +311,8 @@ impl StageJob {
                     delay_before_ms: delay,
                     stderr_tail: tail.clone(),
                     log: self.ws.relative(&log),
+                    sandbox: outcome.sandbox.clone(),
+                    violations: outcome.violations.clone(),
                 });
                 if classification == Classification::Ok {
                     break StageStatus::Succeeded;
@@ -352,6 +367,12 @@ impl StageJob {
         )
         .map_err(|err| io::Error::new(err.kind(), format!("publishing outputs failed: {err}")))?;
         metrics.output_bytes = marker.outputs.iter().map(|o| o.size).sum();
+        let _ = tx.send(JobMessage::Event(Event::StagePublished {
+            stage: self.stage.name.clone(),
+            fingerprint: self.fingerprint.clone(),
+            files: marker.outputs.len(),
+            bytes: metrics.output_bytes,
+        }));
         self.record.error = None;
         self.cache_outputs(tx, &target, &marker, hashes, !restored);
         let status = if restored {
@@ -524,7 +545,11 @@ fn reset_staging(staging: &Path, progress: &Path) -> io::Result<()> {
 
 /// How an attempt ended, in retry-policy terms.
 pub fn classify(outcome: &Outcome, policy: &RetryPolicy) -> Classification {
-    if outcome.interrupted {
+    if !outcome.violations.is_empty() {
+        Classification::Network
+    } else if outcome.sandbox_error.is_some() {
+        Classification::Fatal
+    } else if outcome.interrupted {
         Classification::Interrupted
     } else if outcome.memory_exceeded {
         Classification::Memory
@@ -549,6 +574,16 @@ fn failure_message(
     tail: &str,
     memory_mb: Option<u64>,
 ) -> String {
+    if let Some(first) = outcome.violations.first() {
+        let more = match outcome.violations.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        return format!("the sandbox blocked a network access: {first}{more}");
+    }
+    if let Some(err) = &outcome.sandbox_error {
+        return format!("the offline sandbox could not be set up: {err}");
+    }
     let what = if let Some(err) = &outcome.protocol_error {
         format!("protocol error: {err}")
     } else {

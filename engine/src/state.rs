@@ -86,6 +86,8 @@ pub enum Classification {
     Interrupted,
     /// Over the stage's `memoryMb` cap: killed by the watchdog; not retried.
     Memory,
+    /// The sandbox blocked a network access (even one the processor swallowed); not retried.
+    Network,
 }
 
 /// One attempt of a stage.
@@ -103,6 +105,12 @@ pub struct AttemptRecord {
     pub stderr_tail: String,
     /// Where the processor's whole stdout/stderr of this attempt is kept.
     pub log: String,
+    /// The offline sandbox layers applied to this attempt (`None`: it never started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<crate::sandbox::Layers>,
+    /// Network accesses the sandbox blocked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub violations: Vec<crate::sandbox::Violation>,
 }
 
 /// `state/stage_<name>.json`: the last time this stage ran.

@@ -131,6 +131,40 @@ impl Store {
         complete.then_some(entry)
     }
 
+    /// Like [`Store::usable_action`], and every object's content matches its name, checked
+    /// through the stat cache (so an object is read once, not on every plan). `Err` names the
+    /// first corrupt object: a hard-linked object whose published twin was edited in place, or
+    /// bit rot; the plan then says `run`, with a warning.
+    pub fn verified_action(
+        &self,
+        fingerprint: &str,
+        cache: &mut crate::hashing::StatCache,
+    ) -> Result<Option<ActionEntry>, String> {
+        let Some(entry) = self.usable_action(fingerprint) else {
+            return Ok(None);
+        };
+        for o in &entry.outputs {
+            match cache.hash(&self.object_path(&o.blake3)) {
+                Ok(h) if h.blake3 == o.blake3 => {}
+                Ok(h) => {
+                    return Err(format!(
+                        "cached object of `{}` is corrupt (it hashes to {}, not {})",
+                        o.path,
+                        &h.blake3[..12],
+                        &o.blake3[..12]
+                    ))
+                }
+                Err(err) => {
+                    return Err(format!(
+                        "cached object of `{}` is unreadable: {err}",
+                        o.path
+                    ))
+                }
+            }
+        }
+        Ok(Some(entry))
+    }
+
     /// Every action entry (unreadable ones are skipped).
     pub fn actions(&self) -> Vec<(PathBuf, ActionEntry)> {
         let Ok(dir) = std::fs::read_dir(&self.actions) else {

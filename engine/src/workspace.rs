@@ -48,6 +48,18 @@ impl Workspace {
         self.state_dir().join(format!("metrics_{run_id}.json"))
     }
 
+    /// The run's metrics in the Prometheus text format, beside the JSON.
+    pub fn metrics_prom_file(&self, run_id: &str) -> PathBuf {
+        self.state_dir().join(format!("metrics_{run_id}.prom"))
+    }
+
+    /// The structured event log of a run (JSON lines).
+    pub fn run_log_file(&self, run_id: &str) -> PathBuf {
+        self.state_dir()
+            .join("logs")
+            .join(format!("run_{run_id}.jsonl"))
+    }
+
     pub fn stage_file(&self, stage: &str) -> PathBuf {
         self.state_dir().join(format!("stage_{stage}.json"))
     }

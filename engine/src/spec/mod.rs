@@ -56,6 +56,28 @@ pub struct Stage {
     pub resources: Resources,
     pub cadence: Cadence,
     pub description: Option<String>,
+    /// The processor may read only its declared inputs, processor files and system locations.
+    pub hermetic: bool,
+    /// Opt-outs of the offline guard's static scan.
+    pub offline: Offline,
+    /// Extra paths the sandbox lets the processor read or write (absolute).
+    pub sandbox: SandboxPaths,
+}
+
+/// `offline` of a stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offline {
+    /// Static-scan rule ids this stage is allowed to match (recorded, not an error).
+    pub allow_static_findings: Vec<String>,
+}
+
+/// `sandbox` of a stage (merged with the settings').
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxPaths {
+    pub readable: Vec<PathBuf>,
+    pub writable: Vec<PathBuf>,
+    /// Variables passed through besides the allowlist.
+    pub pass_env: Vec<String>,
 }
 
 /// What runs a stage.

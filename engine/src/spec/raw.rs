@@ -38,6 +38,40 @@ pub struct RawSettings {
     /// Default checkpoint cadence of every stage.
     #[serde(default)]
     pub checkpoint: Option<RawCheckpoint>,
+    /// Default of every stage's `hermetic` (false).
+    #[serde(default)]
+    pub hermetic: Option<bool>,
+    /// Paths every stage's sandbox may read or write (added to each stage's own).
+    #[serde(default)]
+    pub sandbox: Option<RawSandbox>,
+}
+
+/// Paths a processor's sandbox may use beyond its own (relative to the Pipefile's folder, or
+/// absolute). Each must exist.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawSandbox {
+    /// Folders or files a hermetic processor may also read (e.g. a reference data set outside
+    /// the project, a user site-packages).
+    #[serde(default)]
+    pub readable_paths: Vec<String>,
+    /// Folders or files the processor may also write (besides its staging and temp folders).
+    #[serde(default)]
+    pub writable_paths: Vec<String>,
+    /// Environment variables passed through to the processor besides the built-in allowlist
+    /// (never a `*_PROXY`).
+    #[serde(default)]
+    pub pass_env: Vec<String>,
+}
+
+/// The offline guard's settings of a stage.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawOffline {
+    /// Static-scan rule ids (e.g. "socket", "urllib") this stage may match without failing the
+    /// build; each allowed finding is still reported and recorded.
+    #[serde(default)]
+    pub allow_static_findings: Vec<String>,
 }
 
 /// Resources available to the whole build.
@@ -137,6 +171,16 @@ pub struct RawStage {
     /// Human description, shown by `pipe graph`.
     #[serde(default)]
     pub description: Option<String>,
+    /// Let the processor read only its declared inputs, processor files and system locations
+    /// (overrides `settings.hermetic`; needs Landlock).
+    #[serde(default)]
+    pub hermetic: Option<bool>,
+    /// The offline guard's settings of this stage.
+    #[serde(default)]
+    pub offline: Option<RawOffline>,
+    /// Extra paths this stage's sandbox may read or write.
+    #[serde(default)]
+    pub sandbox: Option<RawSandbox>,
 }
 
 /// A built-in processor (`builtin` + `version`) or an external command (`command` + `version`).

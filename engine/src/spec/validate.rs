@@ -14,6 +14,8 @@ use super::{
     overlaps, Input, LoadError, Processor, Quotas, Resources, RetryPolicy, Spec, SpecError, Stage,
 };
 
+mod offline;
+
 /// Folders `pipe` keeps its own files in; no stage may read or own them.
 pub const RESERVED_DIRS: &[&str] = &["state", "cache", "locks"];
 
@@ -54,13 +56,15 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
     }
     let mut stages = Vec::new();
     for (i, stage) in raw.stages.iter().enumerate() {
-        stages.push(v.stage(
+        let mut validated = v.stage(
             i,
             stage,
             &quotas,
             &settings_retry,
             settings_cadence.unwrap_or_default(),
-        ));
+        );
+        v.offline_fields(i, stage, &raw.settings, &mut validated);
+        stages.push(validated);
     }
     v.stage_relations(&raw.stages, &stages);
     if raw.stages.is_empty() {
@@ -441,6 +445,9 @@ impl Validator {
             resources,
             cadence,
             description: raw.description.clone(),
+            hermetic: false,
+            offline: Default::default(),
+            sandbox: Default::default(),
         }
     }
 

@@ -1,0 +1,1238 @@
+//! The tamper-evident audit log: `state/audit.jsonl` (hash-chained records) and `state/audit.head`.
+//!
+//! One record per consequential action (run start/end, a stage's outcome with the blake3 hashes of
+//! what it published, clean, an interrupted publish completed, processors of a dead run stopped).
+//! Each record carries `prev`, the SHA-256 of the previous record's canonical bytes, and its own
+//! `hash`; with a key held outside the workspace each record's hash (and the head) is also
+//! authenticated with HMAC-SHA256. `docs/audit.md` is the user-facing description.
+//!
+//! **Canonical bytes** of a record: the record's JSON object without its `hash` and `hmac` members,
+//! serialised compactly (no whitespace), object members sorted by key (byte order), arrays in order,
+//! strings escaped as serde_json escapes them, integers in decimal. A record's `hash` is the
+//! lowercase hex SHA-256 of those bytes; each line of the log is the canonical serialisation of
+//! the whole record (with `hash` and `hmac`) followed by `\n`.
+//!
+//! **Appending** happens only under the workspace lock (an [`Log`] can only be opened with a held
+//! [`WorkspaceLock`]), by the one thread that writes shared state. One append:
+//! 1. write the head with an *intent* (`pending`: seq and hash of the record about to be appended),
+//! 2. append the line and fsync the log (failpoint `audit.after-append` fires here),
+//! 3. write the head naming the new record (no intent).
+//!
+//! **Crash rule:** a crash between 1 and 3 leaves the log either unchanged, with a torn final line,
+//! or one complete record ahead of the head. Both are legitimate only when the head's intent names
+//! exactly that record (seq and hash): `verify` then accepts them (and says so), and the next
+//! appender repairs them under the lock — it removes a torn final line and rolls the head forward
+//! over a complete pending record. A record ahead of the head that the intent does not name, or a
+//! torn line without an intent, is reported as tampering.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, KeyInit, Mac};
+use pipe_processors::failpoint;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::atomic;
+use crate::clean::Cleaned;
+use crate::lock::WorkspaceLock;
+use crate::marker::Marker;
+use crate::publish::Recovery;
+use crate::spec::{Spec, Stage};
+use crate::state::{self, RunRecord, StageStatus, Totals};
+use crate::workspace::Workspace;
+
+/// Version of the record format (`v` in every record).
+pub const RECORD_VERSION: u64 = 1;
+/// Version of the head file format.
+pub const HEAD_VERSION: u32 = 1;
+/// `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Shortest key accepted, in bytes.
+pub const MIN_KEY_LEN: usize = 16;
+/// Environment variable naming the key file when `--audit-key` is not given.
+pub const KEY_ENV: &str = "PIPE_AUDIT_KEY";
+
+const RECORD_DOMAIN: &str = "pipe-audit-record-v1\n";
+const HEAD_DOMAIN: &str = "pipe-audit-head-v1\n";
+
+/// `state/audit.jsonl`.
+pub fn log_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit.jsonl")
+}
+
+/// `state/audit.head`.
+pub fn head_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit.head")
+}
+
+// ------------------------------------------------------------------------------------- hashing
+
+/// The canonical bytes of `record`: without `hash` and `hmac`, keys sorted, compact.
+pub fn canonical_bytes(record: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    match record {
+        Value::Object(map) => {
+            let mut without = map.clone();
+            without.remove("hash");
+            without.remove("hmac");
+            write_canonical(&Value::Object(without), &mut out);
+        }
+        other => write_canonical(other, &mut out),
+    }
+    out
+}
+
+/// Compact JSON with object keys sorted at every level (independent of serde_json's map order).
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, key).expect("a string serialises");
+                out.push(b':');
+                write_canonical(&map[key], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("a scalar serialises"),
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    to_hex(&Sha256::digest(bytes))
+}
+
+/// The `hash` a record must carry: SHA-256 of its canonical bytes.
+pub fn record_hash(record: &Value) -> String {
+    sha256_hex(&canonical_bytes(record))
+}
+
+fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+// ----------------------------------------------------------------------------------------- key
+
+/// A secret held outside the workspace; authenticates hashes with HMAC-SHA256.
+#[derive(Clone)]
+pub struct Key(Vec<u8>);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(redacted)")
+    }
+}
+
+impl Key {
+    /// The key is the file's bytes, less one final `\n` (or `\r\n`); at least [`MIN_KEY_LEN`].
+    pub fn from_file(path: &Path) -> Result<Key, String> {
+        let mut bytes = std::fs::read(path)
+            .map_err(|err| format!("cannot read the audit key `{}`: {err}", path.display()))?;
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        }
+        if bytes.len() < MIN_KEY_LEN {
+            return Err(format!(
+                "the audit key `{}` is {} bytes; use at least {MIN_KEY_LEN} random bytes \
+                 (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+                path.display(),
+                bytes.len()
+            ));
+        }
+        Ok(Key(bytes))
+    }
+
+    /// A key from bytes (tests).
+    pub fn from_bytes(bytes: &[u8]) -> Key {
+        Key(bytes.to_vec())
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
+    }
+
+    fn sign(&self, message: &[u8]) -> String {
+        let mut mac = self.mac();
+        mac.update(message);
+        to_hex(&mac.finalize().into_bytes())
+    }
+
+    /// Constant-time check of a hex tag.
+    fn check(&self, message: &[u8], tag: &str) -> bool {
+        let Some(tag) = from_hex(tag) else {
+            return false;
+        };
+        let mut mac = self.mac();
+        mac.update(message);
+        mac.verify_slice(&tag).is_ok()
+    }
+
+    fn sign_record(&self, hash: &str) -> String {
+        self.sign(format!("{RECORD_DOMAIN}{hash}").as_bytes())
+    }
+
+    fn check_record(&self, hash: &str, tag: &str) -> bool {
+        self.check(format!("{RECORD_DOMAIN}{hash}").as_bytes(), tag)
+    }
+
+    fn sign_head(&self, seq: u64, hash: &str) -> String {
+        self.sign(format!("{HEAD_DOMAIN}{seq}\n{hash}").as_bytes())
+    }
+
+    fn check_head(&self, seq: u64, hash: &str, tag: &str) -> bool {
+        self.check(format!("{HEAD_DOMAIN}{seq}\n{hash}").as_bytes(), tag)
+    }
+}
+
+// ---------------------------------------------------------------------------------------- head
+
+/// A position in the chain: a record's seq and hash (seq 0 and [`GENESIS`]: the empty log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash)
+    }
+}
+
+/// `state/audit.head`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeadFile {
+    pub version: u32,
+    pub seq: u64,
+    pub hash: String,
+    /// HMAC of (seq, hash) when the log is keyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac: Option<String>,
+    /// The record being appended right now (seq and hash), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Head>,
+}
+
+fn read_head(path: &Path) -> Result<Option<HeadFile>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(format!("cannot read state/audit.head: {err}")),
+    };
+    let head: HeadFile = serde_json::from_slice(&bytes)
+        .map_err(|err| format!("state/audit.head is not a valid head: {err}"))?;
+    if head.version != HEAD_VERSION || !is_hash(&head.hash) {
+        return Err("state/audit.head is not a valid head".into());
+    }
+    Ok(Some(head))
+}
+
+/// A head the user kept elsewhere: `SEQ:HASH` or `HASH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptHead {
+    pub seq: Option<u64>,
+    pub hash: String,
+}
+
+impl std::str::FromStr for KeptHead {
+    type Err = String;
+    fn from_str(s: &str) -> Result<KeptHead, String> {
+        let (seq, hash) = match s.trim().split_once(':') {
+            Some((seq, hash)) => (
+                Some(
+                    seq.parse::<u64>()
+                        .map_err(|_| format!("`{seq}` is not a record number"))?,
+                ),
+                hash,
+            ),
+            None => (None, s.trim()),
+        };
+        if !is_hash(hash) {
+            return Err(format!(
+                "`{hash}` is not a SHA-256 hash (64 hex digits); give SEQ:HASH as printed by \
+                 `pipe build` (`audit head: ...`)"
+            ));
+        }
+        Ok(KeptHead {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+// --------------------------------------------------------------------------------------- actor
+
+/// Who did it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Actor {
+    pub user: String,
+    pub uid: u32,
+    pub pid: u32,
+    pub hostname: String,
+}
+
+impl Actor {
+    /// This process.
+    pub fn current() -> Actor {
+        let uid = rustix::process::getuid().as_raw();
+        Actor {
+            user: user_name(uid),
+            uid,
+            pid: std::process::id(),
+            hostname: hostname(),
+        }
+    }
+}
+
+fn user_name(uid: u32) -> String {
+    let from_passwd = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let id = fields.nth(1)?;
+                (id.parse::<u32>().ok()? == uid).then(|| name.to_string())
+            })
+        });
+    from_passwd
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| uid.to_string())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+// ---------------------------------------------------------------------------------- appending
+
+/// Why the audit log cannot be extended.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(
+        "the audit log cannot be extended: {0}\n  run `pipe audit verify` for details; pipe never \
+         extends a log it cannot vouch for (to start a new log, move state/audit.jsonl and \
+         state/audit.head aside)"
+    )]
+    Mismatch(String),
+    #[error("{0}")]
+    Key(String),
+    #[error("cannot write the audit log: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The last complete record of the log and what follows it.
+#[derive(Debug, Default)]
+struct Tail {
+    /// Seq and hash of the last complete line, if any; `Err` when it is not a valid record.
+    last: Option<Result<Head, String>>,
+    /// Length of the log up to and including the last `\n`.
+    complete_len: u64,
+    /// Bytes after the last `\n` (a torn append).
+    torn: bool,
+}
+
+fn read_tail(path: &Path) -> io::Result<Tail> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Tail::default()),
+        Err(err) => return Err(err),
+    };
+    let len = file.metadata()?.len();
+    let mut newlines = Vec::new();
+    let mut pos = len;
+    let mut buf = Vec::new();
+    while pos > 0 && newlines.len() < 2 {
+        let start = pos.saturating_sub(CHUNK);
+        buf.resize((pos - start) as usize, 0);
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        for (i, b) in buf.iter().enumerate().rev() {
+            if *b == b'\n' {
+                newlines.push(start + i as u64);
+                if newlines.len() == 2 {
+                    break;
+                }
+            }
+        }
+        pos = start;
+    }
+    let Some(&end) = newlines.first() else {
+        return Ok(Tail {
+            last: None,
+            complete_len: 0,
+            torn: len > 0,
+        });
+    };
+    let start = newlines.get(1).map_or(0, |p| p + 1);
+    let mut line = vec![0; (end - start) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut line)?;
+    let last = serde_json::from_slice::<Value>(&line)
+        .map_err(|err| format!("its last line is not valid JSON ({err})"))
+        .and_then(|record| {
+            let seq = record["seq"].as_u64().ok_or("its last record has no seq")?;
+            let hash = record["hash"].as_str().unwrap_or_default().to_string();
+            if hash != record_hash(&record) {
+                return Err(format!("its last record ({seq}) does not match its hash"));
+            }
+            Ok(Head { seq, hash })
+        });
+    Ok(Tail {
+        last: Some(last),
+        complete_len: end + 1,
+        torn: len > end + 1,
+    })
+}
+
+/// The appender. Open it under the workspace lock; the thread holding it is the only writer.
+#[derive(Debug)]
+pub struct Log {
+    log: PathBuf,
+    head_file: PathBuf,
+    state_dir: PathBuf,
+    key: Option<Key>,
+    head: Head,
+    run: Option<String>,
+    actor: Actor,
+}
+
+impl Log {
+    /// Opens the log for appending, after checking that its end matches its head and repairing an
+    /// append a crash interrupted (see the module's crash rule). `run` goes into every record.
+    pub fn open(
+        ws: &Workspace,
+        key: Option<Key>,
+        _held: &WorkspaceLock,
+        run: Option<&str>,
+    ) -> Result<Log, AuditError> {
+        let state_dir = ws.state_dir();
+        let log = log_path(&state_dir);
+        let head_file = head_path(&state_dir);
+        let mut this = Log {
+            log,
+            head_file,
+            state_dir,
+            key,
+            head: Head {
+                seq: 0,
+                hash: GENESIS.into(),
+            },
+            run: run.map(str::to_string),
+            actor: Actor::current(),
+        };
+        let tail = read_tail(&this.log)?;
+        let head = read_head(&this.head_file).map_err(AuditError::Mismatch)?;
+        let last = match tail.last {
+            None => None,
+            Some(Ok(last)) => Some(last),
+            Some(Err(why)) => {
+                return Err(AuditError::Mismatch(format!("state/audit.jsonl: {why}")))
+            }
+        };
+        let Some(head) = head else {
+            if last.is_none() && !tail.torn {
+                return Ok(this); // a new log
+            }
+            return Err(AuditError::Mismatch(
+                "state/audit.jsonl has records but state/audit.head is missing".into(),
+            ));
+        };
+        match (&this.key, &head.hmac) {
+            (Some(key), Some(tag)) if !key.check_head(head.seq, &head.hash, tag) => {
+                return Err(AuditError::Key(
+                    "the audit head is not authenticated by this key (another key, or a forged \
+                     head); run `pipe audit verify` with the right key"
+                        .into(),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(AuditError::Key(
+                    "this audit log was written without a key; a key can only be adopted with a \
+                     new log (move state/audit.jsonl and state/audit.head aside)"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(AuditError::Key(format!(
+                    "this audit log is authenticated with a key: give it with --audit-key FILE \
+                     or {KEY_ENV}"
+                )))
+            }
+            _ => {}
+        }
+        let committed = Head {
+            seq: head.seq,
+            hash: head.hash.clone(),
+        };
+        let at_head = match &last {
+            None => committed.seq == 0,
+            Some(last) => *last == committed,
+        };
+        if at_head {
+            if tail.torn {
+                if head.pending.as_ref().map(|p| p.seq) != Some(committed.seq + 1) {
+                    return Err(AuditError::Mismatch(
+                        "the log ends with an incomplete line that no append was writing".into(),
+                    ));
+                }
+                // An append torn by a crash: it never happened.
+                let file = OpenOptions::new().write(true).open(&this.log)?;
+                file.set_len(tail.complete_len)?;
+                file.sync_all()?;
+            }
+            this.head = committed;
+            return Ok(this);
+        }
+        match last {
+            Some(last)
+                if !tail.torn
+                    && last.seq == committed.seq + 1
+                    && head.pending.as_ref() == Some(&last) =>
+            {
+                // Appended, but the crash came before the head: roll the head forward.
+                this.write_head(&last, None)?;
+                this.head = last;
+                Ok(this)
+            }
+            None => Err(AuditError::Mismatch(format!(
+                "state/audit.jsonl is missing or empty but the head names record {}",
+                committed.seq
+            ))),
+            Some(last) if last.seq < committed.seq => Err(AuditError::Mismatch(format!(
+                "the log ends at record {} but the head names record {}: it was truncated",
+                last.seq, committed.seq
+            ))),
+            Some(last) if last.seq == committed.seq => Err(AuditError::Mismatch(format!(
+                "record {} is not the one the head names",
+                last.seq
+            ))),
+            Some(_) => Err(AuditError::Mismatch(format!(
+                "the log has records after the head (record {}) that pipe did not append",
+                committed.seq
+            ))),
+        }
+    }
+
+    /// The current head.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+
+    fn write_head(&self, head: &Head, pending: Option<&Head>) -> io::Result<()> {
+        let file = HeadFile {
+            version: HEAD_VERSION,
+            seq: head.seq,
+            hash: head.hash.clone(),
+            hmac: self.key.as_ref().map(|k| k.sign_head(head.seq, &head.hash)),
+            pending: pending.cloned(),
+        };
+        atomic::write_json(&self.head_file, &file)
+    }
+
+    /// The record that would be appended next, with its `hash` (and `hmac`).
+    fn next_record(&self, action: &str, stage: Option<&str>, data: Value) -> Value {
+        let mut record = Map::new();
+        record.insert("v".into(), RECORD_VERSION.into());
+        record.insert("seq".into(), (self.head.seq + 1).into());
+        record.insert("ts".into(), state::now_rfc3339().into());
+        record.insert("actor".into(), json!(self.actor));
+        if let Some(run) = &self.run {
+            record.insert("run".into(), run.clone().into());
+        }
+        if let Some(stage) = stage {
+            record.insert("stage".into(), stage.into());
+        }
+        record.insert("action".into(), action.into());
+        record.insert("data".into(), data);
+        record.insert("prev".into(), self.head.hash.clone().into());
+        let mut record = Value::Object(record);
+        let hash = record_hash(&record);
+        if let Some(key) = &self.key {
+            record["hmac"] = key.sign_record(&hash).into();
+        }
+        record["hash"] = hash.into();
+        record
+    }
+
+    /// Appends one record: intent in the head, line appended and fsynced, head committed.
+    pub fn append(&mut self, action: &str, stage: Option<&str>, data: Value) -> io::Result<()> {
+        let record = self.next_record(action, stage, data);
+        let next = Head {
+            seq: self.head.seq + 1,
+            hash: record["hash"].as_str().expect("just set").to_string(),
+        };
+        self.write_head(&self.head, Some(&next))?;
+        self.write_line(&record)?;
+        failpoint::hit("audit.after-append");
+        self.write_head(&next, None)?;
+        self.head = next;
+        Ok(())
+    }
+
+    fn write_line(&self, record: &Value) -> io::Result<()> {
+        let mut line = Vec::new();
+        write_canonical(record, &mut line);
+        line.push(b'\n');
+        std::fs::create_dir_all(&self.state_dir)?;
+        let created = !self.log.exists();
+        let mut file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log)?;
+        file.write_all(&line)?;
+        file.sync_all()?;
+        if created {
+            atomic::sync_dir(&self.state_dir)?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------- the actions pipe records
+
+    /// `run.start`: the pipeline and the stages selected.
+    pub fn run_started(
+        &mut self,
+        spec: &Spec,
+        selected: &std::collections::BTreeSet<usize>,
+    ) -> io::Result<()> {
+        let stages: Vec<&str> = selected
+            .iter()
+            .map(|&i| spec.stages[i].name.as_str())
+            .collect();
+        self.append(
+            "run.start",
+            None,
+            json!({"pipeline": spec.file, "root": spec.root.display().to_string(), "stages": stages}),
+        )
+    }
+
+    /// `run.end`: the run's status and totals.
+    pub fn run_finished(&mut self, run: &RunRecord, totals: &Totals) -> io::Result<()> {
+        self.append(
+            "run.end",
+            None,
+            json!({"status": run.status, "durationMs": run.duration_ms, "totals": totals}),
+        )
+    }
+
+    /// `stage.run|resume|restore|skip|fail|interrupt`; with the published outputs (from the
+    /// marker) when the stage published or was skipped. Not-run stages are not recorded.
+    pub fn stage_finished(
+        &mut self,
+        ws: &Workspace,
+        stage: &Stage,
+        status: StageStatus,
+        reason: &str,
+        attempts: u32,
+    ) -> io::Result<()> {
+        let action = match status {
+            StageStatus::Succeeded => "stage.run",
+            StageStatus::Resumed => "stage.resume",
+            StageStatus::Restored => "stage.restore",
+            StageStatus::Skipped => "stage.skip",
+            StageStatus::Failed => "stage.fail",
+            StageStatus::Interrupted => "stage.interrupt",
+            _ => return Ok(()),
+        };
+        let mut data = json!({"reason": reason});
+        if !matches!(status, StageStatus::Skipped) {
+            data["attempts"] = attempts.into();
+        }
+        if matches!(
+            status,
+            StageStatus::Succeeded
+                | StageStatus::Resumed
+                | StageStatus::Restored
+                | StageStatus::Skipped
+        ) {
+            add_marker(
+                &mut data,
+                &ws.marker_file(&stage.output_dir, &stage.name),
+                status == StageStatus::Skipped,
+            );
+        }
+        self.append(action, Some(&stage.name), data)
+    }
+
+    /// `publish.recover`: an interrupted publish completed or abandoned before the build.
+    pub fn publish_recovered(
+        &mut self,
+        ws: &Workspace,
+        stage: &Stage,
+        recovery: &Recovery,
+    ) -> io::Result<()> {
+        let data = match recovery {
+            Recovery::Nothing => return Ok(()),
+            Recovery::Completed => {
+                let mut data = json!({"outcome": "completed"});
+                add_marker(
+                    &mut data,
+                    &ws.marker_file(&stage.output_dir, &stage.name),
+                    false,
+                );
+                data
+            }
+            Recovery::Abandoned(why) => json!({"outcome": "abandoned", "why": why}),
+        };
+        self.append("publish.recover", Some(&stage.name), data)
+    }
+
+    /// `lock.takeover`: a processor that a dead run left running was stopped.
+    pub fn lock_takeover(&mut self, stage: &str, pid: u32, dead_run: &str) -> io::Result<()> {
+        self.append(
+            "lock.takeover",
+            Some(stage),
+            json!({"stoppedPid": pid, "deadRun": dead_run}),
+        )
+    }
+
+    /// `clean`: what was removed.
+    pub fn cleaned(&mut self, cleaned: &Cleaned, state: bool, cache: bool) -> io::Result<()> {
+        self.append(
+            "clean",
+            None,
+            json!({"stages": cleaned.stages, "removed": cleaned.files, "state": state, "cache": cache}),
+        )
+    }
+}
+
+/// Adds what the marker says to `data`: the fingerprint, and either the run that produced the
+/// outputs (`skipped`: they are in that run's records) or what went in and came out: inputs and
+/// processor files with their blake3 hashes, params, and the outputs (path, size, blake3).
+fn add_marker(data: &mut Value, marker: &Path, skipped: bool) {
+    match Marker::read(marker) {
+        Ok(Some(m)) => {
+            data["fingerprint"] = m.fingerprint.into();
+            if skipped {
+                data["producedBy"] = m.run_id.into();
+            } else {
+                data["processor"] = json!(m.ingredients.processor);
+                data["params"] = m.ingredients.params;
+                data["inputs"] = json!(m.ingredients.inputs);
+                data["outputs"] = json!(m.outputs);
+            }
+        }
+        Ok(None) => data["marker"] = "missing".into(),
+        Err(why) => data["marker"] = why.into(),
+    }
+}
+
+// -------------------------------------------------------------------------------------- verify
+
+/// A chain that verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    /// The last record (the head); `None` for an empty or missing log.
+    pub head: Option<Head>,
+    /// Every record's HMAC (and the head's) was checked with the key.
+    pub authenticated: bool,
+    /// Records carry HMACs that were not checked (no key given).
+    pub hmacs_unchecked: bool,
+    /// Whether a kept head (`--head`) was found in the chain.
+    pub kept_head_found: bool,
+    /// Benign findings (an append interrupted by a crash).
+    pub notes: Vec<String>,
+}
+
+/// The first bad record and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    /// The record the problem is about, when one can be named.
+    pub seq: Option<u64>,
+    /// Its line in state/audit.jsonl (1-based), when it has one.
+    pub line: Option<u64>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.seq, self.line) {
+            (Some(seq), Some(line)) => write!(f, "record {seq} (line {line}): {}", self.reason),
+            (Some(seq), None) => write!(f, "record {seq}: {}", self.reason),
+            (None, Some(line)) => write!(f, "line {line}: {}", self.reason),
+            (None, None) => f.write_str(&self.reason),
+        }
+    }
+}
+
+fn broken(seq: Option<u64>, line: Option<u64>, reason: impl Into<String>) -> Broken {
+    Broken {
+        seq,
+        line,
+        reason: reason.into(),
+    }
+}
+
+/// The line (1-based) of the first complete record whose `seq` is `seq`, after line `after`.
+fn find_seq(path: &Path, seq: u64, after: u64) -> io::Result<Option<u64>> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut buf = Vec::new();
+    let mut line = 0u64;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(None);
+        }
+        line += 1;
+        if line > after
+            && serde_json::from_slice::<Value>(&buf)
+                .ok()
+                .and_then(|v| v["seq"].as_u64())
+                == Some(seq)
+        {
+            return Ok(Some(line));
+        }
+    }
+}
+
+/// Walks the chain in `state_dir`: every record's hash, seq, prev (and HMAC with a key), then the
+/// head file and the kept head. Reads only; takes no lock.
+pub fn verify(
+    state_dir: &Path,
+    key: Option<&Key>,
+    kept: Option<&KeptHead>,
+) -> io::Result<Result<Verified, Broken>> {
+    let path = log_path(state_dir);
+    let head_file = match read_head(&head_path(state_dir)) {
+        Ok(head) => head,
+        Err(why) => return Ok(Err(broken(None, None, why))),
+    };
+    let file = match File::open(&path) {
+        Ok(file) => Some(file),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) => return Err(err),
+    };
+    let mut reader = file.map(BufReader::new);
+    let mut buf = Vec::new();
+    let mut line = 0u64;
+    let mut prev = Head {
+        seq: 0,
+        hash: GENESIS.to_string(),
+    };
+    let mut torn_line = None;
+    let mut hmacs_unchecked = false;
+    let mut kept_found: Option<bool> = None;
+    while let Some(reader) = reader.as_mut() {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        line += 1;
+        let expected = prev.seq + 1;
+        if buf.last() != Some(&b'\n') {
+            torn_line = Some(line);
+            break;
+        }
+        let at = Some(line);
+        let record: Value = match serde_json::from_slice(&buf) {
+            Ok(Value::Object(map)) => Value::Object(map),
+            Ok(_) => {
+                return Ok(Err(broken(
+                    None,
+                    at,
+                    "not a JSON object: the log was edited",
+                )))
+            }
+            Err(err) => {
+                return Ok(Err(broken(
+                    None,
+                    at,
+                    format!("not valid JSON ({err}): the record was edited or the file damaged"),
+                )))
+            }
+        };
+        let seq = record["seq"].as_u64();
+        let hash = record["hash"].as_str().unwrap_or_default().to_string();
+        if hash != record_hash(&record) {
+            return Ok(Err(broken(
+                seq,
+                at,
+                "its content does not match its hash: the record was edited",
+            )));
+        }
+        let Some(seq) = seq else {
+            return Ok(Err(broken(None, at, "the record has no seq")));
+        };
+        if buf[..buf.len() - 1] != *to_json_line(&record).as_bytes() {
+            return Ok(Err(broken(
+                Some(seq),
+                at,
+                "the line is not in the canonical form pipe writes: it was edited (the same \
+                 content in other bytes, e.g. reformatted or with a duplicated key)",
+            )));
+        }
+        if record["v"].as_u64() != Some(RECORD_VERSION) {
+            return Ok(Err(broken(
+                Some(seq),
+                at,
+                format!("unknown record version {}", record["v"]),
+            )));
+        }
+        match (key, record["hmac"].as_str()) {
+            (Some(_), None) => {
+                return Ok(Err(broken(
+                    Some(seq),
+                    at,
+                    "it has no HMAC: it was written without the key, or forged",
+                )))
+            }
+            (Some(key), Some(tag)) if !key.check_record(&hash, tag) => {
+                return Ok(Err(broken(
+                    Some(seq),
+                    at,
+                    "its HMAC does not verify with the key: the record was forged (its hash \
+                     recomputed) or written with another key",
+                )))
+            }
+            (None, Some(_)) => hmacs_unchecked = true,
+            _ => {}
+        }
+        if seq > expected {
+            let reason = match find_seq(&path, expected, line)? {
+                Some(later) => format!(
+                    "out of order: record {expected} comes after it, at line {later}: records \
+                     were reordered"
+                ),
+                None => format!("record {expected} is missing before it: a record was deleted"),
+            };
+            return Ok(Err(broken(Some(seq), at, reason)));
+        }
+        if seq < expected {
+            let reason = match find_seq(&path, seq, 0)?.filter(|&first| first < line) {
+                Some(first) => format!(
+                    "record {seq} already appeared at line {first}: a record was inserted, \
+                     duplicated or reordered"
+                ),
+                None => format!("expected record {expected} here: records were reordered"),
+            };
+            return Ok(Err(broken(Some(seq), at, reason)));
+        }
+        if record["prev"].as_str() != Some(prev.hash.as_str()) {
+            return Ok(Err(broken(
+                Some(seq),
+                at,
+                format!(
+                    "its prev is not the hash of record {}: the chain is broken (a record before \
+                     it was replaced, inserted or deleted)",
+                    prev.seq
+                ),
+            )));
+        }
+        if let Some(kept) = kept {
+            if kept.seq == Some(seq) {
+                if hash != kept.hash {
+                    return Ok(Err(broken(
+                        Some(seq),
+                        at,
+                        format!(
+                            "its hash {hash} is not the kept head's {}: the log was rewritten at \
+                             or before this record",
+                            kept.hash
+                        ),
+                    )));
+                }
+                kept_found = Some(true);
+            } else if kept.seq.is_none() && hash == kept.hash {
+                kept_found = Some(true);
+            }
+        }
+        prev = Head { seq, hash };
+    }
+    let records = prev.seq;
+    if let Some(kept) = kept {
+        if kept_found.is_none() {
+            return Ok(Err(match kept.seq {
+                Some(seq) => broken(
+                    Some(seq),
+                    None,
+                    format!(
+                        "the kept head names record {seq} but the log ends at record {records}: \
+                         the log was truncated or rewritten"
+                    ),
+                ),
+                None => broken(
+                    None,
+                    None,
+                    format!(
+                        "no record has the kept head's hash {}: the log was rewritten or truncated",
+                        kept.hash
+                    ),
+                ),
+            }));
+        }
+    }
+    let mut notes = Vec::new();
+    let Some(head_file) = head_file else {
+        if records == 0 && torn_line.is_none() {
+            return Ok(Ok(Verified {
+                records: 0,
+                head: None,
+                authenticated: key.is_some(),
+                hmacs_unchecked: false,
+                kept_head_found: kept_found.is_some(),
+                notes,
+            }));
+        }
+        return Ok(Err(broken(
+            None,
+            None,
+            format!("state/audit.head is missing but the log has {records} record(s)"),
+        )));
+    };
+    match (key, &head_file.hmac) {
+        (Some(_), None) => {
+            return Ok(Err(broken(
+                None,
+                None,
+                "state/audit.head has no HMAC: it was written without the key, or forged",
+            )))
+        }
+        (Some(key), Some(tag)) if !key.check_head(head_file.seq, &head_file.hash, tag) => {
+            return Ok(Err(broken(
+                None,
+                None,
+                "state/audit.head: its HMAC does not verify with the key (a forged head, or \
+                 another key)",
+            )))
+        }
+        (None, Some(_)) => hmacs_unchecked = true,
+        _ => {}
+    }
+    let committed = Head {
+        seq: head_file.seq,
+        hash: head_file.hash.clone(),
+    };
+    if let Some(torn) = torn_line {
+        let pending_next = head_file
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.seq == records + 1);
+        if prev != committed || !pending_next {
+            return Ok(Err(broken(
+                Some(records + 1),
+                Some(torn),
+                "the last line is incomplete and no append was in progress: the log was \
+                 truncated or damaged",
+            )));
+        }
+        notes.push(format!(
+            "line {torn} is an append a crash interrupted (the head's intent names record {}); \
+             the next build or clean removes it",
+            records + 1
+        ));
+    } else if prev == committed {
+        // the normal case
+    } else if records == committed.seq + 1 && head_file.pending.as_ref() == Some(&prev) {
+        notes.push(format!(
+            "record {records} was appended by a build or clean that died before updating the \
+             head (the head's intent names it); the next build or clean updates the head"
+        ));
+    } else if records < committed.seq {
+        return Ok(Err(broken(
+            Some(records + 1),
+            None,
+            format!(
+                "missing: the log ends at record {records} but state/audit.head names record {}: \
+                 the log was truncated",
+                committed.seq
+            ),
+        )));
+    } else if records == committed.seq {
+        return Ok(Err(broken(
+            Some(records),
+            Some(records),
+            "its hash is not the one state/audit.head names: the record was replaced",
+        )));
+    } else {
+        return Ok(Err(broken(
+            Some(committed.seq + 1),
+            Some(committed.seq + 1),
+            format!(
+                "not covered by state/audit.head (which names record {}): records were appended \
+                 outside pipe",
+                committed.seq
+            ),
+        )));
+    }
+    Ok(Ok(Verified {
+        records,
+        head: (records > 0).then_some(prev),
+        authenticated: key.is_some(),
+        hmacs_unchecked,
+        kept_head_found: kept_found.is_some(),
+        notes,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------- show
+
+/// Which records `pipe audit show` prints.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub stage: Option<String>,
+    pub run: Option<String>,
+}
+
+impl Filter {
+    /// A record matches `--stage S` when it is about S (or a clean that cleaned S).
+    pub fn matches(&self, record: &Value) -> bool {
+        let stage_ok = self.stage.as_deref().is_none_or(|s| {
+            record["stage"].as_str() == Some(s)
+                || record["data"]["stages"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(s)))
+        });
+        let run_ok = self
+            .run
+            .as_deref()
+            .is_none_or(|r| record["run"].as_str() == Some(r));
+        stage_ok && run_ok
+    }
+}
+
+/// Every line of the log: the parsed record, or the line number and why it is unreadable.
+pub fn read_all(state_dir: &Path) -> io::Result<Vec<Result<Value, (u64, String)>>> {
+    let file = match File::open(log_path(state_dir)) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err),
+    };
+    let mut reader = BufReader::new(file);
+    let mut buf = Vec::new();
+    let mut records = Vec::new();
+    let mut line = 0;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(records);
+        }
+        line += 1;
+        records.push(
+            serde_json::from_slice::<Value>(&buf)
+                .map_err(|err| (line, format!("unreadable: {err}"))),
+        );
+    }
+}
+
+/// A record for people: a header line, then the data indented.
+pub fn render(record: &Value) -> String {
+    let s = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    let actor = &record["actor"];
+    let mut out = format!(
+        "#{} {} {}",
+        record["seq"],
+        s(&record["ts"]),
+        s(&record["action"])
+    );
+    if let Some(stage) = record["stage"].as_str() {
+        out += &format!(" stage={stage}");
+    }
+    if let Some(run) = record["run"].as_str() {
+        out += &format!(" run={run}");
+    }
+    out += &format!(
+        " by {}@{} (uid {}, pid {})",
+        s(&actor["user"]),
+        s(&actor["hostname"]),
+        actor["uid"],
+        actor["pid"]
+    );
+    if let Value::Object(data) = &record["data"] {
+        let mut keys: Vec<&String> = data.keys().collect();
+        keys.sort();
+        for key in keys {
+            let value = &data[key];
+            match (key.as_str(), value) {
+                ("outputs", Value::Array(outputs)) => {
+                    out += &format!("\n    outputs: {}", outputs.len());
+                    for o in outputs {
+                        out += &format!(
+                            "\n      {}  {} bytes  blake3 {}",
+                            s(&o["path"]),
+                            o["size"],
+                            s(&o["blake3"])
+                        );
+                    }
+                }
+                ("inputs", Value::Object(inputs)) => {
+                    out += &format!("\n    inputs: {}", inputs.len());
+                    for (path, hash) in inputs {
+                        out += &format!("\n      {path}  blake3 {}", s(hash));
+                    }
+                }
+                (_, Value::Array(items)) if items.iter().all(Value::is_string) => {
+                    let items: Vec<String> = items.iter().map(s).collect();
+                    out += &format!("\n    {key}: {}", items.join(", "));
+                }
+                (_, value) => out += &format!("\n    {key}: {}", s(value)),
+            }
+        }
+    }
+    out += &format!("\n    hash: {}", s(&record["hash"]));
+    out
+}
+
+/// A record as one canonical JSON line (for `--message-format json`).
+pub fn to_json_line(record: &Value) -> String {
+    let mut out = Vec::new();
+    write_canonical(record, &mut out);
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
+#[cfg(test)]
+mod tests;

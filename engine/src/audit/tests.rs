@@ -1,0 +1,402 @@
+use super::*;
+use crate::lock::{self, Holder, Wait};
+
+fn workspace() -> (tempfile::TempDir, Workspace) {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = Workspace {
+        root: dir.path().to_path_buf(),
+    };
+    (dir, ws)
+}
+
+fn held(ws: &Workspace) -> WorkspaceLock {
+    lock::acquire(ws, &Holder::default(), Wait::No, |_| {}).unwrap()
+}
+
+/// A log with `n` records (`step 1`..`step n`), written with `key`.
+fn log_with(ws: &Workspace, n: u64, key: Option<Key>) -> Head {
+    let lock = held(ws);
+    let mut log = Log::open(ws, key, &lock, Some("r1")).unwrap();
+    for i in 1..=n {
+        log.append("test.step", Some("s"), json!({"i": i})).unwrap();
+    }
+    log.head().clone()
+}
+
+fn lines(ws: &Workspace) -> Vec<String> {
+    std::fs::read_to_string(log_path(&ws.state_dir()))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(ws: &Workspace, lines: &[String]) {
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(log_path(&ws.state_dir()), text).unwrap();
+}
+
+fn check(ws: &Workspace, key: Option<&Key>, kept: Option<&KeptHead>) -> Result<Verified, Broken> {
+    verify(&ws.state_dir(), key, kept).unwrap()
+}
+
+/// Rewrites the whole chain with `edit` applied to record `at`, recomputing every hash (and the
+/// head file) as a forger without the key would; old HMACs are kept where they still are.
+fn forge(ws: &Workspace, at: u64, edit: impl Fn(&mut Value)) {
+    let mut prev = GENESIS.to_string();
+    let mut out = Vec::new();
+    for line in lines(ws) {
+        let mut record: Value = serde_json::from_str(&line).unwrap();
+        if record["seq"] == at {
+            edit(&mut record);
+        }
+        record["prev"] = prev.clone().into();
+        let hash = record_hash(&record);
+        record["hash"] = hash.clone().into();
+        prev = hash;
+        out.push(to_json_line(&record));
+    }
+    let seq = out.len() as u64;
+    write_lines(ws, &out);
+    let mut head: HeadFile =
+        serde_json::from_slice(&std::fs::read(head_path(&ws.state_dir())).unwrap()).unwrap();
+    head.seq = seq;
+    head.hash = prev;
+    atomic::write_json(&head_path(&ws.state_dir()), &head).unwrap();
+}
+
+#[test]
+fn canonical_bytes_sort_keys_drop_the_hash_and_have_no_whitespace() {
+    let record = json!({"b": 1, "a": {"d": [1, {"z": true, "y": null}], "c": "x\n\u{e9}"}, "hash": "h", "hmac": "m"});
+    assert_eq!(
+        String::from_utf8(canonical_bytes(&record)).unwrap(),
+        "{\"a\":{\"c\":\"x\\n\u{e9}\",\"d\":[1,{\"y\":null,\"z\":true}]},\"b\":1}"
+    );
+}
+
+#[test]
+fn the_primitives_match_published_test_vectors() {
+    assert_eq!(
+        sha256_hex(b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    // RFC 4231, test case 2.
+    assert_eq!(
+        Key::from_bytes(b"Jefe").sign(b"what do ya want for nothing?"),
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    );
+    let key = Key::from_bytes(b"0123456789abcdef");
+    let tag = key.sign_record(GENESIS);
+    assert!(key.check_record(GENESIS, &tag));
+    assert!(!key.check_head(0, GENESIS, &tag), "domains are separated");
+    assert!(!Key::from_bytes(b"another key 12345").check_record(GENESIS, &tag));
+}
+
+#[test]
+fn appends_form_a_chain_that_verifies_and_reopening_continues_it() {
+    let (_dir, ws) = workspace();
+    assert_eq!(check(&ws, None, None).unwrap().records, 0);
+    let head = log_with(&ws, 3, None);
+    assert_eq!(head.seq, 3);
+    let lock = held(&ws);
+    let mut log = Log::open(&ws, None, &lock, None).unwrap();
+    assert_eq!(log.head(), &head);
+    log.append("clean", None, json!({})).unwrap();
+    let ok = check(&ws, None, None).unwrap();
+    assert_eq!(ok.records, 4);
+    assert_eq!(ok.head.as_ref(), Some(log.head()));
+    assert!(ok.notes.is_empty() && !ok.authenticated);
+    let records = lines(&ws);
+    let first: Value = serde_json::from_str(&records[0]).unwrap();
+    assert_eq!(first["prev"], GENESIS);
+    assert_eq!(first["run"], "r1");
+    assert_eq!(first["actor"]["pid"], std::process::id());
+    let second: Value = serde_json::from_str(&records[1]).unwrap();
+    assert_eq!(second["prev"], first["hash"]);
+    assert_eq!(records[0], to_json_line(&first), "lines are canonical");
+    let kept: KeptHead = format!("{head}").parse().unwrap();
+    assert!(check(&ws, None, Some(&kept)).unwrap().kept_head_found);
+}
+
+#[test]
+fn every_kind_of_tampering_names_the_first_bad_record() {
+    type Tamper = Box<dyn Fn(&Workspace)>;
+    let cases: Vec<(&str, Tamper, Option<u64>, &str)> = vec![
+        (
+            "edit",
+            Box::new(|ws| {
+                let mut l = lines(ws);
+                l[2] = l[2].replace("\"i\":3", "\"i\":4");
+                write_lines(ws, &l);
+            }),
+            Some(3),
+            "edited",
+        ),
+        (
+            "delete",
+            Box::new(|ws| {
+                let mut l = lines(ws);
+                l.remove(1);
+                write_lines(ws, &l);
+            }),
+            Some(3),
+            "record 2 is missing",
+        ),
+        (
+            "swap",
+            Box::new(|ws| {
+                let mut l = lines(ws);
+                l.swap(1, 2);
+                write_lines(ws, &l);
+            }),
+            Some(3),
+            "reordered",
+        ),
+        (
+            "duplicate",
+            Box::new(|ws| {
+                let mut l = lines(ws);
+                let copy = l[1].clone();
+                l.insert(2, copy);
+                write_lines(ws, &l);
+            }),
+            Some(2),
+            "already appeared at line 2",
+        ),
+        (
+            "truncate",
+            Box::new(|ws| {
+                let mut l = lines(ws);
+                l.truncate(3);
+                write_lines(ws, &l);
+            }),
+            Some(4),
+            "truncated",
+        ),
+        (
+            "torn",
+            Box::new(|ws| {
+                let text = std::fs::read(log_path(&ws.state_dir())).unwrap();
+                std::fs::write(log_path(&ws.state_dir()), &text[..text.len() - 10]).unwrap();
+            }),
+            Some(5),
+            "incomplete",
+        ),
+        (
+            "append",
+            Box::new(|ws| {
+                let l = lines(ws);
+                let last: Value = serde_json::from_str(&l[4]).unwrap();
+                let mut forged = last.clone();
+                forged["seq"] = 6.into();
+                forged["prev"] = last["hash"].clone();
+                forged["hash"] = record_hash(&forged).into();
+                let mut l = l;
+                l.push(to_json_line(&forged));
+                write_lines(ws, &l);
+            }),
+            Some(6),
+            "outside pipe",
+        ),
+        (
+            "head deleted",
+            Box::new(|ws| std::fs::remove_file(head_path(&ws.state_dir())).unwrap()),
+            None,
+            "audit.head is missing",
+        ),
+    ];
+    for (name, tamper, seq, why) in cases {
+        let (_dir, ws) = workspace();
+        log_with(&ws, 5, None);
+        tamper(&ws);
+        let bad = check(&ws, None, None).expect_err(name);
+        assert_eq!(bad.seq, seq, "{name}: {bad}");
+        assert!(bad.reason.contains(why), "{name}: {bad}");
+        // An appender checks only the end of the log against the head (verify checks the rest);
+        // appending after a tampered middle keeps the evidence where it is.
+        let at_end = ["truncate", "torn", "append", "head deleted"].contains(&name);
+        let lock = held(&ws);
+        assert_eq!(
+            matches!(
+                Log::open(&ws, None, &lock, None),
+                Err(AuditError::Mismatch(_))
+            ),
+            at_end,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_rehashed_forgery_is_caught_by_a_kept_head_or_the_key() {
+    let (_dir, ws) = workspace();
+    let kept = log_with(&ws, 4, None);
+    forge(&ws, 2, |r| r["data"]["i"] = 99.into());
+    assert!(check(&ws, None, None).is_ok(), "undetectable without more");
+    let kept_full: KeptHead = kept.to_string().parse().unwrap();
+    let bad = check(&ws, None, Some(&kept_full)).unwrap_err();
+    assert_eq!(bad.seq, Some(4));
+    assert!(bad.reason.contains("rewritten"), "{bad}");
+    let kept_hash: KeptHead = kept.hash.parse().unwrap();
+    assert!(check(&ws, None, Some(&kept_hash)).is_err());
+
+    let (_dir, ws) = workspace();
+    let key = Key::from_bytes(b"0123456789abcdef0123");
+    log_with(&ws, 4, Some(key.clone()));
+    assert!(check(&ws, Some(&key), None).unwrap().authenticated);
+    assert!(check(&ws, None, None).unwrap().hmacs_unchecked);
+    forge(&ws, 2, |r| r["data"]["i"] = 99.into());
+    let bad = check(&ws, Some(&key), None).unwrap_err();
+    assert_eq!(bad.seq, Some(2), "{bad}");
+    assert!(bad.reason.contains("HMAC"), "{bad}");
+    forge(&ws, 2, |r| {
+        r.as_object_mut().unwrap().remove("hmac");
+    });
+    let bad = check(&ws, Some(&key), None).unwrap_err();
+    assert_eq!(bad.seq, Some(2), "{bad}");
+    let other = Key::from_bytes(b"another key, 20 bytes");
+    assert_eq!(check(&ws, Some(&other), None).unwrap_err().seq, Some(1));
+}
+
+#[test]
+fn a_crash_after_the_append_is_not_tampering_and_the_next_appender_repairs_the_head() {
+    let (_dir, ws) = workspace();
+    log_with(&ws, 2, None);
+    {
+        let lock = held(&ws);
+        let log = Log::open(&ws, None, &lock, None).unwrap();
+        let record = log.next_record("run.end", None, json!({}));
+        let next = Head {
+            seq: 3,
+            hash: record["hash"].as_str().unwrap().into(),
+        };
+        log.write_head(log.head(), Some(&next)).unwrap();
+        log.write_line(&record).unwrap();
+        // crash: the head is never committed
+    }
+    let ok = check(&ws, None, None).unwrap();
+    assert_eq!(ok.records, 3);
+    assert_eq!(ok.notes.len(), 1, "{:?}", ok.notes);
+    let lock = held(&ws);
+    let mut log = Log::open(&ws, None, &lock, None).unwrap();
+    assert_eq!(log.head().seq, 3);
+    log.append("x", None, json!({})).unwrap();
+    let ok = check(&ws, None, None).unwrap();
+    assert_eq!((ok.records, ok.notes.len()), (4, 0));
+}
+
+#[test]
+fn a_torn_append_is_removed_only_when_the_head_announced_it() {
+    let (_dir, ws) = workspace();
+    log_with(&ws, 2, None);
+    {
+        let lock = held(&ws);
+        let log = Log::open(&ws, None, &lock, None).unwrap();
+        let record = log.next_record("run.end", None, json!({}));
+        let next = Head {
+            seq: 3,
+            hash: record["hash"].as_str().unwrap().into(),
+        };
+        log.write_head(log.head(), Some(&next)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(log_path(&ws.state_dir()))
+            .unwrap();
+        f.write_all(&to_json_line(&record).as_bytes()[..20])
+            .unwrap();
+    }
+    let ok = check(&ws, None, None).unwrap();
+    assert_eq!((ok.records, ok.notes.len()), (2, 1));
+    {
+        let lock = held(&ws);
+        let mut log = Log::open(&ws, None, &lock, None).unwrap();
+        assert_eq!(log.head().seq, 2);
+        log.append("x", None, json!({})).unwrap();
+    }
+    assert_eq!(lines(&ws).len(), 3);
+    assert_eq!(check(&ws, None, None).unwrap().records, 3);
+}
+
+#[test]
+fn a_log_is_keyed_or_not_from_its_first_record() {
+    let (_dir, ws) = workspace();
+    let key = Key::from_bytes(b"0123456789abcdef");
+    log_with(&ws, 1, Some(key.clone()));
+    let lock = held(&ws);
+    assert!(matches!(
+        Log::open(&ws, None, &lock, None),
+        Err(AuditError::Key(_))
+    ));
+    let wrong = Key::from_bytes(b"fedcba9876543210");
+    assert!(matches!(
+        Log::open(&ws, Some(wrong), &lock, None),
+        Err(AuditError::Key(_))
+    ));
+    assert!(Log::open(&ws, Some(key.clone()), &lock, None).is_ok());
+    drop(lock);
+
+    let (_dir, ws) = workspace();
+    log_with(&ws, 1, None);
+    let lock = held(&ws);
+    assert!(matches!(
+        Log::open(&ws, Some(key), &lock, None),
+        Err(AuditError::Key(_))
+    ));
+}
+
+#[test]
+fn keys_and_kept_heads_are_parsed_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k");
+    std::fs::write(&path, "short\n").unwrap();
+    assert!(Key::from_file(&path).unwrap_err().contains("at least 16"));
+    std::fs::write(&path, "0123456789abcdef\r\n").unwrap();
+    assert_eq!(Key::from_file(&path).unwrap().0, b"0123456789abcdef");
+    assert!(Key::from_file(&dir.path().join("missing")).is_err());
+    assert!(format!("{:?}", Key::from_bytes(b"secret")).contains("redacted"));
+
+    let hash = "AB".repeat(32);
+    let kept: KeptHead = format!("7:{hash}").parse().unwrap();
+    assert_eq!(kept.seq, Some(7));
+    assert_eq!(kept.hash, "ab".repeat(32));
+    assert_eq!(hash.parse::<KeptHead>().unwrap().seq, None);
+    assert!("7:abc".parse::<KeptHead>().is_err());
+    assert!(format!("x:{hash}").parse::<KeptHead>().is_err());
+}
+
+#[test]
+fn show_filters_by_stage_and_run_and_renders_outputs() {
+    let record = json!({"v": 1, "seq": 3, "ts": "t", "actor": {"user": "u", "uid": 1, "pid": 2, "hostname": "h"},
+        "run": "r1", "stage": "copy", "action": "stage.run", "prev": GENESIS, "hash": "x",
+        "data": {"reason": "first run", "outputs": [{"path": "a.txt", "size": 3, "blake3": "b3"}]}});
+    let clean = json!({"action": "clean", "data": {"stages": ["copy", "upper"]}});
+    let by_stage = Filter {
+        stage: Some("copy".into()),
+        run: None,
+    };
+    assert!(by_stage.matches(&record) && by_stage.matches(&clean));
+    let by_run = Filter {
+        stage: None,
+        run: Some("r2".into()),
+    };
+    assert!(!by_run.matches(&record) && !by_run.matches(&clean));
+    let text = render(&record);
+    assert!(
+        text.starts_with("#3 t stage.run stage=copy run=r1 by u@h (uid 1, pid 2)"),
+        "{text}"
+    );
+    assert!(text.contains("a.txt  3 bytes  blake3 b3"), "{text}");
+}
+
+#[test]
+fn a_line_must_be_the_canonical_bytes_not_just_the_same_content() {
+    let (_dir, ws) = workspace();
+    log_with(&ws, 3, None);
+    let mut l = lines(&ws);
+    // Same parsed content, other bytes: a duplicated key whose last value is the real one.
+    l[1] = l[1].replacen("{\"action\":", "{\"action\":\"clean\",\"action\":", 1);
+    write_lines(&ws, &l);
+    let bad = check(&ws, None, None).unwrap_err();
+    assert_eq!(bad.seq, Some(2), "{bad}");
+    assert!(bad.reason.contains("canonical form"), "{bad}");
+}

@@ -1,0 +1,330 @@
+//! The re-exec helper, `pipe __exec`: the engine starts every processor attempt as
+//!
+//! ```text
+//! pipe __exec --report-fd 4 --spec-json '{...}' -- ARGV...
+//! ```
+//!
+//! and this ordinary, single-threaded process (no async-signal-safety limits, unlike a `pre_exec`
+//! hook in the multi-threaded engine) confines itself and then *becomes* the processor with
+//! `execve`: same pid, same process group (set by the engine), same stdio and progress pipe (fd 3).
+//!
+//! (CPU affinity and the address-space limit are set by the engine between fork and exec; they
+//! carry over.) In order: close every inherited descriptor above 4; enter a new network namespace;
+//! re-arm the parent-death signal (a user namespace clears it) and check the engine is still
+//! there; restrict itself with Landlock; install the socket
+//! filter (with a user-notification listener when the engine gave it a report channel); send the
+//! engine a report of what was applied, with the listener attached; `execve` the processor. Any
+//! failure before `execve` is reported and the processor never starts (exit 126); a failing
+//! `execve` exits 127.
+//!
+//! `--probe` applies each layer to itself in turn and prints what works as JSON (the engine's
+//! [`super::Probe`]). Run by hand (as `--sandbox-debug` prints it), without the engine's channel
+//! on fd 4, the filter kills a network attempt with SIGSYS instead of notifying.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{channel, filesystem, netns, seccomp, HelperSpec, LayerProbe, Layers, Probe};
+
+/// The hidden subcommand.
+pub const SUBCOMMAND: &str = "__exec";
+/// The descriptor the report channel has in the helper.
+pub const REPORT_FD: i32 = 4;
+/// Exit code when the sandbox could not be set up (the processor never started).
+pub const EXIT_SETUP_FAILED: u8 = 126;
+/// Exit code when the processor could not be executed.
+pub const EXIT_EXEC_FAILED: u8 = 127;
+
+/// What the helper tells the engine (one message each).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Layers>,
+    /// The sandbox could not be set up: the processor did not start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `execve` of the processor failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_error: Option<String>,
+}
+
+/// Parsed arguments.
+struct Args {
+    report_fd: Option<i32>,
+    spec: Option<String>,
+    probe: bool,
+    argv: Vec<OsString>,
+}
+
+fn parse(args: &[OsString]) -> Result<Args, String> {
+    let mut parsed = Args {
+        report_fd: None,
+        spec: None,
+        probe: false,
+        argv: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .and_then(|v| v.to_str())
+                .map(str::to_string)
+                .ok_or_else(|| format!("`{name}` needs a value"))
+        };
+        match arg.to_str() {
+            Some("--report-fd") => {
+                let v = value("--report-fd")?;
+                parsed.report_fd = Some(v.parse().map_err(|_| format!("bad --report-fd `{v}`"))?);
+            }
+            Some("--spec-json") => parsed.spec = Some(value("--spec-json")?),
+            Some("--spec-file") => {
+                let path = value("--spec-file")?;
+                parsed.spec = Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| format!("cannot read `{path}`: {e}"))?,
+                );
+            }
+            Some("--probe") => parsed.probe = true,
+            Some("--") => {
+                parsed.argv = it.cloned().collect();
+                break;
+            }
+            _ => return Err(format!("unexpected argument `{}`", arg.to_string_lossy())),
+        }
+    }
+    Ok(parsed)
+}
+
+/// `pipe __exec ARGS`: returns only when the processor could not be started.
+pub fn main(args: &[OsString]) -> u8 {
+    let args = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!(
+                "pipe {SUBCOMMAND}: {e}\nusage: pipe {SUBCOMMAND} [--report-fd N] (--spec-json JSON | --spec-file FILE) -- PROGRAM [ARGS...] | pipe {SUBCOMMAND} --probe"
+            );
+            return 2;
+        }
+    };
+    if args.probe {
+        let probe = probe();
+        println!(
+            "{}",
+            serde_json::to_string(&probe).expect("the probe serialises")
+        );
+        return 0;
+    }
+    close_inherited_descriptors();
+    let channel = args
+        .report_fd
+        .filter(|fd| channel::is_socket(*fd))
+        .map(|fd| {
+            // SAFETY: the engine handed this descriptor to us for exactly this use; nothing else in
+            // this process refers to it.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            let _ = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC);
+            owned
+        });
+    let send = |report: &Report, fd: Option<&OwnedFd>| {
+        if let Some(ch) = &channel {
+            let bytes = serde_json::to_vec(report).expect("the report serialises");
+            let _ = channel::send(ch.as_fd(), &bytes, fd.map(|f| f.as_fd()));
+        }
+    };
+    let fail = |message: String| {
+        eprintln!("pipe: the offline sandbox could not be set up: {message}");
+        send(
+            &Report {
+                error: Some(message),
+                ..Report::default()
+            },
+            None,
+        );
+        EXIT_SETUP_FAILED
+    };
+    let Some(program) = args.argv.first() else {
+        return fail("no processor to run (nothing after `--`)".into());
+    };
+    let spec: HelperSpec = match args.spec.as_deref().map(serde_json::from_str) {
+        Some(Ok(spec)) => spec,
+        Some(Err(e)) => return fail(format!("bad sandbox spec: {e}")),
+        None => return fail("no sandbox spec (`--spec-json` or `--spec-file`)".into()),
+    };
+    let mut command = std::process::Command::new(program);
+    command.args(&args.argv[1..]);
+    let listener = match apply(&spec, channel.is_some()) {
+        Ok((layers, listener)) => {
+            send(
+                &Report {
+                    layers: Some(layers),
+                    ..Report::default()
+                },
+                listener.as_ref(),
+            );
+            listener
+        }
+        Err(message) => return fail(message),
+    };
+    drop(listener);
+    let err = command.exec();
+    eprintln!(
+        "pipe: cannot start the processor `{}`: {err}",
+        program.to_string_lossy()
+    );
+    send(
+        &Report {
+            exec_error: Some(err.to_string()),
+            ..Report::default()
+        },
+        None,
+    );
+    EXIT_EXEC_FAILED
+}
+
+/// Closes every descriptor above the report channel: nothing the engine's parent leaked (a
+/// socket, say) reaches the processor.
+fn close_inherited_descriptors() {
+    // SAFETY: close_range only closes descriptors; nothing in this single-threaded process owns
+    // one above REPORT_FD at this point.
+    unsafe {
+        libc::close_range(REPORT_FD as u32 + 1, u32::MAX, 0);
+    }
+}
+
+/// Applies `spec` to this process; returns what was applied and the seccomp listener.
+fn apply(spec: &HelperSpec, notify: bool) -> Result<(Layers, Option<OwnedFd>), String> {
+    let mut layers = Layers::default();
+    let parent = rustix::process::getppid();
+    let death_signal = rustix::process::parent_process_death_signal()
+        .ok()
+        .flatten();
+    if spec.netns {
+        match netns::enter() {
+            Ok(how) => {
+                layers.netns = true;
+                if how == netns::Entered::WithUserNamespace {
+                    layers
+                        .notes
+                        .push("network namespace inside a user namespace".into());
+                }
+            }
+            Err(e) => return Err(format!("cannot enter a new network namespace: {e}")),
+        }
+    }
+    if let Some(signal) = death_signal {
+        // A new user namespace clears the parent-death signal: re-arm it, then make sure the
+        // engine did not die in between.
+        rustix::process::set_parent_process_death_signal(Some(signal))
+            .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+        if rustix::process::getppid() != parent {
+            return Err("pipe exited before the processor started".into());
+        }
+    }
+    if let Some(rules) = &spec.landlock {
+        let applied = filesystem::restrict(rules)?;
+        layers.landlock = true;
+        layers.landlock_abi = Some(applied.abi);
+        layers.landlock_tcp = applied.tcp;
+        layers.hermetic = rules.read.is_some();
+        for path in applied.missing {
+            layers
+                .notes
+                .push(format!("Landlock: `{}` does not exist", path.display()));
+        }
+    }
+    let mut listener = None;
+    if spec.seccomp {
+        let program =
+            |on| seccomp::program(on).ok_or("seccomp: this architecture is not supported");
+        rustix::thread::set_no_new_privs(true).map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
+        let notified = if notify {
+            // Only one filter of a process's chain may have a listener: under a pipe that runs
+            // in a processor of another pipe this fails with EBUSY, and killing is what is left.
+            match seccomp::install(&program(seccomp::OnNetwork::Notify)?, false, true) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    layers.notes.push(format!(
+                        "no seccomp user notification ({e}): a network attempt kills with SIGSYS"
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match notified {
+            Some(fd) => {
+                listener = fd;
+                layers.violations = Some("notify".into());
+            }
+            None => {
+                seccomp::install(&program(seccomp::OnNetwork::Kill)?, false, false)
+                    .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+                layers.violations = Some("kill".into());
+            }
+        }
+        layers.seccomp = true;
+    }
+    if spec.require && !(layers.netns || layers.seccomp || layers.landlock_tcp) {
+        return Err("no runtime offline layer could be applied (network namespace, seccomp, Landlock TCP rules); pass `--offline-guard=static` to run with the static scan only".into());
+    }
+    Ok((layers, listener))
+}
+
+/// Tries each runtime layer on this (throw-away) process.
+fn probe() -> Probe {
+    let mut probe = Probe::default();
+    probe.netns = match netns::enter() {
+        Ok(netns::Entered::Privileged) => ok("unshare(CLONE_NEWNET)"),
+        Ok(netns::Entered::WithUserNamespace) => ok("unshare(CLONE_NEWUSER | CLONE_NEWNET)"),
+        Err(e) => failed(format!("cannot create a network namespace: {e}")),
+    };
+    probe.landlock_abi = filesystem::abi();
+    probe.landlock = match probe.landlock_abi {
+        None => failed("Landlock is not available in this kernel (Linux 5.13+ with `landlock` in the LSM list)".into()),
+        Some(abi) => match filesystem::restrict(&filesystem::FsRules {
+            deny_tcp: true,
+            ..filesystem::FsRules::default()
+        }) {
+            Ok(applied) => ok(&format!(
+                "ABI {abi}: filesystem rules{}{}",
+                if applied.tcp { ", TCP bind/connect denied" } else { ", no TCP rules (ABI < 4)" },
+                if applied.scoped { ", scoped signals and abstract sockets" } else { "" }
+            )),
+            Err(e) => failed(e),
+        },
+    };
+    probe.seccomp = match seccomp::program(seccomp::OnNetwork::Kill) {
+        None => failed("seccomp: this architecture is not supported".into()),
+        Some(program) => {
+            let _ = rustix::thread::set_no_new_privs(true);
+            let notify = seccomp::install(&program, false, true);
+            probe.notify = notify.is_ok();
+            match notify {
+                Ok(_) => ok("socket filter with user notification"),
+                Err(_) => match seccomp::install(&program, false, false) {
+                    Ok(_) => ok(
+                        "socket filter (no user notification: a network attempt kills with SIGSYS)",
+                    ),
+                    Err(e) => failed(format!("cannot install a seccomp filter: {e}")),
+                },
+            }
+        }
+    };
+    probe
+}
+
+fn ok(detail: &str) -> LayerProbe {
+    LayerProbe {
+        ok: true,
+        detail: detail.to_string(),
+    }
+}
+
+fn failed(detail: String) -> LayerProbe {
+    LayerProbe { ok: false, detail }
+}
