@@ -60,6 +60,11 @@ impl Store {
         }
     }
 
+    /// Folders that may hold temporaries of interrupted writes (swept under the workspace lock).
+    pub fn temporary_dirs(&self) -> [&Path; 2] {
+        [&self.objects, &self.actions]
+    }
+
     /// Where the object with `hash` lives.
     pub fn object_path(&self, hash: &str) -> PathBuf {
         let (fan, rest) = hash.split_at(2.min(hash.len()));
@@ -78,8 +83,13 @@ impl Store {
         }
         let dir = object.parent().expect("objects live in a fan-out folder");
         std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
+        // The temporary lives at the top of the store (not in a fan-out folder), where the sweep
+        // of interrupted writes looks without walking every object.
+        // Unique per process and call: two workers may store the same content at once.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.objects.join(format!(
+            ".{}.tmp-{}{call:06}",
             &hash[..hash.len().min(16)],
             std::process::id()
         ));
@@ -88,7 +98,10 @@ impl Store {
             std::fs::copy(file, &tmp)?;
             File::open(&tmp)?.sync_all()?;
         }
-        std::fs::rename(&tmp, &object)?;
+        if let Err(err) = std::fs::rename(&tmp, &object) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err);
+        }
         atomic::sync_dir(dir)
     }
 

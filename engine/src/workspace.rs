@@ -144,6 +144,9 @@ impl Workspace {
         let mut removed = crate::atomic::sweep_temporaries(&self.state_dir(), true)?;
         removed += crate::atomic::sweep_temporaries(&self.locks_dir(), false)?;
         removed += crate::atomic::sweep_temporaries(&self.cache_dir(), false)?;
+        for dir in crate::store::Store::new(&self.cache_dir()).temporary_dirs() {
+            removed += crate::atomic::sweep_temporaries(dir, false)?;
+        }
         for dir in output_dirs {
             removed += crate::atomic::sweep_temporaries(&self.output_dir(dir), false)?;
         }

@@ -9,11 +9,11 @@
 //! 3. Every processor attempt starts through the re-exec helper ([`helper`], `pipe __exec`): a
 //!    fresh network namespace ([`netns`]), Landlock ([`filesystem`]: writes only into the staging
 //!    and temp folders; hermetic stages read only what they declare; TCP denied), an environment
-//!    cut to an allowlist ([`env`]), and last a seccomp filter whose network denials are reported
+//!    cut to an allowlist ([`mod@env`]), and last a seccomp filter whose network denials are reported
 //!    to the engine through a user-notification listener: the offender and its process group are
 //!    killed and the attempt is classified `network`, even when the processor swallows the error.
 //!
-//! The engine probes once per build which runtime layers the kernel offers ([`probe`]); with
+//! The engine probes once per build which runtime layers the kernel offers ([`Probe::run`]); with
 //! `--offline-guard=strict` (the default) a build on a machine offering none fails before anything
 //! runs. Each attempt's helper reports what it actually applied ([`Layers`]), and the engine records
 //! it in `state/stage_<name>.json`.
