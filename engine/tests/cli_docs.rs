@@ -38,12 +38,23 @@ fn every_visible_command_and_flag_is_in_the_generated_page() {
     let page = markdown();
     let mut cmd = Cli::command();
     cmd.build();
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        assert!(page.contains(&format!("### `pipe {}`", sub.get_name())));
+    let mut todo: Vec<(String, Command)> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .map(|s| (format!("pipe {}", s.get_name()), s.clone()))
+        .collect();
+    while let Some((name, sub)) = todo.pop() {
+        assert!(page.contains(&format!("`{name}`\n")), "{name} is missing");
         for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
             if let Some(long) = arg.get_long() {
                 assert!(page.contains(&format!("--{long}")), "{long}");
             }
+        }
+        for child in sub
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            todo.push((format!("{name} {}", child.get_name()), child.clone()));
         }
     }
     for (code, _) in EXIT_CODES {
@@ -100,24 +111,8 @@ fn markdown() -> String {
         ));
     }
     out.push('\n');
-    for mut sub in subs {
-        out.push_str(&format!("### `pipe {}`\n\n", sub.get_name()));
-        let about = sub
-            .get_long_about()
-            .or_else(|| sub.get_about())
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        out.push_str(&format!("{}\n\n", about.trim()));
-        out.push_str(&format!("Usage: `{}`\n\n", usage(&mut sub)));
-        let own: Vec<&Arg> = sub
-            .get_arguments()
-            .filter(|a| !a.is_global_set() && !a.is_hide_set() && !is_builtin(a))
-            .collect();
-        if own.is_empty() {
-            out.push_str("No arguments or options of its own (global options apply).\n\n");
-        } else {
-            table(&mut out, &own);
-        }
+    for sub in subs {
+        section(&mut out, sub, "pipe", 3);
     }
 
     out.push_str("## Exit codes\n\n| code | meaning |\n| --- | --- |\n");
@@ -130,6 +125,36 @@ fn markdown() -> String {
          `--message-format json` or `TERM=dumb`).\n",
     );
     out
+}
+
+/// One command's section, then its own visible subcommands' sections one heading level deeper.
+fn section(out: &mut String, mut sub: Command, parent: &str, level: usize) {
+    let name = format!("{parent} {}", sub.get_name());
+    out.push_str(&format!("{} `{name}`\n\n", "#".repeat(level)));
+    let about = sub
+        .get_long_about()
+        .or_else(|| sub.get_about())
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    out.push_str(&format!("{}\n\n", about.trim()));
+    out.push_str(&format!("Usage: `{}`\n\n", usage(&mut sub)));
+    let own: Vec<&Arg> = sub
+        .get_arguments()
+        .filter(|a| !a.is_global_set() && !a.is_hide_set() && !is_builtin(a))
+        .collect();
+    if own.is_empty() {
+        out.push_str("No arguments or options of its own (global options apply).\n\n");
+    } else {
+        table(out, &own);
+    }
+    let nested: Vec<Command> = sub
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        .cloned()
+        .collect();
+    for child in nested {
+        section(out, child, &name, level + 1);
+    }
 }
 
 /// `-h/--help` and `-V/--version`, which clap adds: described once in the intro.

@@ -132,6 +132,8 @@ impl Probe {
         let out = std::process::Command::new(exe)
             .args([helper::SUBCOMMAND, "--probe"])
             .env_clear()
+            // A coverage build of pipe must keep writing its profile where it was told to.
+            .envs(std::env::vars_os().filter(|(k, _)| k == "LLVM_PROFILE_FILE"))
             .stdin(std::process::Stdio::null())
             .output()
             .map_err(|e| format!("cannot run `{} {}`: {e}", exe.display(), helper::SUBCOMMAND))?;
