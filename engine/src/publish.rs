@@ -141,7 +141,7 @@ fn complete(target: &Target, journal: &Journal, cache: &mut StatCache) -> io::Re
                 std::fs::remove_dir_all(&dest)?;
             }
             std::fs::rename(&staged, &dest)?;
-            failpoint::hit("publish.after-output-rename");
+            failpoint::check("publish.after-output-rename")?;
         } else {
             // Moved before the crash: it must be in place, unchanged.
             let intact = dest.is_file()

@@ -357,15 +357,7 @@ impl StageJob {
         if !matches!(status, StageStatus::Succeeded | StageStatus::Restored) {
             return Ok((status, attempt, retries));
         }
-        let marker = publish::publish(
-            &target,
-            self.previous.as_ref(),
-            &self.run_id,
-            &self.fingerprint,
-            &self.ingredients,
-            hashes,
-        )
-        .map_err(|err| io::Error::new(err.kind(), format!("publishing outputs failed: {err}")))?;
+        let marker = self.publish_retrying(tx, &target, &policy, hashes)?;
         metrics.output_bytes = marker.outputs.iter().map(|o| o.size).sum();
         let _ = tx.send(JobMessage::Event(Event::StagePublished {
             stage: self.stage.name.clone(),
@@ -383,6 +375,70 @@ impl StageJob {
             StageStatus::Succeeded
         };
         Ok((status, attempt, retries))
+    }
+
+    /// Publishes the staged outputs. A transient local error (EAGAIN, EBUSY, ETXTBSY, EINTR: a busy
+    /// file, a lock held for a moment) is retried under the stage's retry policy; after the journal
+    /// is written, a retry completes that journal rather than starting over.
+    fn publish_retrying(
+        &mut self,
+        tx: &Sender<JobMessage>,
+        target: &publish::Target,
+        policy: &RetryPolicy,
+        hashes: &mut StatCache,
+    ) -> io::Result<Marker> {
+        let mut attempt = 1;
+        loop {
+            let result = if target.journal.exists() {
+                publish::recover(target, hashes).and_then(|recovery| match recovery {
+                    publish::Recovery::Completed => Marker::read(&target.marker)
+                        .map_err(io::Error::other)?
+                        .ok_or_else(|| io::Error::other("the completed publish left no marker")),
+                    publish::Recovery::Nothing => publish::publish(
+                        target,
+                        self.previous.as_ref(),
+                        &self.run_id,
+                        &self.fingerprint,
+                        &self.ingredients,
+                        hashes,
+                    ),
+                    publish::Recovery::Abandoned(why) => Err(io::Error::other(why)),
+                })
+            } else {
+                publish::publish(
+                    target,
+                    self.previous.as_ref(),
+                    &self.run_id,
+                    &self.fingerprint,
+                    &self.ingredients,
+                    hashes,
+                )
+            };
+            match result {
+                Ok(marker) => return Ok(marker),
+                Err(err) if is_transient(&err) && attempt < policy.max_attempts => {
+                    attempt += 1;
+                    let delay = retry::delay_ms(policy, &self.run_id, &self.stage.name, attempt);
+                    let message = format!(
+                        "publishing `{}` hit a transient error ({err}); retrying in {delay} ms",
+                        self.stage.name
+                    );
+                    let _ = tx.send(JobMessage::Event(Event::Warning { message }));
+                    if !sleep_unless_interrupted(Duration::from_millis(delay), &self.interrupt) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::Interrupted,
+                            "interrupted while publishing",
+                        ));
+                    }
+                }
+                Err(err) => {
+                    return Err(io::Error::new(
+                        err.kind(),
+                        format!("publishing outputs failed: {err}"),
+                    ))
+                }
+            }
+        }
     }
 
     /// Materialises the cached outputs of this fingerprint into the staging folder. A missing or
@@ -531,6 +587,14 @@ fn root_join(root: &Path, relative: &str) -> PathBuf {
     } else {
         root.join(relative)
     }
+}
+
+/// Errors a retry can cure: the resource was busy, not broken.
+fn is_transient(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EAGAIN | libc::EBUSY | libc::ETXTBSY | libc::EINTR)
+    )
 }
 
 /// Empties the staging folder and forgets stale progress: a fresh start.
