@@ -71,35 +71,15 @@ pub fn clean(
         let out_dir = ws.output_dir(&stage.output_dir);
         let marker_path = ws.marker_file(&stage.output_dir, &stage.name);
         if let Ok(Some(marker)) = Marker::read(&marker_path) {
-            for output in marker
-                .outputs
-                .iter()
-                .filter(|o| is_relative_inside(&o.path))
-            {
-                let path = out_dir.join(&output.path);
-                if atomic::remove_if_exists(&path)? {
-                    cleaned.files.push(ws.relative(&path));
-                    remove_empty_dirs(path.parent(), &out_dir);
-                }
-            }
+            remove_outputs(&ws, &out_dir, &marker.outputs, &mut cleaned)?;
         }
+        // An interrupted publish: its outputs were produced by the stage too.
         let journal_path = out_dir.join(crate::workspace::journal_name(&stage.name));
         if let Some(journal) = std::fs::read(&journal_path)
             .ok()
             .and_then(|b| serde_json::from_slice::<crate::publish::Journal>(&b).ok())
         {
-            for output in journal
-                .marker
-                .outputs
-                .iter()
-                .filter(|o| is_relative_inside(&o.path))
-            {
-                let path = out_dir.join(&output.path);
-                if atomic::remove_if_exists(&path)? {
-                    cleaned.files.push(ws.relative(&path));
-                    remove_empty_dirs(path.parent(), &out_dir);
-                }
-            }
+            remove_outputs(&ws, &out_dir, &journal.marker.outputs, &mut cleaned)?;
         }
         if atomic::remove_if_exists(&journal_path)? {
             cleaned.files.push(ws.relative(&journal_path));
@@ -133,6 +113,23 @@ pub fn clean(
     audit.cleaned(&cleaned, with_state, with_cache)?;
     cleaned.audit_head = Some(audit.head().clone());
     Ok(cleaned)
+}
+
+/// Removes the listed outputs (only paths inside `out_dir`) and the folders they leave empty.
+fn remove_outputs(
+    ws: &Workspace,
+    out_dir: &std::path::Path,
+    outputs: &[crate::marker::OutputEntry],
+    cleaned: &mut Cleaned,
+) -> io::Result<()> {
+    for output in outputs.iter().filter(|o| is_relative_inside(&o.path)) {
+        let path = out_dir.join(&output.path);
+        if atomic::remove_if_exists(&path)? {
+            cleaned.files.push(ws.relative(&path));
+            remove_empty_dirs(path.parent(), out_dir);
+        }
+    }
+    Ok(())
 }
 
 /// Removes `state/run_*.json`, `state/metrics_*.json` and `state/logs/`.
