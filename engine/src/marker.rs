@@ -3,6 +3,7 @@
 //! **Architecture invariant:** a marker is written only after its outputs are published, and it is
 //! the last thing a stage writes. Downstream stages and skip decisions trust only the marker.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,17 @@ pub struct Marker {
     pub finished_at: String,
     pub outputs: Vec<OutputEntry>,
     pub ingredients: Ingredients,
+    /// Map stages only: each input file's own fingerprint and the outputs it produced.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub items: BTreeMap<String, ItemEntry>,
+}
+
+/// One item of a map stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemEntry {
+    pub fingerprint: String,
+    /// Output paths (relative to the output folder) this item produced.
+    pub outputs: Vec<String>,
 }
 
 impl Marker {

@@ -41,6 +41,20 @@ pub enum Decision {
         from_run: String,
         reasons: Vec<Reason>,
     },
+    /// A map stage with work to do: each input file decided on its own.
+    #[serde(rename_all = "camelCase")]
+    Map {
+        total: usize,
+        /// Items that run, with why (the first few; `runCount` has them all).
+        run: Vec<String>,
+        run_count: usize,
+        restore_count: usize,
+        keep_count: usize,
+        /// Inputs gone since the last success: their outputs are removed.
+        removed: Vec<String>,
+        #[serde(skip)]
+        items: Vec<ItemPlan>,
+    },
     /// Dry run only: an upstream stage runs first, so this stage's inputs are not known yet.
     Pending {
         upstream: String,
@@ -75,7 +89,156 @@ impl Decision {
                 )
             }
             Decision::Pending { upstream } => format!("pending (upstream {upstream} runs)"),
+            Decision::Map {
+                total,
+                run,
+                run_count,
+                restore_count,
+                keep_count,
+                removed,
+                ..
+            } => {
+                let mut text = format!("map: {run_count} of {total} items would run");
+                if !run.is_empty() {
+                    let more = if *run_count > run.len() {
+                        format!(", and {} more", run_count - run.len())
+                    } else {
+                        String::new()
+                    };
+                    text += &format!(": {}{more}", run.join(", "));
+                }
+                if *restore_count > 0 {
+                    text += &format!("; {restore_count} restored from cache");
+                }
+                text += &format!("; {keep_count} unchanged");
+                if !removed.is_empty() {
+                    text += &format!("; {} removed", removed.len());
+                }
+                text
+            }
         }
+    }
+}
+
+/// What happens to one input file of a map stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemPlan {
+    /// Root-relative input path.
+    pub input: String,
+    pub fingerprint: String,
+    pub ingredients: Ingredients,
+    pub action: ItemAction,
+}
+
+/// The decision for one map item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemAction {
+    /// Unchanged, outputs intact: kept as they are.
+    Keep(Vec<String>),
+    /// In the output cache: restored.
+    Restore,
+    /// Runs, for this reason.
+    Run(String),
+}
+
+/// The ingredients of one item of a map stage: the stage's, with only that input.
+pub fn item_ingredients(stage: &Ingredients, input: &str) -> Ingredients {
+    let mut item = stage.clone();
+    item.inputs = stage
+        .inputs
+        .iter()
+        .filter(|(path, _)| path.as_str() == input)
+        .map(|(p, h)| (p.clone(), h.clone()))
+        .collect();
+    item
+}
+
+/// Decides every item of a map stage that has work to do.
+fn map_decision(
+    ws: &Workspace,
+    stage: &Stage,
+    ingredients: &Ingredients,
+    marker: Option<&Marker>,
+    cache: &mut StatCache,
+) -> Decision {
+    let store = Store::new(&ws.cache_dir());
+    let out_dir = ws.output_dir(&stage.output_dir);
+    let recorded: BTreeMap<&str, &str> = marker
+        .map(|m| {
+            m.outputs
+                .iter()
+                .map(|o| (o.path.as_str(), o.blake3.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let intact = |paths: &[String], cache: &mut StatCache| {
+        paths.iter().all(|p| {
+            recorded.get(p.as_str()).is_some_and(|want| {
+                cache
+                    .hash(&out_dir.join(p))
+                    .is_ok_and(|h| h.blake3 == *want)
+            })
+        })
+    };
+    let mut items = Vec::new();
+    for input in ingredients.inputs.keys() {
+        let item = item_ingredients(ingredients, input);
+        let fingerprint = item.key();
+        let previous = marker.and_then(|m| m.items.get(input));
+        let action = match previous {
+            Some(entry) if entry.fingerprint == fingerprint && intact(&entry.outputs, cache) => {
+                ItemAction::Keep(entry.outputs.clone())
+            }
+            _ if matches!(store.verified_action(&fingerprint, cache), Ok(Some(_))) => {
+                ItemAction::Restore
+            }
+            Some(entry) if entry.fingerprint == fingerprint => {
+                ItemAction::Run(format!("{input}: output missing or modified"))
+            }
+            Some(_) => ItemAction::Run(format!("{input} changed")),
+            None => ItemAction::Run(format!("{input} is new")),
+        };
+        items.push(ItemPlan {
+            input: input.clone(),
+            fingerprint,
+            ingredients: item,
+            action,
+        });
+    }
+    let removed: Vec<String> = marker
+        .map(|m| {
+            m.items
+                .keys()
+                .filter(|k| !ingredients.inputs.contains_key(*k))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let run: Vec<&ItemPlan> = items
+        .iter()
+        .filter(|i| matches!(i.action, ItemAction::Run(_)))
+        .collect();
+    Decision::Map {
+        total: items.len(),
+        run: run
+            .iter()
+            .take(3)
+            .map(|i| match &i.action {
+                ItemAction::Run(why) => why.clone(),
+                _ => unreachable!(),
+            })
+            .collect(),
+        run_count: run.len(),
+        restore_count: items
+            .iter()
+            .filter(|i| i.action == ItemAction::Restore)
+            .count(),
+        keep_count: items
+            .iter()
+            .filter(|i| matches!(i.action, ItemAction::Keep(_)))
+            .count(),
+        removed,
+        items,
     }
 }
 
@@ -247,7 +410,8 @@ pub fn decide(
     {
         reasons = vec![Reason::PublishInterrupted];
     }
-    let cached = if reasons.is_empty() || reasons.contains(&Reason::PublishInterrupted) {
+    let cached = if reasons.is_empty() || stage.map || reasons.contains(&Reason::PublishInterrupted)
+    {
         None
     } else {
         match Store::new(&ws.cache_dir()).verified_action(&fingerprint, cache) {
@@ -263,6 +427,14 @@ pub fn decide(
     };
     let decision = if reasons.is_empty() {
         Decision::Skip
+    } else if stage.map && !reasons.contains(&Reason::PublishInterrupted) {
+        map_decision(
+            ws,
+            stage,
+            &ingredients,
+            marker.as_ref().ok().and_then(|m| m.as_ref()),
+            cache,
+        )
     } else if let Some(entry) = cached {
         Decision::Restore {
             from_run: entry.run_id,

@@ -12,7 +12,7 @@
 //! journal. [`recover`] finishes the same steps from the journal after a crash: every journal
 //! output is either still staged or already in place with its recorded hash.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -23,7 +23,7 @@ use walkdir::WalkDir;
 use crate::atomic;
 use crate::fingerprint::Ingredients;
 use crate::hashing::{hash_file, StatCache};
-use crate::marker::{Marker, OutputEntry, MARKER_VERSION};
+use crate::marker::{ItemEntry, Marker, OutputEntry, MARKER_VERSION};
 
 /// Where one stage publishes.
 #[derive(Debug, Clone)]
@@ -51,6 +51,7 @@ pub fn publish(
     run_id: &str,
     fingerprint: &str,
     ingredients: &Ingredients,
+    items: BTreeMap<String, ItemEntry>,
     cache: &mut StatCache,
 ) -> io::Result<Marker> {
     let mut outputs = Vec::new();
@@ -71,6 +72,7 @@ pub fn publish(
             finished_at: crate::state::now_rfc3339(),
             outputs,
             ingredients: ingredients.clone(),
+            items,
         },
         previous_outputs: previous
             .map(|m| m.outputs.iter().map(|o| o.path.clone()).collect())

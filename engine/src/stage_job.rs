@@ -22,8 +22,8 @@ use crate::event::Event;
 use crate::executor::{self, Invocation, Outcome};
 use crate::hashing::StatCache;
 use crate::inputs::ResolvedInputs;
-use crate::marker::Marker;
-use crate::plan::{self, Progress};
+use crate::marker::{ItemEntry, Marker};
+use crate::plan::{self, ItemAction, ItemPlan, Progress};
 use crate::publish;
 use crate::spec::{Processor, RetryPolicy, Spec, Stage};
 use crate::state::{self, AttemptRecord, Classification, StageMetrics, StageRecord, StageStatus};
@@ -82,6 +82,10 @@ pub struct StageJob {
     pub cores: Vec<usize>,
     /// How the attempts are confined (set by the coordinator; the default refuses to run).
     pub sandbox: crate::sandbox::Policy,
+    /// Map stages: the item entries of the marker this job will write.
+    pub items: BTreeMap<String, ItemEntry>,
+    /// Map stages: what the planner decided for each input file.
+    pub map_items: Option<Vec<ItemPlan>>,
 }
 
 impl StageJob {
@@ -140,6 +144,11 @@ impl StageJob {
             record,
             cores: Vec::new(),
             sandbox: crate::sandbox::Policy::default(),
+            items: BTreeMap::new(),
+            map_items: match &plan.decision {
+                plan::Decision::Map { items, .. } => Some(items.clone()),
+                _ => None,
+            },
         }
     }
 
@@ -204,7 +213,14 @@ impl StageJob {
         let mut lines_by_input: BTreeMap<u64, u64> = BTreeMap::new();
         let (mut attempt, mut retries, mut delay) = (0u32, 0u32, 0u64);
         let restored = self.restore_from.is_some() && self.restore(tx, &target)?;
-        let status = if restored {
+        let map_items = self.map_items.take();
+        let is_map = map_items.is_some();
+        let status = if let Some(items) = map_items {
+            let (status, runs, map_retries) = self.run_map(tx, metrics, &target, items)?;
+            attempt = runs;
+            retries = map_retries;
+            status
+        } else if restored {
             StageStatus::Restored
         } else {
             loop {
@@ -366,7 +382,8 @@ impl StageJob {
             bytes: metrics.output_bytes,
         }));
         self.record.error = None;
-        self.cache_outputs(tx, &target, &marker, hashes, !restored);
+        // A map stage's items were cached one by one; a whole-stage entry would only duplicate them.
+        self.cache_outputs(tx, &target, &marker, hashes, !restored && !is_map);
         let status = if restored {
             StageStatus::Restored
         } else if self.record.resumed_from_line.is_some() {
@@ -375,6 +392,240 @@ impl StageJob {
             StageStatus::Succeeded
         };
         Ok((status, attempt, retries))
+    }
+
+    /// Runs a map stage's items: unchanged ones are linked into the staging folder from the
+    /// published outputs, cached ones restored, the rest run (up to the stage's `cpus` at once),
+    /// each in a folder of its own inside the staging folder, then moved beside the others and
+    /// stored in the cache under the item's fingerprint, so a later build restores every item
+    /// that completed, even if others failed or the build was killed. Returns (status, processor
+    /// runs, retries).
+    fn run_map(
+        &mut self,
+        tx: &Sender<JobMessage>,
+        metrics: &mut StageMetrics,
+        target: &publish::Target,
+        items: Vec<ItemPlan>,
+    ) -> io::Result<(StageStatus, u32, u32)> {
+        let store = Store::new(&self.ws.cache_dir());
+        let mut entries = BTreeMap::new();
+        let mut to_run = Vec::new();
+        for item in items {
+            match &item.action {
+                ItemAction::Keep(outputs) => {
+                    for path in outputs {
+                        link_or_copy(&target.output_dir.join(path), &target.staging.join(path))?;
+                    }
+                    entries.insert(
+                        item.input.clone(),
+                        ItemEntry {
+                            fingerprint: item.fingerprint.clone(),
+                            outputs: outputs.clone(),
+                        },
+                    );
+                }
+                ItemAction::Restore => {
+                    match restore_item(&store, &item.fingerprint, &target.staging) {
+                        Ok(outputs) => {
+                            entries.insert(
+                                item.input.clone(),
+                                ItemEntry {
+                                    fingerprint: item.fingerprint.clone(),
+                                    outputs,
+                                },
+                            );
+                        }
+                        Err(why) => {
+                            let message = format!("cannot restore item `{}` of `{}` from the cache ({why}); running it", item.input, self.stage.name);
+                            let _ = tx.send(JobMessage::Event(Event::Warning { message }));
+                            to_run.push(item);
+                        }
+                    }
+                }
+                ItemAction::Run(_) => to_run.push(item),
+            }
+        }
+        let workers = (self.stage.resources.cpus as usize).clamp(1, to_run.len().max(1));
+        let queue = std::sync::Mutex::new(
+            to_run
+                .into_iter()
+                .enumerate()
+                .collect::<std::collections::VecDeque<_>>(),
+        );
+        let results = std::sync::Mutex::new(Vec::new());
+        let this = &*self;
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let next = queue.lock().expect("queue lock").pop_front();
+                    let Some((n, item)) = next else { break };
+                    if this.interrupt.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let outcome = this.run_item(tx, n, &item, target, &store);
+                    results.lock().expect("results lock").push((item, outcome));
+                });
+            }
+        });
+        let (mut runs, mut retries, mut failures, mut interrupted) =
+            (0u32, 0u32, Vec::new(), false);
+        for (item, outcome) in results.into_inner().expect("results") {
+            runs += outcome.attempts;
+            retries += outcome.attempts.saturating_sub(1);
+            metrics.cpu_user_ms += outcome.user_ms;
+            metrics.cpu_sys_ms += outcome.sys_ms;
+            metrics.max_rss_kb = metrics.max_rss_kb.max(outcome.max_rss_kb);
+            match outcome.result {
+                Ok(outputs) => {
+                    entries.insert(
+                        item.input.clone(),
+                        ItemEntry {
+                            fingerprint: item.fingerprint.clone(),
+                            outputs,
+                        },
+                    );
+                }
+                Err(ItemFailure::Interrupted) => interrupted = true,
+                Err(ItemFailure::Failed(why)) => failures.push(format!("{}: {why}", item.input)),
+            }
+        }
+        if interrupted || self.interrupt.load(Ordering::SeqCst) {
+            self.record.error = Some("interrupted; completed items are kept in the cache".into());
+            return Ok((StageStatus::Interrupted, runs, retries));
+        }
+        if !failures.is_empty() {
+            let more = if failures.len() > 3 {
+                format!(" (and {} more)", failures.len() - 3)
+            } else {
+                String::new()
+            };
+            self.record.error = Some(format!(
+                "{} item(s) failed: {}{more}",
+                failures.len(),
+                failures[..failures.len().min(3)].join("; ")
+            ));
+            return Ok((StageStatus::Failed, runs, retries));
+        }
+        self.items = entries;
+        Ok((StageStatus::Succeeded, runs, retries))
+    }
+
+    /// Runs one map item with the stage's retry policy into its own folder, then moves its outputs
+    /// into the staging folder and caches them under the item's fingerprint.
+    fn run_item(
+        &self,
+        tx: &Sender<JobMessage>,
+        n: usize,
+        item: &ItemPlan,
+        target: &publish::Target,
+        store: &Store,
+    ) -> ItemOutcome {
+        let mut outcome = ItemOutcome {
+            attempts: 0,
+            user_ms: 0,
+            sys_ms: 0,
+            max_rss_kb: 0,
+            result: Err(ItemFailure::Interrupted),
+        };
+        let dir = target.staging.join(format!(".item-{n}"));
+        let input = self.root.join(&item.input);
+        let prepared = (|| -> io::Result<Vec<(OsString, OsString)>> {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            self.environment_with(&[&input], &dir, 1, &format!("{}.item{n}", self.stage.name))
+        })();
+        let base_env = match prepared {
+            Ok(env) => env,
+            Err(err) => {
+                outcome.result = Err(ItemFailure::Failed(err.to_string()));
+                return outcome;
+            }
+        };
+        let policy = &self.stage.retry;
+        // Items run side by side: each needs a private temp folder of its own (inside the stage's,
+        // which the sandbox lets it write).
+        let mut item_sandbox = self.sandbox.clone();
+        if let Some(tmp) = &mut item_sandbox.tmpdir {
+            *tmp = tmp.join(format!("item-{n}"));
+        }
+        loop {
+            outcome.attempts += 1;
+            let attempt = outcome.attempts;
+            if attempt > 1 {
+                let delay = retry::delay_ms(policy, &self.run_id, &item.input, attempt);
+                if !sleep_unless_interrupted(Duration::from_millis(delay), &self.interrupt) {
+                    return outcome;
+                }
+            }
+            let mut env = base_env.clone();
+            env.push(("PIPELINE_ATTEMPT".into(), attempt.to_string().into()));
+            let log = self
+                .ws
+                .logs_dir(&self.run_id)
+                .join(format!("{}.item{n}.attempt{attempt}.log", self.stage.name));
+            let inv = Invocation {
+                argv: self.argv(),
+                env,
+                cwd: self.root.clone(),
+                log: log.clone(),
+                timeout: policy.timeout,
+                cpu_set: (!self.cores.is_empty()).then(|| self.cores.clone()),
+                memory_limit_mb: self.stage.resources.memory_mb,
+                virtual_memory_mb: self.stage.resources.virtual_memory_mb,
+                sandbox: item_sandbox.clone(),
+            };
+            let name = self.stage.name.clone();
+            let run = executor::run(
+                &inv,
+                &self.interrupt,
+                &mut |pid| {
+                    let _ = tx.send(JobMessage::Spawned {
+                        stage: name.clone(),
+                        pid,
+                    });
+                },
+                &mut |_checkpoint| Ok(()),
+            )
+            .unwrap_or_else(|err| Outcome {
+                protocol_error: Some(format!("cannot start the processor: {err}")),
+                ..Outcome::default()
+            });
+            outcome.user_ms += run.user_ms;
+            outcome.sys_ms += run.sys_ms;
+            outcome.max_rss_kb = outcome
+                .max_rss_kb
+                .max(run.max_rss_kb)
+                .max(run.peak_group_rss_kb);
+            let classification = classify(&run, policy);
+            match classification {
+                Classification::Ok => break,
+                Classification::Interrupted => return outcome,
+                _ => {
+                    let retryable = classification == Classification::Retryable
+                        || (classification == Classification::Timeout && policy.retry_on_timeout);
+                    if !(retryable && attempt < policy.max_attempts) {
+                        let tail = executor::tail(&log, 20);
+                        outcome.result = Err(ItemFailure::Failed(failure_message(
+                            &run,
+                            classification,
+                            &tail,
+                            self.stage.resources.memory_mb,
+                        )));
+                        return outcome;
+                    }
+                }
+            }
+        }
+        outcome.result = adopt_item_outputs(
+            &dir,
+            &target.staging,
+            store,
+            &item.fingerprint,
+            &self.stage.name,
+            &self.run_id,
+        )
+        .map_err(|err| ItemFailure::Failed(err.to_string()));
+        outcome
     }
 
     /// Publishes the staged outputs. A transient local error (EAGAIN, EBUSY, ETXTBSY, EINTR: a busy
@@ -400,6 +651,7 @@ impl StageJob {
                         &self.run_id,
                         &self.fingerprint,
                         &self.ingredients,
+                        self.items.clone(),
                         hashes,
                     ),
                     publish::Recovery::Abandoned(why) => Err(io::Error::other(why)),
@@ -411,6 +663,7 @@ impl StageJob {
                     &self.run_id,
                     &self.fingerprint,
                     &self.ingredients,
+                    self.items.clone(),
                     hashes,
                 )
             };
@@ -529,11 +782,29 @@ impl StageJob {
 
     /// The `PIPELINE_*` environment of the stage (without the per-attempt variables).
     fn environment(&self) -> io::Result<Vec<(OsString, OsString)>> {
-        let stage = &self.stage;
-        let staging = self.ws.staging_dir(&stage.output_dir);
         let paths: Vec<&PathBuf> = self.inputs.files.values().collect();
+        let staging = self.ws.staging_dir(&self.stage.output_dir);
+        self.environment_with(
+            &paths,
+            &staging,
+            self.stage.resources.cpus,
+            &self.stage.name,
+        )
+    }
+
+    /// The environment for `inputs` writing into `output_dir` with `cpus` cores; a long input
+    /// list goes to `state/logs/<run>/<list_name>.inputs.json`.
+    fn environment_with(
+        &self,
+        paths: &[&PathBuf],
+        output_dir: &Path,
+        cpus: u32,
+        list_name: &str,
+    ) -> io::Result<Vec<(OsString, OsString)>> {
+        let stage = &self.stage;
+        let staging = output_dir.to_path_buf();
         let list = serde_json::to_string(&paths).map_err(io::Error::other)?;
-        let cpus = stage.resources.cpus.to_string();
+        let cpus = cpus.to_string();
         let mut env: Vec<(OsString, OsString)> = vec![
             ("PIPELINE_RUN_ID".into(), self.run_id.clone().into()),
             ("PIPELINE_STAGE".into(), stage.name.clone().into()),
@@ -571,7 +842,7 @@ impl StageJob {
             let file = self
                 .ws
                 .logs_dir(&self.run_id)
-                .join(format!("{}.inputs.json", stage.name));
+                .join(format!("{list_name}.inputs.json"));
             atomic::write(&file, list.as_bytes())?;
             env.push(("PIPELINE_INPUTS_FILE".into(), file.into()));
         } else {
@@ -587,6 +858,110 @@ fn root_join(root: &Path, relative: &str) -> PathBuf {
     } else {
         root.join(relative)
     }
+}
+
+/// How one map item went.
+struct ItemOutcome {
+    attempts: u32,
+    user_ms: u64,
+    sys_ms: u64,
+    max_rss_kb: u64,
+    /// The item's output paths (relative to the output folder).
+    result: Result<Vec<String>, ItemFailure>,
+}
+
+enum ItemFailure {
+    Interrupted,
+    Failed(String),
+}
+
+/// Moves an item's outputs from its own folder into the staging folder (two items writing the
+/// same path is an error, not a silent overwrite), and stores them in the cache.
+fn adopt_item_outputs(
+    dir: &Path,
+    staging: &Path,
+    store: &Store,
+    fingerprint: &str,
+    stage: &str,
+    run_id: &str,
+) -> io::Result<Vec<String>> {
+    let mut outputs = Vec::new();
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let entry = entry.map_err(io::Error::other)?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(dir).expect("walked below dir");
+        let rel = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
+        let dest = staging.join(&rel);
+        if dest.exists() {
+            return Err(io::Error::other(format!(
+                "output `{rel}` is produced by two items: each item must write its own paths"
+            )));
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(entry.path(), &dest)?;
+        let size = std::fs::metadata(&dest)?.len();
+        let blake3 = crate::hashing::hash_file(&dest, size)?;
+        store.put(&dest, &blake3)?;
+        outputs.push(crate::marker::OutputEntry {
+            path: rel,
+            size,
+            blake3,
+        });
+    }
+    std::fs::remove_dir_all(dir)?;
+    store.put_action(&ActionEntry {
+        version: 1,
+        stage: stage.to_string(),
+        fingerprint: fingerprint.to_string(),
+        run_id: run_id.to_string(),
+        finished_at: state::now_rfc3339(),
+        outputs: outputs.clone(),
+    })?;
+    Ok(outputs.into_iter().map(|o| o.path).collect())
+}
+
+/// Restores a cached item into the staging folder; its output paths on success.
+fn restore_item(store: &Store, fingerprint: &str, staging: &Path) -> Result<Vec<String>, String> {
+    let entry = store
+        .usable_action(fingerprint)
+        .ok_or("the cache entry is gone")?;
+    let mut outputs = Vec::new();
+    for o in &entry.outputs {
+        if !publish::is_relative_inside(&o.path) {
+            return Err(format!(
+                "cache entry names `{}` outside the output folder",
+                o.path
+            ));
+        }
+        let dest = staging.join(&o.path);
+        if dest.exists() {
+            return Err(format!("output `{}` is produced by two items", o.path));
+        }
+        store
+            .restore(&o.blake3, &dest)
+            .map_err(|e| format!("{}: {e}", o.path))?;
+        outputs.push(o.path.clone());
+    }
+    Ok(outputs)
+}
+
+/// A hard link (same filesystem, instant), or a copy.
+fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to)?;
+    }
+    Ok(())
 }
 
 /// Errors a retry can cure: the resource was busy, not broken.

@@ -56,6 +56,8 @@ pub struct Stage {
     pub resources: Resources,
     pub cadence: Cadence,
     pub description: Option<String>,
+    /// A map stage (`"foreach": "file"`): one processor run per input file.
+    pub map: bool,
     /// The processor may read only its declared inputs, processor files and system locations.
     pub hermetic: bool,
     /// Opt-outs of the offline guard's static scan.

@@ -171,6 +171,10 @@ pub struct RawStage {
     /// Human description, shown by `pipe graph`.
     #[serde(default)]
     pub description: Option<String>,
+    /// `"file"`: a map stage, running its processor once per input file, each with its own
+    /// fingerprint and cache entry, so editing one file of many reruns only that one.
+    #[serde(default)]
+    pub foreach: Option<RawForeach>,
     /// Let the processor read only its declared inputs, processor files and system locations
     /// (overrides `settings.hermetic`; needs Landlock).
     #[serde(default)]
@@ -181,6 +185,14 @@ pub struct RawStage {
     /// Extra paths this stage's sandbox may read or write.
     #[serde(default)]
     pub sandbox: Option<RawSandbox>,
+}
+
+/// What a map stage maps over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RawForeach {
+    /// One processor run per input file.
+    File,
 }
 
 /// A built-in processor (`builtin` + `version`) or an external command (`command` + `version`).

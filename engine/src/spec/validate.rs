@@ -445,6 +445,7 @@ impl Validator {
             resources,
             cadence,
             description: raw.description.clone(),
+            map: raw.foreach.is_some(),
             hermetic: false,
             offline: Default::default(),
             sandbox: Default::default(),
