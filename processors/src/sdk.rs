@@ -307,10 +307,12 @@ pub fn run<T: ChunkTransform>(
     let mut runner = Runner {
         cadence: ctx.cadence,
         fault: ctx.fault,
-        line_tally: ctx.line_tally.clone(),
         untallied: 0,
-        progress: ctx.progress.take(),
-        staging_root: ctx.output_dir.clone(),
+        syncer: Syncer::start(
+            ctx.progress.take(),
+            ctx.output_dir.clone(),
+            ctx.line_tally.clone(),
+        ),
         summary: Summary::default(),
         lines_this_attempt: 0,
         buf: vec![0; CHUNK_BYTES],
@@ -332,18 +334,20 @@ pub fn run<T: ChunkTransform>(
         }
         Ok(runner.summary)
     })();
-    ctx.progress = runner.progress.take();
-    result
+    // Every checkpoint taken is durable and reported before the run counts as done; the progress
+    // pipe closes with the syncer thread.
+    let synced = runner.syncer.finish();
+    let summary = result?;
+    synced?;
+    Ok(summary)
 }
 
 /// The state of one processor run across its inputs.
 struct Runner {
     cadence: Cadence,
     fault: Option<Fault>,
-    line_tally: Option<PathBuf>,
     untallied: u64,
-    progress: Option<File>,
-    staging_root: PathBuf,
+    syncer: Syncer,
     summary: Summary,
     lines_this_attempt: u64,
     buf: Vec<u8>,
@@ -495,45 +499,111 @@ impl Runner {
                 .is_some_and(|s| pos.since.elapsed().as_secs_f64() >= s)
     }
 
-    /// Makes the output durable up to `pos`, then reports `pos` on the progress pipe.
+    /// Takes a checkpoint at `pos`: hands the output (a second descriptor of it) to the syncer
+    /// thread, which fsyncs it and only then reports `pos`, while this thread goes on
+    /// processing. The fsync overlaps the work instead of stalling it.
     fn checkpoint(
         &mut self,
         sink: &File,
         output: &Path,
         pos: &mut Position,
     ) -> Result<(), ProcessorError> {
-        sink.sync_data()
-            .map_err(ProcessorError::io("syncing output", output))?;
-        crate::failpoint::hit("sdk.after-output-fsync");
-        if !pos.dir_synced {
-            sync_dirs_up_to(output, &self.staging_root)?;
-            pos.dir_synced = true;
-            crate::failpoint::hit("sdk.after-dir-fsync");
-        }
-        if let Some(progress) = &mut self.progress {
-            progress
-                .write_all(pos.at.to_line().as_bytes())
-                .map_err(ProcessorError::io(
-                    "writing a checkpoint to",
-                    Path::new("PIPELINE_PROGRESS_FD"),
-                ))?;
-            crate::failpoint::hit("sdk.after-checkpoint-sent");
-        }
-        if let Some(tally) = &self.line_tally {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(tally)
-                .map_err(ProcessorError::io("opening the line tally", tally))?;
-            writeln!(file, "{}", self.untallied)
-                .map_err(ProcessorError::io("writing the line tally", tally))?;
-            self.untallied = 0;
-        }
+        let job = SyncJob {
+            file: sink
+                .try_clone()
+                .map_err(ProcessorError::io("duplicating output", output))?,
+            output: output.to_path_buf(),
+            checkpoint: pos.at,
+            sync_dirs: !pos.dir_synced,
+            tally: std::mem::take(&mut self.untallied),
+        };
+        pos.dir_synced = true;
+        self.syncer.send(job)?;
         self.summary.checkpoints += 1;
         pos.lines_since = 0;
         pos.bytes_since = 0;
         pos.since = Instant::now();
         Ok(())
+    }
+}
+
+/// One checkpoint for the syncer thread.
+struct SyncJob {
+    file: File,
+    output: PathBuf,
+    checkpoint: Checkpoint,
+    sync_dirs: bool,
+    tally: u64,
+}
+
+/// The thread that makes outputs durable and reports checkpoints, in order.
+struct Syncer {
+    tx: Option<std::sync::mpsc::SyncSender<SyncJob>>,
+    handle: Option<std::thread::JoinHandle<Result<(), ProcessorError>>>,
+}
+
+impl Syncer {
+    fn start(progress: Option<File>, staging_root: PathBuf, line_tally: Option<PathBuf>) -> Syncer {
+        // At most two checkpoints wait: memory and descriptors stay bounded if the disk is slow.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<SyncJob>(2);
+        let handle = std::thread::spawn(move || {
+            let mut progress = progress;
+            for job in rx {
+                job.file
+                    .sync_data()
+                    .map_err(ProcessorError::io("syncing output", &job.output))?;
+                crate::failpoint::hit("sdk.after-output-fsync");
+                if job.sync_dirs {
+                    sync_dirs_up_to(&job.output, &staging_root)?;
+                    crate::failpoint::hit("sdk.after-dir-fsync");
+                }
+                if let Some(progress) = &mut progress {
+                    progress
+                        .write_all(job.checkpoint.to_line().as_bytes())
+                        .map_err(ProcessorError::io(
+                            "writing a checkpoint to",
+                            Path::new("PIPELINE_PROGRESS_FD"),
+                        ))?;
+                    crate::failpoint::hit("sdk.after-checkpoint-sent");
+                }
+                if let Some(tally) = &line_tally {
+                    let mut file = OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(tally)
+                        .map_err(ProcessorError::io("opening the line tally", tally))?;
+                    writeln!(file, "{}", job.tally)
+                        .map_err(ProcessorError::io("writing the line tally", tally))?;
+                }
+            }
+            Ok(())
+        });
+        Syncer {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Queues a checkpoint; if the syncer already failed, returns its error.
+    fn send(&mut self, job: SyncJob) -> Result<(), ProcessorError> {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        if sent {
+            Ok(())
+        } else {
+            self.finish()
+        }
+    }
+
+    /// Waits until every queued checkpoint is durable and reported.
+    fn finish(&mut self) -> Result<(), ProcessorError> {
+        self.tx = None;
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(ProcessorError::Usage(
+                "the checkpoint thread panicked".into(),
+            )),
+            None => Ok(()),
+        }
     }
 }
 
