@@ -249,17 +249,7 @@ impl StageJob {
                             .into(),
                     ));
                 }
-                let inv = Invocation {
-                    argv: self.argv(),
-                    env,
-                    cwd: self.root.clone(),
-                    log: log.clone(),
-                    timeout: policy.timeout,
-                    cpu_set: (!self.cores.is_empty()).then(|| self.cores.clone()),
-                    memory_limit_mb: self.stage.resources.memory_mb,
-                    virtual_memory_mb: self.stage.resources.virtual_memory_mb,
-                    sandbox: self.sandbox.clone(),
-                };
+                let inv = self.invocation(env, log.clone(), self.sandbox.clone());
                 if inv.sandbox.debug {
                     let command = executor::command_line(&inv)
                         .unwrap_or_else(|err| format!("(no command: {err})"));
@@ -563,17 +553,7 @@ impl StageJob {
                 .ws
                 .logs_dir(&self.run_id)
                 .join(format!("{}.item{n}.attempt{attempt}.log", self.stage.name));
-            let inv = Invocation {
-                argv: self.argv(),
-                env,
-                cwd: self.root.clone(),
-                log: log.clone(),
-                timeout: policy.timeout,
-                cpu_set: (!self.cores.is_empty()).then(|| self.cores.clone()),
-                memory_limit_mb: self.stage.resources.memory_mb,
-                virtual_memory_mb: self.stage.resources.virtual_memory_mb,
-                sandbox: item_sandbox.clone(),
-            };
+            let inv = self.invocation(env, log.clone(), item_sandbox.clone());
             let name = self.stage.name.clone();
             let run = executor::run(
                 &inv,
@@ -768,6 +748,26 @@ impl StageJob {
                 self.stage.name
             );
             let _ = tx.send(JobMessage::Event(Event::Warning { message }));
+        }
+    }
+
+    /// One attempt of this stage's processor: its argv, limits and confinement with `env`.
+    fn invocation(
+        &self,
+        env: Vec<(OsString, OsString)>,
+        log: PathBuf,
+        sandbox: crate::sandbox::Policy,
+    ) -> Invocation {
+        Invocation {
+            argv: self.argv(),
+            env,
+            cwd: self.root.clone(),
+            log,
+            timeout: self.stage.retry.timeout,
+            cpu_set: (!self.cores.is_empty()).then(|| self.cores.clone()),
+            memory_limit_mb: self.stage.resources.memory_mb,
+            virtual_memory_mb: self.stage.resources.virtual_memory_mb,
+            sandbox,
         }
     }
 

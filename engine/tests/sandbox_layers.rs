@@ -8,7 +8,8 @@
 #![cfg(target_os = "linux")]
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+// Test-only: loopback listeners this test starts itself. allow-net-mention
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket}; // allow-net-mention
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Duration;
