@@ -280,24 +280,7 @@ impl StageJob {
                     }));
                     Ok(())
                 };
-                let outcome = executor::run(
-                    &inv,
-                    &self.interrupt,
-                    &mut |pid| {
-                        let _ = tx.send(JobMessage::Spawned {
-                            stage: name.clone(),
-                            pid,
-                        });
-                    },
-                    &mut on_checkpoint,
-                )
-                .unwrap_or_else(|err| Outcome {
-                    protocol_error: Some(format!(
-                        "cannot start the processor `{}`: {err}",
-                        inv.argv[0].to_string_lossy()
-                    )),
-                    ..Outcome::default()
-                });
+                let outcome = self.execute(&inv, tx, &mut on_checkpoint);
                 metrics.cpu_user_ms += outcome.user_ms;
                 metrics.cpu_sys_ms += outcome.sys_ms;
                 metrics.max_rss_kb = metrics
@@ -554,22 +537,7 @@ impl StageJob {
                 .logs_dir(&self.run_id)
                 .join(format!("{}.item{n}.attempt{attempt}.log", self.stage.name));
             let inv = self.invocation(env, log.clone(), item_sandbox.clone());
-            let name = self.stage.name.clone();
-            let run = executor::run(
-                &inv,
-                &self.interrupt,
-                &mut |pid| {
-                    let _ = tx.send(JobMessage::Spawned {
-                        stage: name.clone(),
-                        pid,
-                    });
-                },
-                &mut |_checkpoint| Ok(()),
-            )
-            .unwrap_or_else(|err| Outcome {
-                protocol_error: Some(format!("cannot start the processor: {err}")),
-                ..Outcome::default()
-            });
+            let run = self.execute(&inv, tx, &mut |_checkpoint| Ok(()));
             outcome.user_ms += run.user_ms;
             outcome.sys_ms += run.sys_ms;
             outcome.max_rss_kb = outcome
@@ -749,6 +717,35 @@ impl StageJob {
             );
             let _ = tx.send(JobMessage::Event(Event::Warning { message }));
         }
+    }
+
+    /// Runs one attempt, telling the coordinator its pid; a processor that cannot be started is an
+    /// attempt that failed with a protocol error, not an error of the build.
+    fn execute(
+        &self,
+        inv: &Invocation,
+        tx: &Sender<JobMessage>,
+        on_checkpoint: &mut dyn FnMut(Checkpoint) -> io::Result<()>,
+    ) -> Outcome {
+        let stage = &self.stage.name;
+        executor::run(
+            inv,
+            &self.interrupt,
+            &mut |pid| {
+                let _ = tx.send(JobMessage::Spawned {
+                    stage: stage.clone(),
+                    pid,
+                });
+            },
+            on_checkpoint,
+        )
+        .unwrap_or_else(|err| Outcome {
+            protocol_error: Some(format!(
+                "cannot start the processor `{}`: {err}",
+                inv.argv[0].to_string_lossy()
+            )),
+            ..Outcome::default()
+        })
     }
 
     /// One attempt of this stage's processor: its argv, limits and confinement with `env`.
