@@ -444,6 +444,9 @@ pub struct Log {
     head: Head,
     run: Option<String>,
     actor: Actor,
+    /// Skipped stages not yet recorded: they go into one `stages.skip` record, appended before
+    /// the next other record (a no-op build over 10,000 stages appends one record, not 10,000).
+    skipped: Vec<Value>,
 }
 
 impl Log {
@@ -463,6 +466,7 @@ impl Log {
             head_file,
             state_dir,
             key,
+            skipped: Vec::new(),
             head: Head {
                 seq: 0,
                 hash: GENESIS.into(),
@@ -604,8 +608,23 @@ impl Log {
         record
     }
 
-    /// Appends one record: intent in the head, line appended and fsynced, head committed.
+    /// Appends one record (after the pending `stages.skip` record, if any).
     pub fn append(&mut self, action: &str, stage: Option<&str>, data: Value) -> io::Result<()> {
+        self.flush_skipped()?;
+        self.append_one(action, stage, data)
+    }
+
+    /// Appends the `stages.skip` record of the skipped stages not yet recorded.
+    pub fn flush_skipped(&mut self) -> io::Result<()> {
+        if self.skipped.is_empty() {
+            return Ok(());
+        }
+        let stages = std::mem::take(&mut self.skipped);
+        self.append_one("stages.skip", None, json!({ "stages": stages }))
+    }
+
+    /// Appends one record: intent in the head, line appended and fsynced, head committed.
+    fn append_one(&mut self, action: &str, stage: Option<&str>, data: Value) -> io::Result<()> {
         let record = self.next_record(action, stage, data);
         let next = Head {
             seq: self.head.seq + 1,
@@ -665,8 +684,9 @@ impl Log {
         )
     }
 
-    /// `stage.run|resume|restore|skip|fail|interrupt`; with the published outputs (from the
-    /// marker) when the stage published or was skipped. Not-run stages are not recorded.
+    /// `stage.run|resume|restore|fail|interrupt`; with the published outputs (from the marker)
+    /// when the stage published. Skipped stages go through [`Log::stage_skipped`]; not-run stages
+    /// are not recorded.
     pub fn stage_finished(
         &mut self,
         ws: &Workspace,
@@ -675,33 +695,43 @@ impl Log {
         reason: &str,
         attempts: u32,
     ) -> io::Result<()> {
+        let marker = ws.marker_file(&stage.output_dir, &stage.name);
         let action = match status {
             StageStatus::Succeeded => "stage.run",
             StageStatus::Resumed => "stage.resume",
             StageStatus::Restored => "stage.restore",
-            StageStatus::Skipped => "stage.skip",
             StageStatus::Failed => "stage.fail",
             StageStatus::Interrupted => "stage.interrupt",
             _ => return Ok(()),
         };
-        let mut data = json!({"reason": reason});
-        if !matches!(status, StageStatus::Skipped) {
-            data["attempts"] = attempts.into();
-        }
+        let mut data = json!({"reason": reason, "attempts": attempts});
         if matches!(
             status,
-            StageStatus::Succeeded
-                | StageStatus::Resumed
-                | StageStatus::Restored
-                | StageStatus::Skipped
+            StageStatus::Succeeded | StageStatus::Resumed | StageStatus::Restored
         ) {
-            add_marker(
-                &mut data,
-                &ws.marker_file(&stage.output_dir, &stage.name),
-                status == StageStatus::Skipped,
-            );
+            add_marker(&mut data, &marker);
         }
         self.append(action, Some(&stage.name), data)
+    }
+
+    /// Holds skipped `stage` for the next `stages.skip` record, with its marker's fingerprint and
+    /// the run that produced its outputs (`produced`, as the planner read them).
+    pub fn stage_skipped(
+        &mut self,
+        stage: &str,
+        reason: &str,
+        produced: Option<&(String, String)>,
+    ) -> io::Result<()> {
+        let mut entry = json!({"stage": stage, "reason": reason});
+        match produced {
+            Some((fingerprint, run)) => {
+                entry["fingerprint"] = fingerprint.as_str().into();
+                entry["producedBy"] = run.as_str().into();
+            }
+            None => entry["marker"] = "missing".into(),
+        }
+        self.skipped.push(entry);
+        Ok(())
     }
 
     /// `publish.recover`: an interrupted publish completed or abandoned before the build.
@@ -715,11 +745,7 @@ impl Log {
             Recovery::Nothing => return Ok(()),
             Recovery::Completed => {
                 let mut data = json!({"outcome": "completed"});
-                add_marker(
-                    &mut data,
-                    &ws.marker_file(&stage.output_dir, &stage.name),
-                    false,
-                );
+                add_marker(&mut data, &ws.marker_file(&stage.output_dir, &stage.name));
                 data
             }
             Recovery::Abandoned(why) => json!({"outcome": "abandoned", "why": why}),
@@ -749,18 +775,14 @@ impl Log {
 /// Adds what the marker says to `data`: the fingerprint, and either the run that produced the
 /// outputs (`skipped`: they are in that run's records) or what went in and came out: inputs and
 /// processor files with their blake3 hashes, params, and the outputs (path, size, blake3).
-fn add_marker(data: &mut Value, marker: &Path, skipped: bool) {
+fn add_marker(data: &mut Value, marker: &Path) {
     match Marker::read(marker) {
         Ok(Some(m)) => {
             data["fingerprint"] = m.fingerprint.into();
-            if skipped {
-                data["producedBy"] = m.run_id.into();
-            } else {
-                data["processor"] = json!(m.ingredients.processor);
-                data["params"] = m.ingredients.params;
-                data["inputs"] = json!(m.ingredients.inputs);
-                data["outputs"] = json!(m.outputs);
-            }
+            data["processor"] = json!(m.ingredients.processor);
+            data["params"] = m.ingredients.params;
+            data["inputs"] = json!(m.ingredients.inputs);
+            data["outputs"] = json!(m.outputs);
         }
         Ok(None) => data["marker"] = "missing".into(),
         Err(why) => data["marker"] = why.into(),
@@ -1213,6 +1235,17 @@ pub fn render(record: &Value) -> String {
                     out += &format!("\n    inputs: {}", inputs.len());
                     for (path, hash) in inputs {
                         out += &format!("\n      {path}  blake3 {}", s(hash));
+                    }
+                }
+                ("stages", Value::Array(stages)) => {
+                    out += &format!("\n    stages: {}", stages.len());
+                    for e in stages {
+                        out += &format!(
+                            "\n      {}  {}  fingerprint {}",
+                            s(&e["stage"]),
+                            s(&e["reason"]),
+                            s(&e["fingerprint"])
+                        );
                     }
                 }
                 (_, Value::Array(items)) if items.iter().all(Value::is_string) => {

@@ -11,7 +11,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::Direction;
 use serde::Serialize;
 
-use crate::spec::{overlaps, Spec, SpecError};
+use crate::spec::{PathIndex, Spec, SpecError};
 
 /// Why one stage depends on another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,15 +35,22 @@ impl Graph {
     pub fn compile(spec: &Spec) -> Result<Graph, Box<SpecError>> {
         let mut dag = DiGraph::new();
         let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| dag.add_node(i)).collect();
+        let outputs = PathIndex::new(
+            spec.stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i, s.output_dir.as_str())),
+        );
         for (b, stage) in spec.stages.iter().enumerate() {
-            for (a, upstream) in spec.stages.iter().enumerate() {
-                let reads = stage
-                    .inputs
-                    .iter()
-                    .any(|input| overlaps(input.base(), &upstream.output_dir));
-                if reads {
-                    dag.update_edge(nodes[a], nodes[b], EdgeKind::Data);
-                }
+            let mut upstream: Vec<usize> = stage
+                .inputs
+                .iter()
+                .flat_map(|input| outputs.overlapping(input.base()))
+                .collect();
+            upstream.sort_unstable();
+            upstream.dedup();
+            for a in upstream {
+                dag.update_edge(nodes[a], nodes[b], EdgeKind::Data);
             }
             for name in &stage.after {
                 if let Some(a) = spec.stage_index(name) {

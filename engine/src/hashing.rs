@@ -48,6 +48,10 @@ struct Entry {
     stat: StatKey,
     blake3: String,
     hashed_at_ns: i128,
+    /// Looked up or written by this process: the file existed a moment ago, so pruning need
+    /// not stat it again.
+    #[serde(skip)]
+    seen: bool,
 }
 
 /// The stat cache: absolute path → hash of the file version with that stat.
@@ -97,8 +101,9 @@ impl StatCache {
         let meta = std::fs::metadata(path)?;
         let stat = StatKey::of(&meta);
         let key = path.to_string_lossy().into_owned();
-        if let Some(entry) = self.entries.get(&key) {
+        if let Some(entry) = self.entries.get_mut(&key) {
             if entry.stat == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns {
+                entry.seen = true;
                 return Ok(FileHash {
                     blake3: entry.blake3.clone(),
                     size: stat.size,
@@ -115,6 +120,7 @@ impl StatCache {
                     stat,
                     blake3: blake3.clone(),
                     hashed_at_ns,
+                    seen: true,
                 },
             );
             self.dirty = true;
@@ -134,6 +140,7 @@ impl StatCache {
                 stat,
                 blake3: blake3.to_string(),
                 hashed_at_ns: now_ns(),
+                seen: true,
             },
         );
         self.dirty = true;
@@ -148,10 +155,12 @@ impl StatCache {
         }
     }
 
-    /// Drops entries of files that no longer exist (keeps the cache from growing forever).
+    /// Drops entries of files that no longer exist (keeps the cache from growing forever); the
+    /// files this process looked up are known to exist and are not stat'ed again.
     pub fn prune_missing(&mut self) {
         let before = self.entries.len();
-        self.entries.retain(|path, _| Path::new(path).exists());
+        self.entries
+            .retain(|path, entry| entry.seen || Path::new(path).exists());
         self.dirty |= self.entries.len() != before;
     }
 }

@@ -62,11 +62,25 @@ pub enum Wait {
 pub struct WorkspaceLock {
     _file: File,
     info: PathBuf,
+    previous_died: bool,
+}
+
+impl WorkspaceLock {
+    /// Whether the previous holder died holding the lock (killed, crashed, power lost): its holder
+    /// file was still there. Only then can temporaries of an interrupted write be left over, so
+    /// only then does a build sweep every output folder for them.
+    pub fn previous_holder_died(&self) -> bool {
+        self.previous_died
+    }
 }
 
 impl Drop for WorkspaceLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.info);
+        // A panicking holder may have left work half done: keep the holder file, so that the
+        // next holder treats it as dead and sweeps.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.info);
+        }
     }
 }
 
@@ -113,11 +127,16 @@ pub fn acquire(
             Err(TryLockError::Error(err)) => return Err(io(err)),
         }
     }
+    let previous_died = info.exists();
     crate::atomic::write_json(&info, me).map_err(|source| LockError::Io {
         path: info.clone(),
         source,
     })?;
-    Ok(WorkspaceLock { _file: file, info })
+    Ok(WorkspaceLock {
+        _file: file,
+        info,
+        previous_died,
+    })
 }
 
 fn read_holder(info: &std::path::Path) -> Holder {

@@ -7,54 +7,51 @@
 //! span-keeping parser and answers "where is `/stages/2/outputDir`?".
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use jsonc_parser::ast::Value;
 use jsonc_parser::common::Ranged;
 
-/// Byte ranges of every value (and object key) in a JSON text, by JSON pointer.
-#[derive(Debug, Default)]
+/// Byte ranges of every value (and object key) in a JSON text, by JSON pointer. The text is
+/// indexed on the first question, so a valid Pipefile (no errors to locate) never pays for it.
+#[derive(Debug)]
 pub struct Locator {
+    text: Arc<String>,
+    index: OnceLock<Index>,
+}
+
+#[derive(Debug, Default)]
+struct Index {
     values: HashMap<String, (usize, usize)>,
     keys: HashMap<String, (usize, usize)>,
 }
 
 impl Locator {
-    /// Indexes `text`; a text that does not parse yields an empty locator.
-    pub fn new(text: &str) -> Locator {
-        let mut locator = Locator::default();
-        let parsed = jsonc_parser::parse_to_ast(text, &Default::default(), &Default::default());
-        if let Ok(Some(value)) = parsed.map(|r| r.value) {
-            locator.index(String::new(), &value);
+    /// A locator over `text`; a text that does not parse yields an empty index.
+    pub fn new(text: Arc<String>) -> Locator {
+        Locator {
+            text,
+            index: OnceLock::new(),
         }
-        locator
     }
 
-    fn index(&mut self, pointer: String, value: &Value<'_>) {
-        let range = value.range();
-        match value {
-            Value::Object(object) => {
-                for prop in &object.properties {
-                    let child = format!("{pointer}/{}", escape(prop.name.as_str()));
-                    let key = prop.name.range();
-                    self.keys.insert(child.clone(), (key.start, key.end));
-                    self.index(child, &prop.value);
-                }
+    fn index(&self) -> &Index {
+        self.index.get_or_init(|| {
+            let mut index = Index::default();
+            let parsed =
+                jsonc_parser::parse_to_ast(&self.text, &Default::default(), &Default::default());
+            if let Ok(Some(value)) = parsed.map(|r| r.value) {
+                index.add(String::new(), &value);
             }
-            Value::Array(array) => {
-                for (i, element) in array.elements.iter().enumerate() {
-                    self.index(format!("{pointer}/{i}"), element);
-                }
-            }
-            _ => {}
-        }
-        self.values.insert(pointer, (range.start, range.end));
+            index
+        })
     }
 
     /// The range of the value at `pointer`, or of the nearest enclosing value that exists.
     pub fn value(&self, pointer: &str) -> (usize, usize) {
         let mut p = pointer;
         loop {
-            if let Some(range) = self.values.get(p) {
+            if let Some(range) = self.index().values.get(p) {
                 return *range;
             }
             match p.rfind('/') {
@@ -66,10 +63,34 @@ impl Locator {
 
     /// The range of the key naming the value at `pointer` (falls back to the value).
     pub fn key(&self, pointer: &str) -> (usize, usize) {
-        self.keys
+        self.index()
+            .keys
             .get(pointer)
             .copied()
             .unwrap_or_else(|| self.value(pointer))
+    }
+}
+
+impl Index {
+    fn add(&mut self, pointer: String, value: &Value<'_>) {
+        let range = value.range();
+        match value {
+            Value::Object(object) => {
+                for prop in &object.properties {
+                    let child = format!("{pointer}/{}", escape(prop.name.as_str()));
+                    let key = prop.name.range();
+                    self.keys.insert(child.clone(), (key.start, key.end));
+                    self.add(child, &prop.value);
+                }
+            }
+            Value::Array(array) => {
+                for (i, element) in array.elements.iter().enumerate() {
+                    self.add(format!("{pointer}/{i}"), element);
+                }
+            }
+            _ => {}
+        }
+        self.values.insert(pointer, (range.start, range.end));
     }
 }
 
@@ -104,7 +125,7 @@ mod tests {
 
     #[test]
     fn finds_values_and_keys_by_pointer() {
-        let loc = Locator::new(TEXT);
+        let loc = Locator::new(Arc::new(TEXT.to_string()));
         let (s, e) = loc.value("/stages/0/name");
         assert_eq!(&TEXT[s..e], "\"a\"");
         let (s, e) = loc.key("/stages/0/name");

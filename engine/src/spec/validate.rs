@@ -11,7 +11,8 @@ use pipe_processors::checkpoint::Cadence;
 use super::locate::{offset_of, Locator};
 use super::raw::{RawCheckpoint, RawJitter, RawPipefile, RawProcessor, RawRetry, RawStage};
 use super::{
-    overlaps, Input, LoadError, Processor, Quotas, Resources, RetryPolicy, Spec, SpecError, Stage,
+    overlaps, Input, LoadError, PathIndex, Processor, Quotas, Resources, RetryPolicy, Spec,
+    SpecError, Stage,
 };
 
 mod offline;
@@ -32,7 +33,7 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
     let mut v = Validator {
         errors: Vec::new(),
         file,
-        locator: Locator::new(&text),
+        locator: Locator::new(text.clone()),
         text,
         root,
     };
@@ -586,11 +587,23 @@ impl Validator {
                 first_by_name.insert(&s.name, i);
             }
         }
+        let outputs = PathIndex::new(
+            stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i, s.output_dir.as_str())),
+        );
         for (i, s) in stages.iter().enumerate() {
-            for other in stages.iter().take(i) {
-                if s.output_dir.is_empty() || other.output_dir.is_empty() {
-                    continue;
-                }
+            let earlier = if s.output_dir.is_empty() {
+                Vec::new()
+            } else {
+                outputs.overlapping(&s.output_dir)
+            };
+            for other in earlier
+                .into_iter()
+                .take_while(|&j| j < i)
+                .map(|j| &stages[j])
+            {
                 if s.output_dir == other.output_dir {
                     self.error(
                         &format!("/stages/{i}/outputDir"),
@@ -601,7 +614,7 @@ impl Validator {
                         "owned by another stage",
                         Some("each stage needs an output folder of its own".into()),
                     );
-                } else if overlaps(&s.output_dir, &other.output_dir) {
+                } else {
                     self.error(
                         &format!("/stages/{i}/outputDir"),
                         format!(
@@ -629,9 +642,7 @@ impl Validator {
                 if base.is_empty() {
                     continue;
                 }
-                let produced = stages
-                    .iter()
-                    .any(|o| !o.output_dir.is_empty() && overlaps(base, &o.output_dir));
+                let produced = !outputs.overlapping(base).is_empty();
                 if !produced && !self.root.join(base).exists() {
                     self.error(
                         &format!("/stages/{i}/inputs/{k}"),
