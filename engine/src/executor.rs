@@ -321,7 +321,9 @@ pub fn run(
         ..Outcome::default()
     };
     let mut wake = Some(wake_writer);
-    let mut next_sample = Instant::now();
+    // The first memory sample is taken one period in: a sample scans all of /proc, which for a
+    // processor that lives a millisecond would cost more than the processor.
+    let mut next_sample = Instant::now() + MEMORY_SAMPLE;
     let mut exited = None;
     let mut eof = false;
     let mut supervised = false;
