@@ -11,6 +11,30 @@ use std::path::Path;
 use pipe_processors::failpoint;
 use serde::Serialize;
 
+/// Replaces `path` with `bytes` atomically but without fsync: readers (including a later process
+/// after this one is killed) see the old or the new content, never a torn file; a power cut may
+/// lose the update. Only for files whose content is void after a power cut anyway
+/// (`state/processes.json` lists processes, which a power cut ends).
+pub fn replace_volatile(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other("atomic write needs a file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
@@ -123,6 +147,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn volatile_replacement_replaces_whole_files_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("processes.json");
+        replace_volatile(&path, b"{\"a\": 1}\n").unwrap();
+        replace_volatile(&path, b"{}\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let missing = dir.path().join("no/such/folder/x.json");
+        assert!(replace_volatile(&missing, b"x").is_err());
     }
 
     #[test]

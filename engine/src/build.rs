@@ -282,6 +282,15 @@ impl Coordinator<'_> {
         atomic::write_json(&self.ws.run_file(&self.run.run_id), &self.run)
     }
 
+    /// Writes `state/processes.json` without fsync: it only matters to a build that starts after
+    /// this one was killed, and a kill (unlike a power cut, which ends the processes too) keeps
+    /// what was written.
+    fn save_processes(&self) -> io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(&self.processes).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+        atomic::replace_volatile(&self.ws.processes_file(), &bytes)
+    }
+
     /// Saves the run record if the last save is older than [`RUN_SAVE_EVERY`].
     fn save_run_lazily(&mut self) -> io::Result<()> {
         if self.run_saved.elapsed() >= RUN_SAVE_EVERY {
@@ -403,7 +412,7 @@ impl Coordinator<'_> {
                             run_id: self.run.run_id.clone(),
                         },
                     );
-                    atomic::write_json(&self.ws.processes_file(), &self.processes)?;
+                    self.save_processes()?;
                 }
                 JobMessage::Record(record) => {
                     atomic::write_json(&self.ws.stage_file(&record.name), &record)?
@@ -420,7 +429,7 @@ impl Coordinator<'_> {
                     } = *result;
                     self.cache.absorb(hashes);
                     if self.processes.remove(&spec.stages[i].name).is_some() {
-                        atomic::write_json(&self.ws.processes_file(), &self.processes)?;
+                        self.save_processes()?;
                     }
                     self.totals.retries += retries;
                     self.metrics.insert(spec.stages[i].name.clone(), metrics);

@@ -170,6 +170,13 @@ pub fn main(args: &[OsString]) -> u8 {
         Err(message) => return fail(message),
     };
     drop(listener);
+    if let Some(name) = builtin_of(&args.argv) {
+        // A built-in processor is this very binary: run it here, confined exactly as an exec'd
+        // one would be (same process, same environment), and spare a second exec of `pipe`.
+        // The report channel closes first, as close-on-exec would close it.
+        drop(channel);
+        std::process::exit(pipe_processors::builtins::run(&name));
+    }
     let err = command.exec();
     eprintln!(
         "pipe: cannot start the processor `{}`: {err}",
@@ -183,6 +190,18 @@ pub fn main(args: &[OsString]) -> u8 {
         None,
     );
     EXIT_EXEC_FAILED
+}
+
+/// The built-in's name when `argv` is `THIS_BINARY processor NAME`.
+fn builtin_of(argv: &[OsString]) -> Option<String> {
+    let [program, sub, name] = argv else {
+        return None;
+    };
+    if sub != "processor" {
+        return None;
+    }
+    let me = std::env::current_exe().ok()?;
+    (std::path::Path::new(program) == me).then(|| name.to_string_lossy().into_owned())
 }
 
 /// Closes every descriptor above the report channel: nothing the engine's parent leaked (a
