@@ -368,7 +368,15 @@ impl Coordinator<'_> {
                         if (spec.stages[i].resources.cpus as usize) < machine_cores {
                             job.cores = cores;
                         }
-                        atomic::write_json(&self.ws.stage_file(&spec.stages[i].name), &job.record)?;
+                        // The "running" record is superseded within the stage's run by a durable
+                        // one; a power cut may lose it (never the marker or the audit record).
+                        let mut bytes =
+                            serde_json::to_vec_pretty(&job.record).map_err(io::Error::other)?;
+                        bytes.push(b'\n');
+                        atomic::replace_volatile(
+                            &self.ws.stage_file(&spec.stages[i].name),
+                            &bytes,
+                        )?;
                         let tx = tx.clone();
                         pool.spawn(move || job.run(&tx));
                     }
