@@ -166,12 +166,13 @@ def check_same(ctx: Ctx, d: Path) -> None:
                 raise RuntimeError(f"workloads differ: {p} is not the ASCII upper-casing of input/{name}")
 
 
-def hyperfine(ctx: Ctx, tag: str, cmds: list[Cmd], cwd: Path, runs: int | None = None) -> dict[str, float] | None:
+def hyperfine(ctx: Ctx, tag: str, cmds: list[Cmd], cwd: Path, warmup: int | None = None) -> dict[str, float] | None:
     """One hyperfine invocation over `cmds`; returns name → median seconds (None if it failed)."""
     export = ctx.out / "json" / f"{tag}.json"
     export.parent.mkdir(parents=True, exist_ok=True)
+    warmup = ctx.warmup if warmup is None else warmup
     args = [
-        "hyperfine", "--style", "basic", "--warmup", str(ctx.warmup), "--runs", str(runs or ctx.runs),
+        "hyperfine", "--style", "basic", "--warmup", str(warmup), "--runs", str(ctx.runs),
         "--export-json", str(export), "--shell", "sh",
     ]
     for c in cmds:
@@ -187,7 +188,7 @@ def hyperfine(ctx: Ctx, tag: str, cmds: list[Cmd], cwd: Path, runs: int | None =
     data = json.loads(export.read_text())
     medians = {}
     lines = [f"#### {tag}", "", f"in `{cwd.relative_to(ctx.work) if cwd.is_relative_to(ctx.work) else cwd}`, "
-             f"{runs or ctx.runs} runs after {ctx.warmup} warm-up", "",
+             f"{ctx.runs} runs after {warmup} warm-up", "",
              "| command | median | mean ± σ | min | max |", "| --- | ---: | ---: | ---: | ---: |"]
     for c, r in zip(cmds, data["results"]):
         med = statistics.median(r["times"])
@@ -256,7 +257,8 @@ def section_full(ctx: Ctx, d: Path, n: int) -> None:
         cmds.append(Cmd("ninja -j2", "ninja -j2 --quiet", NINJA_CLEAN, True))
     if ctx.have("make"):
         cmds.append(Cmd("make -j2", "make -j2 -s", MAKE_CLEAN, True))
-    m = hyperfine(ctx, f"full-{n}", cmds, d)
+    # No warm-up: every run starts from clean outputs anyway (the first build already ran).
+    m = hyperfine(ctx, f"full-{n}", cmds, d, warmup=0)
     peer = ["ninja -j2"] if ctx.have("ninja") else ["make -j2"]
     per_stage = ""
     if m:
@@ -318,14 +320,14 @@ def section_mapnoop(ctx: Ctx, n: int) -> None:
     memory_probe(ctx, d, f"map, {n:,} items")
 
 
-MEMORY: list[tuple[str, int | None, int]] = []  # (workload, first-build RSS KiB, no-op RSS KiB)
+MEMORY: list[tuple[str, float, int, int]] = []  # (workload, first-build s, its RSS KiB, no-op RSS KiB)
 
 
 def memory_probe(ctx: Ctx, d: Path, label: str) -> None:
     """Peak RSS of the first build (recorded by build_all) and of a no-op build."""
     first = json.loads((d / "first-build.json").read_text())
     _, noop = timed_rss(f"{q(ctx.pipe)} build -q", d)
-    MEMORY.append((label, first["maxRssKb"], noop))
+    MEMORY.append((label, first["wallS"], first["maxRssKb"], noop))
 
 
 def make_text(path: Path, mib: int, kind: str) -> None:
@@ -444,9 +446,10 @@ def section_memory(ctx: Ctx) -> None:
     if not MEMORY:
         ctx.skip("memory", "peak RSS", "no workload was built in this run (run it with noop, full or mapnoop)")
         return
-    for label, first, noop in MEMORY:
+    for label, wall, first, noop in MEMORY:
         ctx.rows.append(Row("memory", label, note=f"peak RSS: first build {first / 1024:.1f} MiB, "
-                                                   f"no-op build {noop / 1024:.1f} MiB"))
+                                                   f"no-op build {noop / 1024:.1f} MiB (first build took "
+                                                   f"{wall:.1f} s, one sample, -j default)"))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -489,6 +492,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 run, no warm-up: checks the harness runs")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=None)
     ap.add_argument("--n", nargs="+", type=int, default=None, help="stage counts (default 1000 10000; smoke 20)")
+    ap.add_argument("--full-n", nargs="+", type=int, default=None,
+                    help="stage counts of the full-build section (default: those of --n)")
     ap.add_argument("--map-n", nargs="+", type=int, default=None, help="map items (default 10000 100000; smoke 200)")
     ap.add_argument("--size-mb", type=int, default=None, help="hashing/processing input (default 1024; smoke 4)")
     ap.add_argument("--runs", type=int, default=None, help="hyperfine runs (default 5; smoke 1)")
@@ -519,6 +524,10 @@ def main() -> int:
     mib = args.size_mb or (4 if args.smoke else 1024)
     os.environ["NO_COLOR"] = "1"
     started = time.time()
+    full_ns = args.full_n or ns
+
+    def save() -> None:  # after every section: a long run that is stopped keeps what it measured
+        write_results(ctx, args, started)
 
     stage_sections = [s for s in ("full", "noop", "onetouch") if s in sections]
     if stage_sections or "memory" in sections:
@@ -526,23 +535,29 @@ def main() -> int:
             d = generate(ctx, f"stages-{n}", n, False)
             build_all(ctx, d, f"N={n}")
             # `full` leaves every tool's outputs built by its last run, so noop and onetouch follow.
-            if "full" in sections:
+            if "full" in sections and n in full_ns:
                 section_full(ctx, d, n)
+                save()
             if "noop" in sections:
                 section_noop(ctx, d, n)
+                save()
             if "onetouch" in sections:
                 section_onetouch(ctx, d, n)
+                save()
             if "memory" in sections:
                 memory_probe(ctx, d, f"{n:,} stages + fan-in")
             if not args.keep:
                 shutil.rmtree(d, ignore_errors=True)
     if "hashing" in sections:
         section_hashing(ctx, mib)
+        save()
     if "processing" in sections:
         section_processing(ctx, mib)
+        save()
     if "mapnoop" in sections:
         for n in map_ns:
             section_mapnoop(ctx, n)
+            save()
             if not args.keep:
                 shutil.rmtree(ctx.work / f"map-{n}", ignore_errors=True)
     if "memory" in sections:
