@@ -463,7 +463,8 @@ def write_results(ctx: Ctx, args, started: float) -> Path:
         "# pipe benchmark results" + (" (SMOKE MODE: tiny sizes, timings meaningless)" if ctx.smoke else ""),
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; wall time of the run {time.time() - started:.0f} s",
-        f"- machine: {os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().release}",
+        f"- machine: {os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().release}; load average now "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the machine skews timings)",
         f"- commit: {commit}{' (+ uncommitted changes)' if dirty else ''}; binary `{ctx.pipe}` ({version})",
         f"- hyperfine: {ctx.runs} runs after {ctx.warmup} warm-up per command; every number is a median",
         "- tools: " + ", ".join(f"{k} {'✓' if v else 'missing'}" for k, v in ctx.tools.items()),
