@@ -1,0 +1,1 @@
+//! Nothing here: the benchmarks live in `benches/inprocess.rs` (see `Cargo.toml`).
