@@ -339,11 +339,8 @@ impl Coordinator<'_> {
         let mut sched = Scheduler::new(order, upstream, needs, capacity, machine_cores);
         // Long-lived worker threads: a processor's parent-death signal fires when the thread that
         // spawned it exits, so the spawning threads must outlive the processors.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(jobs as usize)
-            .thread_name(|i| format!("pipe-worker-{i}"))
-            .build()
-            .map_err(io::Error::other)?;
+        // Built when the first stage runs: a no-op build starts no worker threads.
+        let mut pool: Option<rayon::ThreadPool> = None;
         let (tx, rx) = mpsc::channel::<JobMessage>();
         let mut stop = false;
         loop {
@@ -378,7 +375,16 @@ impl Coordinator<'_> {
                             &bytes,
                         )?;
                         let tx = tx.clone();
-                        pool.spawn(move || job.run(&tx));
+                        let workers = match pool.take() {
+                            Some(workers) => workers,
+                            None => rayon::ThreadPoolBuilder::new()
+                                .num_threads(jobs as usize)
+                                .thread_name(|i| format!("pipe-worker-{i}"))
+                                .build()
+                                .map_err(io::Error::other)?,
+                        };
+                        workers.spawn(move || job.run(&tx));
+                        pool = Some(workers);
                     }
                 }
             }
