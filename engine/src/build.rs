@@ -53,6 +53,8 @@ pub struct BuildOptions {
     pub sandbox: crate::sandbox::Options,
     /// Authenticates the audit records with HMAC-SHA256 (`--audit-key`).
     pub audit_key: Option<audit::Key>,
+    /// Where stage attempts run (`--executor`, `settings.executor`).
+    pub executor: crate::stage_job::Executor,
 }
 
 /// Why a build could not start (as opposed to a stage failing).
@@ -462,6 +464,7 @@ impl Coordinator<'_> {
             &self.opts.interrupt,
             reason,
         );
+        job.executor = self.opts.executor.clone();
         job.sandbox = crate::sandbox::stage_policy(
             &self.opts.sandbox,
             self.spec,
