@@ -296,3 +296,29 @@ def test_two_one_cpu_stages_run_at_once_on_the_two_cpu_node(slurm, make_project)
     ends = statuses_of_run(project, "both")
     assert len({e["jobId"] for e in ends}) == 2, ends
     assert project.read("out-a/a.txt") == b"a\n"
+
+
+def test_jobs_left_running_by_a_killed_build_are_cancelled_by_the_next(slurm, make_project):
+    project, files = blocking_project(make_project)
+    build = project.start("build", "--run-id", "killed")
+    job = job_of_attempt(project, "killed", "up")
+    wait_for_file(project.path("started"), proc=build, timeout=120)
+    os.kill(build.pid, signal.SIGKILL)
+    project.finish(build, timeout=60)
+    # the engine is gone, its job is not: nobody else would stop it
+    assert job_state(job) == "RUNNING"
+    assert json.loads(project.read("state/slurm_jobs.json")) == {job: "killed"}
+
+    project.path("started").unlink()
+    again = project.start("build", "--run-id", "next")
+    wait_for_file(project.path("started"), proc=again, timeout=120)
+    # the old job was cancelled before the new attempt started
+    assert job_state(job) not in ("PENDING", "RUNNING", "COMPLETING")
+    project.write("release", "")
+    result = project.finish(again, timeout=300)
+    assert result.returncode == 0, str(result)
+    assert f"cancelled Slurm job {job} left running by run killed" in result.stderr
+    assert project.statuses("next") == {"up": "resumed"}
+    expected = {rel.removeprefix("input/"): text.upper().encode() for rel, text in files.items()}
+    assert tree(project.path("out")) == expected
+    assert not project.exists("state/slurm_jobs.json")

@@ -142,6 +142,7 @@ pub fn build(
     audit.run_started(spec, &selected)?;
     audit.append("run.offline", None, opts.sandbox.audit_data())?;
     stop_orphans(&ws, &mut audit, report)?;
+    stop_orphan_jobs(&ws, &opts.executor, report)?;
     ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;
     let mut cache = StatCache::load(&ws.stat_cache_file());
     for stage in &spec.stages {
@@ -261,6 +262,35 @@ fn stop_orphans(
         }
     }
     atomic::remove_if_exists(&path)?;
+    Ok(())
+}
+
+/// Cancels the Slurm jobs a build that died left running (recorded in `state/slurm_jobs.json`);
+/// a local build only warns about them, since it has no way to reach Slurm.
+fn stop_orphan_jobs(
+    ws: &Workspace,
+    executor: &crate::stage_job::Executor,
+    report: &mut dyn FnMut(&Event),
+) -> io::Result<()> {
+    match executor {
+        crate::stage_job::Executor::Slurm(cluster) => {
+            for (job, run) in cluster.stop_orphans()? {
+                report(&Event::Warning {
+                    message: format!("cancelled Slurm job {job} left running by run {run}"),
+                });
+            }
+        }
+        crate::stage_job::Executor::Local => {
+            if ws.slurm_jobs_file().exists() {
+                report(&Event::Warning {
+                    message: format!(
+                        "a build that died may have left Slurm jobs running (listed in {}); a Slurm build cancels them, or use scancel",
+                        ws.relative(&ws.slurm_jobs_file())
+                    ),
+                });
+            }
+        }
+    }
     Ok(())
 }
 

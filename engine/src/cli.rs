@@ -696,9 +696,7 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
                 spec.slurm.clone(),
                 client,
                 &run_id,
-                crate::workspace::Workspace::new(spec)
-                    .logs_dir(&run_id)
-                    .join("slurm"),
+                &crate::workspace::Workspace::new(spec),
             )),
             Some(Err(err)) => {
                 out.error(&format!("cannot start the Slurm submitter: {err}"));

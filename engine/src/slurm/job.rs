@@ -188,10 +188,16 @@ impl Status {
 }
 
 /// The batch script of a job: it only executes the wrapper on the job file (the script's path
-/// and the `pipe` binary's path must be the same on every node).
-pub fn script(exe: &Path, job_file: &Path) -> String {
+/// and the `pipe` binary's path must be the same on every node). `profile` is the engine's
+/// `LLVM_PROFILE_FILE` (coverage builds of pipe): the wrapper reads its environment from the job
+/// file only after it started, too late for the profiling runtime.
+pub fn script(exe: &Path, job_file: &Path, profile: Option<&str>) -> String {
+    let env = match profile {
+        Some(p) => format!("env LLVM_PROFILE_FILE={} ", shell_quote(p)),
+        None => String::new(),
+    };
     format!(
-        "#!/bin/sh\n# Written by pipe: one Slurm job of a build (see docs/slurm.md).\nexec {} {SUBCOMMAND} {}\n",
+        "#!/bin/sh\n# Written by pipe: one Slurm job of a build (see docs/slurm.md).\nexec {env}{} {SUBCOMMAND} {}\n",
         shell_quote(&exe.to_string_lossy()),
         shell_quote(&job_file.to_string_lossy())
     )
@@ -272,9 +278,15 @@ mod tests {
 
     #[test]
     fn the_script_only_executes_the_wrapper_with_quoted_paths() {
-        let s = script(Path::new("/opt/pipe it/pipe"), Path::new("/w/job's.json"));
+        let s = script(
+            Path::new("/opt/pipe it/pipe"),
+            Path::new("/w/job's.json"),
+            None,
+        );
         assert!(s.starts_with("#!/bin/sh\n"));
         assert!(s.ends_with("exec '/opt/pipe it/pipe' __slurm-job '/w/job'\\''s.json'\n"));
+        let s = script(Path::new("/p"), Path::new("/j"), Some("/c/%p.profraw"));
+        assert!(s.ends_with("exec env LLVM_PROFILE_FILE='/c/%p.profraw' '/p' __slurm-job '/j'\n"));
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct Cluster {
     client: &'static Client,
     run_id: String,
     dir: PathBuf,
+    /// `state/slurm_jobs.json`: the jobs of this build not finished yet (job id → run id), so a
+    /// build that died is cleaned up after by the next ([`Cluster::stop_orphans`]).
+    jobs_file: PathBuf,
     shared: Mutex<Shared>,
     wake: Condvar,
     next_id: AtomicU64,
@@ -116,13 +119,14 @@ impl Cluster {
         settings: SlurmSettings,
         client: &'static Client,
         run_id: &str,
-        dir: PathBuf,
+        ws: &crate::workspace::Workspace,
     ) -> Arc<Cluster> {
         let cluster = Arc::new(Cluster {
             settings,
             client,
             run_id: run_id.to_string(),
-            dir,
+            dir: ws.logs_dir(run_id).join("slurm"),
+            jobs_file: ws.slurm_jobs_file(),
             shared: Mutex::new(Shared::default()),
             wake: Condvar::new(),
             next_id: AtomicU64::new(1),
@@ -285,6 +289,46 @@ impl Cluster {
         }
     }
 
+    /// Records the jobs in flight (under the cluster lock, so writes are ordered); a failure only
+    /// costs the clean-up after a crash, so it is ignored.
+    fn save_jobs(&self, shared: &Shared) {
+        let jobs: BTreeMap<&String, &String> =
+            shared.jobs.keys().map(|id| (id, &self.run_id)).collect();
+        if jobs.is_empty() {
+            let _ = crate::atomic::remove_if_exists(&self.jobs_file);
+        } else {
+            let _ = crate::atomic::write_json(&self.jobs_file, &jobs);
+        }
+    }
+
+    /// Cancels the jobs a previous build recorded as in flight and that still run: that build
+    /// died (its lock is ours now). Only jobs whose comment names that build's run are touched.
+    /// Returns what was cancelled, as (job id, run id).
+    pub fn stop_orphans(&self) -> io::Result<Vec<(String, String)>> {
+        let Ok(bytes) = std::fs::read(&self.jobs_file) else {
+            return Ok(Vec::new());
+        };
+        let recorded: BTreeMap<String, String> = serde_json::from_slice(&bytes).unwrap_or_default();
+        let mut stopped = Vec::new();
+        if !recorded.is_empty() {
+            let ids: Vec<String> = recorded.keys().cloned().collect();
+            let states = self.query(&ids).ok_or_else(|| {
+                io::Error::other("cannot ask Slurm about the jobs a previous build left running")
+            })?;
+            for (id, run) in recorded {
+                let alive = states.get(&id).is_some_and(|s| {
+                    !queue::is_finished(&s.state) && s.comment == format!("pipe run {run}")
+                });
+                if alive {
+                    self.cancel(&id);
+                    stopped.push((id, run));
+                }
+            }
+        }
+        crate::atomic::remove_if_exists(&self.jobs_file)?;
+        Ok(stopped)
+    }
+
     fn cancel_unit(&self, id: u64) {
         let placement = self
             .shared
@@ -317,6 +361,7 @@ impl Cluster {
             };
             if done {
                 shared.jobs.remove(&job);
+                self.save_jobs(&shared);
             }
         }
         drop(shared);
@@ -347,7 +392,13 @@ impl Cluster {
         let exe = &first.unit.exe;
         std::fs::create_dir_all(&dir)
             .and_then(|()| crate::atomic::write_json(&file, &job))
-            .and_then(|()| crate::atomic::write(&script, job::script(exe, &file).as_bytes()))
+            .and_then(|()| {
+                let profile = std::env::var("LLVM_PROFILE_FILE").ok();
+                crate::atomic::write(
+                    &script,
+                    job::script(exe, &file, profile.as_deref()).as_bytes(),
+                )
+            })
             .map_err(|e| format!("cannot write the job files in {}: {e}", dir.display()))?;
         let name = if units.len() == 1 {
             first.name.clone()
@@ -475,6 +526,7 @@ impl Cluster {
                             .placement
                             .insert(p.id, Placement::Submitted(id.clone()));
                     }
+                    self.save_jobs(&shared);
                     shared.next_poll.get_or_insert_with(Instant::now);
                 }
                 Err(why) => {
@@ -545,7 +597,7 @@ impl Cluster {
             for id in missing {
                 let state = accounted.get(&id).cloned().unwrap_or(JobState {
                     state: queue::GONE.into(),
-                    reason: String::new(),
+                    ..JobState::default()
                 });
                 states.insert(id, state);
             }

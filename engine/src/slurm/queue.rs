@@ -7,31 +7,35 @@
 
 use std::collections::BTreeMap;
 
-/// A job's state as `squeue --format=%i|%T|%r` (or `sacct`) reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A job's state as `squeue --format=%i|%T|%r|%k` (or `sacct`) reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobState {
     pub state: String,
     pub reason: String,
+    /// The job's comment (`pipe run <run id>` for pipe's jobs; empty from sacct).
+    pub comment: String,
 }
 
 /// The state given to a job that is in neither the queue nor the accounting records.
 pub const GONE: &str = "GONE";
 
-/// Parses `squeue --noheader --format=%i|%T|%r` output.
+/// Parses `squeue --noheader --format=%i|%T|%r|%k` output.
 pub fn parse_queue(stdout: &str) -> BTreeMap<String, JobState> {
     stdout
         .lines()
         .filter_map(|line| {
-            let mut parts = line.trim().splitn(3, '|');
+            let mut parts = line.trim().splitn(4, '|');
             let id = parts.next()?.trim();
             let state = parts.next()?.trim();
             let reason = parts.next().unwrap_or("").trim();
+            let comment = parts.next().unwrap_or("").trim();
             (!id.is_empty() && !state.is_empty()).then(|| {
                 (
                     id.to_string(),
                     JobState {
                         state: state.to_string(),
                         reason: reason.to_string(),
+                        comment: comment.to_string(),
                     },
                 )
             })
@@ -51,7 +55,7 @@ pub fn parse_accounting(stdout: &str) -> BTreeMap<String, JobState> {
                 id.to_string(),
                 JobState {
                     state: state.to_string(),
-                    reason: String::new(),
+                    ..JobState::default()
                 },
             ))
         })
@@ -135,13 +139,15 @@ mod tests {
         JobState {
             state: state.into(),
             reason: "None".into(),
+            comment: String::new(),
         }
     }
 
     #[test]
     fn parses_squeue_and_sacct_lines() {
-        let q = parse_queue("12|RUNNING|None\n13|FAILED|JobLaunchFailure\n\n");
+        let q = parse_queue("12|RUNNING|None|\n13|FAILED|JobLaunchFailure|pipe run r1\n\n");
         assert_eq!(q["12"], st("RUNNING"));
+        assert_eq!(q["13"].comment, "pipe run r1");
         assert_eq!(q["13"].reason, "JobLaunchFailure");
         let a = parse_accounting("14|CANCELLED by 0\n15|OUT_OF_MEMORY\n");
         assert_eq!(a["14"].state, "CANCELLED");

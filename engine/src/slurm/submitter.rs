@@ -31,7 +31,7 @@ pub enum Request {
         options: Vec<String>,
         script: PathBuf,
     },
-    /// `squeue --noheader --states=all --format=%i|%T|%r --jobs=IDS`.
+    /// `squeue --noheader --states=all --format=%i|%T|%r|%k --jobs=IDS`.
     Queue { jobs: Vec<String> },
     /// `sacct --noheader --parsable2 --allocations --format=JobID,State --jobs=IDS` (clusters with
     /// accounting; for jobs already gone from the queue).
@@ -201,7 +201,7 @@ pub fn command_of(request: &Request) -> Result<(&'static str, Vec<String>), Stri
             vec![
                 "--noheader".into(),
                 "--states=all".into(),
-                "--format=%i|%T|%r".into(),
+                "--format=%i|%T|%r|%k".into(),
                 format!("--jobs={}", ids(jobs)?),
             ],
         )),
