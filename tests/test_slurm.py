@@ -303,6 +303,8 @@ def test_jobs_left_running_by_a_killed_build_are_cancelled_by_the_next(slurm, ma
     build = project.start("build", "--run-id", "killed")
     job = job_of_attempt(project, "killed", "up")
     wait_for_file(project.path("started"), proc=build, timeout=120)
+    progress = project.path("state/progress_up.json")
+    wait_for(lambda: progress.exists() and json.loads(progress.read_text())["lineOffset"] == 500, "the checkpoint before BLOCK", timeout=60)
     os.kill(build.pid, signal.SIGKILL)
     project.finish(build, timeout=60)
     # the engine is gone, its job is not: nobody else would stop it

@@ -223,6 +223,16 @@ impl Cluster {
             match placement {
                 Some(Placement::Refused(why)) => {
                     self.finish_unit(id);
+                    if queue::is_transient_refusal(&why) {
+                        return Outcome {
+                            lost: true,
+                            executor_note: Some(format!(
+                                "Slurm did not take the job ({why}); retryable"
+                            )),
+                            duration: started.elapsed(),
+                            ..Outcome::default()
+                        };
+                    }
                     return Outcome {
                         protocol_error: Some(format!("Slurm refused the job: {why}")),
                         duration: started.elapsed(),
@@ -230,8 +240,11 @@ impl Cluster {
                     };
                 }
                 Some(Placement::Waiting) | None => {
-                    if interrupt.load(Ordering::SeqCst) || protocol_error.is_some() {
-                        let mut shared = self.shared.lock().expect("cluster lock");
+                    let mut shared = self.shared.lock().expect("cluster lock");
+                    // Not pending any more: the driver is submitting it right now; once it is
+                    // submitted, it is cancelled like any other.
+                    let pending = shared.pending.iter().any(|p| p.id == id);
+                    if pending && (interrupt.load(Ordering::SeqCst) || protocol_error.is_some()) {
                         shared.pending.retain(|p| p.id != id);
                         shared.placement.remove(&id);
                         return Outcome {

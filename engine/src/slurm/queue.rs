@@ -84,6 +84,21 @@ pub fn is_finished(state: &str) -> bool {
     )
 }
 
+/// Whether `sbatch`'s refusal is the controller being unreachable or busy (retryable), rather than
+/// the job being unacceptable (a limit, an unknown partition: fatal).
+pub fn is_transient_refusal(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    [
+        "unable to contact slurm controller",
+        "socket timed out",
+        "temporarily unavailable",
+        "slurm temporarily unable",
+        "the slurm submitter failed",
+    ]
+    .iter()
+    .any(|t| lower.contains(t))
+}
+
 /// How a unit whose job ended without writing its status file is classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
@@ -171,6 +186,16 @@ mod tests {
         ] {
             assert!(is_finished(s), "{s}");
         }
+    }
+
+    #[test]
+    fn an_unreachable_controller_is_retryable_a_bad_job_is_not() {
+        assert!(is_transient_refusal(
+            "sbatch: exit code 1: sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
+        ));
+        assert!(!is_transient_refusal(
+            "sbatch: exit code 1: sbatch: error: Batch job submission failed: Invalid partition name specified"
+        ));
     }
 
     #[test]
