@@ -324,3 +324,45 @@ def test_jobs_left_running_by_a_killed_build_are_cancelled_by_the_next(slurm, ma
     expected = {rel.removeprefix("input/"): text.upper().encode() for rel, text in files.items()}
     assert tree(project.path("out")) == expected
     assert not project.exists("state/slurm_jobs.json")
+
+
+def wrapper_pid(project: Project) -> int:
+    """The pid of the job wrapper (`pipe __slurm-job .../job.json`) running this project's job."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) >= 3 and argv[1] == b"__slurm-job" and argv[2].startswith(str(project.root).encode()):
+            return int(entry.name)
+    raise AssertionError("no job wrapper of this project is running")
+
+
+def test_a_job_that_dies_without_a_status_file_is_retried_from_its_checkpoint(slurm, make_project):
+    """A node failure, as the engine sees one: the job's process dies and no status file appears.
+    Slurm reports the job FAILED; the attempt is retryable and the retry resumes."""
+    project, files = blocking_project(make_project)
+    project.edit_pipefile(lambda spec: spec["stages"][0].update(retry={"maxAttempts": 2, "baseDelayMs": 10}))
+    tally = project.path("tally.txt")
+    build = project.start("build", "--run-id", "lost", env={"PIPE_LINE_TALLY": str(tally)})
+    job = job_of_attempt(project, "lost", "up")
+    wait_for_file(project.path("started"), proc=build, timeout=120)
+    progress = project.path("state/progress_up.json")
+    wait_for(lambda: progress.exists() and json.loads(progress.read_text())["lineOffset"] == 500, "the checkpoint before BLOCK", timeout=60)
+    os.kill(wrapper_pid(project), signal.SIGKILL)  # the processor dies with it (parent-death signal)
+    wait_for(lambda: job_state(job) not in ("PENDING", "RUNNING", "COMPLETING"), "the job's end", timeout=60)
+    project.write("release", "")
+    result = project.finish(build, timeout=300)
+    assert result.returncode == 0, str(result)
+    record = project.stage_record("up")
+    assert [a["classification"] for a in record["attempts"]] == ["retryable", "ok"], record
+    logs = project.read(record["attempts"][0]["log"]).decode()
+    assert "Slurm job" in logs
+    expected = {rel.removeprefix("input/"): text.upper().encode() for rel, text in files.items()}
+    assert tree(project.path("out")) == expected
+    failed = [json.loads(line) for line in project.read("state/logs/run_lost.jsonl").decode().splitlines() if "attemptFailed" in line]
+    assert len(failed) == 1 and "ended FAILED" in failed[0]["message"] and "without a status file" in failed[0]["message"], failed
+    # the retry resumed from the checkpoint: no line was handled twice
+    assert sum(int(n) for n in tally.read_text().split()) == 3000

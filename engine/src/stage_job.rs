@@ -1092,7 +1092,8 @@ fn failure_message(
             },
         }
     };
-    match tail.lines().rev().find(|l| !l.trim().is_empty()) {
+    let said = |l: &&str| !l.trim().is_empty() && !l.starts_with(crate::slurm::LOG_LINE);
+    match tail.lines().rev().find(said) {
         Some(line) => format!("{what}: {}", line.trim()),
         None => what,
     }

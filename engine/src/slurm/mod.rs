@@ -36,6 +36,9 @@ const GATHER: Duration = Duration::from_millis(300);
 /// Memory `sbatch --mem` adds to a stage's `memoryMb` for the wrapper and the helper, so the
 /// engine's own watchdog (which classifies `memory`) normally fires before Slurm's kill.
 pub const MEMORY_HEADROOM_MB: u64 = 64;
+/// The start of the line an attempt's log gets when its job is submitted (not a processor
+/// message: failure messages skip it).
+pub const LOG_LINE: &str = "pipe: running as Slurm job";
 /// How long a cancelled unit waits for its job to end before it is reported interrupted.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 
@@ -448,7 +451,7 @@ impl Cluster {
             {
                 let _ = writeln!(
                     log,
-                    "pipe: running as Slurm job {id} ({name}); Slurm output: {}",
+                    "{LOG_LINE} {id} ({name}); Slurm output: {}",
                     output.display()
                 );
             }
