@@ -45,9 +45,14 @@ cargo build --locked
 cargo test --locked --workspace
 
 step "black-box tests (pytest) against the instrumented binary"
+if [ -n "${SLURM_CONF:-}" ]; then
+  echo "Slurm: SLURM_CONF=$SLURM_CONF (tests/test_slurm.py runs against it)"
+else
+  echo "Slurm: SLURM_CONF is not set: tests/test_slurm.py is SKIPPED (start one with scripts/slurm-single-node.sh start)"
+fi
 export PIPE_BIN="$CARGO_TARGET_DIR/debug/pipe"
 export COVERAGE_FILE="$ROOT/target/python.coverage"
-.venv/bin/python -m pytest tests -p no:cacheprovider -q \
+.venv/bin/python -m pytest tests -p no:cacheprovider -q -rs \
   --cov=processors/python --cov-report=term-missing:skip-covered --cov-fail-under="$PY_MIN"
 
 step "Rust coverage (cargo tests + pytest runs of the binary)"

@@ -83,6 +83,11 @@ CASES = [
     ),
     ("stage-needs-more-cpus-than-quota", spec_text(stage("a", resources={"cpus": 2}), settings={"quotas": {"cpus": 1}}), ('"cpus": 2', 1), "could never run"),
     ("param-for-copy", spec_text(stage("a", params={"mode": "ascii"})), ('"mode"', 1), "no param `mode`"),
+    ("unknown-executor", spec_text(stage("a"), settings={"executor": "kubernetes"}), ('"kubernetes"', 1), "unknown variant `kubernetes`"),
+    ("unknown-slurm-field", spec_text(stage("a"), settings={"slurm": {"partitions": "x"}}), ('"partitions"', 1), "unknown field `partitions`"),
+    ("slurm-extra-arg-not-an-option", spec_text(stage("a"), settings={"slurm": {"extraArgs": ["--qos=a", "qos"]}}), ('"qos"', 1), "`qos` is not an sbatch option"),
+    ("slurm-no-jobs-in-flight", spec_text(stage("a"), settings={"slurm": {"maxJobsInFlight": 0}}), ('"maxJobsInFlight": 0', 1), "`maxJobsInFlight` 0 would never submit a job"),
+    ("slurm-poll-too-fast", spec_text(stage("a"), settings={"slurm": {"pollIntervalMs": 10}}), ('"pollIntervalMs": 10', 1), "poll interval 10 ms is too short"),
 ]
 
 

@@ -53,6 +53,8 @@ pub struct BuildOptions {
     pub sandbox: crate::sandbox::Options,
     /// Authenticates the audit records with HMAC-SHA256 (`--audit-key`).
     pub audit_key: Option<audit::Key>,
+    /// Where stage attempts run (`--executor`, `settings.executor`).
+    pub executor: crate::stage_job::Executor,
 }
 
 /// Why a build could not start (as opposed to a stage failing).
@@ -140,6 +142,7 @@ pub fn build(
     audit.run_started(spec, &selected)?;
     audit.append("run.offline", None, opts.sandbox.audit_data())?;
     stop_orphans(&ws, &mut audit, report)?;
+    stop_orphan_jobs(&ws, &opts.executor, report)?;
     // Temporaries of pipe's own atomic writes exist only if a holder died mid-write; a clean
     // previous exit spares the walk over every output folder (10,000 stages: 10,000 folders).
     let output_dirs: Vec<&str> = if _lock.previous_holder_died() {
@@ -273,6 +276,35 @@ fn stop_orphans(
         }
     }
     atomic::remove_if_exists(&path)?;
+    Ok(())
+}
+
+/// Cancels the Slurm jobs a build that died left running (recorded in `state/slurm_jobs.json`);
+/// a local build only warns about them, since it has no way to reach Slurm.
+fn stop_orphan_jobs(
+    ws: &Workspace,
+    executor: &crate::stage_job::Executor,
+    report: &mut dyn FnMut(&Event),
+) -> io::Result<()> {
+    match executor {
+        crate::stage_job::Executor::Slurm(cluster) => {
+            for (job, run) in cluster.stop_orphans()? {
+                report(&Event::Warning {
+                    message: format!("cancelled Slurm job {job} left running by run {run}"),
+                });
+            }
+        }
+        crate::stage_job::Executor::Local => {
+            if ws.slurm_jobs_file().exists() {
+                report(&Event::Warning {
+                    message: format!(
+                        "a build that died may have left Slurm jobs running (listed in {}); a Slurm build cancels them, or use scancel",
+                        ws.relative(&ws.slurm_jobs_file())
+                    ),
+                });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -515,6 +547,7 @@ impl Coordinator<'_> {
             &self.opts.interrupt,
             reason,
         );
+        job.executor = self.opts.executor.clone();
         job.sandbox = crate::sandbox::stage_policy(
             &self.opts.sandbox,
             self.spec,

@@ -93,6 +93,7 @@ impl From<SeedArgs> for BuildArgs {
             audit: Default::default(),
             offline_guard: offline::OfflineGuard::Strict,
             sandbox_debug: false,
+            executor: None,
         }
     }
 }
@@ -223,6 +224,10 @@ struct BuildArgs {
     /// Print the exact re-exec command of every processor attempt (to reproduce it by hand)
     #[arg(long)]
     sandbox_debug: bool,
+    /// Where stages and map items run [default: `settings.executor`, else local] (see
+    /// docs/slurm.md)
+    #[arg(long, value_enum, value_name = "EXECUTOR")]
+    executor: Option<crate::spec::Executor>,
     #[command(flatten)]
     audit: audit_cmd::KeyArg,
 }
@@ -421,8 +426,36 @@ pub fn main() -> ExitCode {
     if matches!(cli.command, Some(Command::Check { sandbox: true })) {
         crate::sandbox::canary::start_listener();
     }
+    // The Slurm submitter must also live outside the filter: it is the one process of a build
+    // that may reach slurmctld (docs/offline.md).
+    if wants_slurm(&cli) {
+        if let Ok(exe) = std::env::current_exe() {
+            let _ = crate::slurm::submitter::start(&exe);
+        }
+    }
     let _ = crate::sandbox::install_engine_filter();
     ExitCode::from(run(cli))
+}
+
+/// Whether this command line is a build that runs on Slurm: `--executor slurm`, or no
+/// `--executor` and a Pipefile whose `settings.executor` is "slurm" (a quick look at the raw JSON;
+/// the real validation comes later).
+fn wants_slurm(cli: &Cli) -> bool {
+    let given = match &cli.command {
+        Some(Command::Build(args)) if !args.dry_run && !cli.seed.dry_run => args.executor,
+        None if !cli.seed.dry_run => None,
+        _ => return false,
+    };
+    match given {
+        Some(executor) => executor == crate::spec::Executor::Slurm,
+        None => {
+            let file = pipefile_path(cli.global.pipeline.clone());
+            std::fs::read(file)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .is_some_and(|v| v.pointer("/settings/executor") == Some(&"slurm".into()))
+        }
+    }
 }
 
 fn run(cli: Cli) -> u8 {
@@ -656,6 +689,25 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
         Ok(key) => key,
         Err(code) => return code,
     };
+    let executor = match args.executor.unwrap_or(spec.executor) {
+        crate::spec::Executor::Local => crate::stage_job::Executor::Local,
+        crate::spec::Executor::Slurm => match crate::slurm::submitter::client() {
+            Some(Ok(client)) => crate::stage_job::Executor::Slurm(crate::slurm::Cluster::start(
+                spec.slurm.clone(),
+                client,
+                &run_id,
+                &crate::workspace::Workspace::new(spec),
+            )),
+            Some(Err(err)) => {
+                out.error(&format!("cannot start the Slurm submitter: {err}"));
+                return EXIT_FAILED;
+            }
+            None => {
+                out.error("the Slurm submitter was not started (internal error)");
+                return EXIT_FAILED;
+            }
+        },
+    };
     let mut live = out.live.then(progress::Live::new);
     let opts = BuildOptions {
         run_id: Some(run_id.clone()),
@@ -667,6 +719,7 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
         interrupt,
         sandbox,
         audit_key,
+        executor,
     };
     let result = build::build(spec, graph, &opts, &mut |e| {
         out.event(&run_id, e, live.as_mut())

@@ -95,6 +95,12 @@ pub struct Outcome {
     pub sandbox_error: Option<String>,
     /// Network accesses the sandbox blocked: the attempt failed, whatever the exit code.
     pub violations: Vec<Violation>,
+    /// The executor lost the attempt (a Slurm node failure, preemption, a job gone from the
+    /// queue without a status file): retryable.
+    pub lost: bool,
+    /// What the executor knows about the end beyond the exit status (e.g. the Slurm job state),
+    /// shown instead of the generic message.
+    pub executor_note: Option<String>,
 }
 
 impl Outcome {
@@ -106,6 +112,7 @@ impl Outcome {
             && !self.memory_exceeded
             && self.sandbox_error.is_none()
             && self.violations.is_empty()
+            && !self.lost
     }
 }
 

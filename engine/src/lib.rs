@@ -32,6 +32,7 @@ pub mod runid;
 pub mod runlog;
 pub mod sandbox;
 pub mod scheduler;
+pub mod slurm;
 pub mod spec;
 pub mod stage_job;
 pub mod state;

@@ -34,6 +34,24 @@ use crate::{atomic, retry};
 /// Above this size the input list goes to a file (`PIPELINE_INPUTS_FILE`).
 const MAX_INPUTS_ENV: usize = 64 * 1024;
 
+/// Where attempts run: child processes on this machine, or Slurm jobs.
+#[derive(Debug, Clone, Default)]
+pub enum Executor {
+    /// [`executor::run`]: a child process through the sandbox helper.
+    #[default]
+    Local,
+    /// [`crate::slurm::Cluster::run`]: a Slurm job running the same helper on a node.
+    Slurm(Arc<crate::slurm::Cluster>),
+}
+
+/// Which unit of a stage an attempt is: the stage itself, or map item `index` (with `batch`
+/// items at most per Slurm job).
+#[derive(Debug, Clone, Copy)]
+enum Unit {
+    Stage,
+    Item { index: usize, batch: u32 },
+}
+
 /// What a worker tells the coordinator.
 #[derive(Debug)]
 pub enum JobMessage {
@@ -86,6 +104,8 @@ pub struct StageJob {
     pub items: BTreeMap<String, ItemEntry>,
     /// Map stages: what the planner decided for each input file.
     pub map_items: Option<Vec<ItemPlan>>,
+    /// Where the attempts run (set by the coordinator).
+    pub executor: Executor,
 }
 
 impl StageJob {
@@ -149,6 +169,7 @@ impl StageJob {
                 plan::Decision::Map { items, .. } => Some(items.clone()),
                 _ => None,
             },
+            executor: Executor::Local,
         }
     }
 
@@ -280,7 +301,7 @@ impl StageJob {
                     }));
                     Ok(())
                 };
-                let outcome = self.execute(&inv, tx, &mut on_checkpoint);
+                let outcome = self.execute(&inv, Unit::Stage, tx, &mut on_checkpoint);
                 metrics.cpu_user_ms += outcome.user_ms;
                 metrics.cpu_sys_ms += outcome.sys_ms;
                 metrics.max_rss_kb = metrics
@@ -418,7 +439,16 @@ impl StageJob {
                 ItemAction::Run(_) => to_run.push(item),
             }
         }
-        let workers = (self.stage.resources.cpus as usize).clamp(1, to_run.len().max(1));
+        // Locally, items share the stage's cores; on Slurm, each waits for its own job (grouped
+        // `batch` to a job), so as many wait at once as the jobs in flight can take.
+        let (workers, batch) = match &self.executor {
+            Executor::Local => (self.stage.resources.cpus as usize, 1),
+            Executor::Slurm(cluster) => {
+                let batch = cluster.batch_size(to_run.len());
+                (cluster.capacity(batch), batch)
+            }
+        };
+        let workers = workers.clamp(1, to_run.len().max(1));
         let queue = std::sync::Mutex::new(
             to_run
                 .into_iter()
@@ -435,7 +465,7 @@ impl StageJob {
                     if this.interrupt.load(Ordering::SeqCst) {
                         break;
                     }
-                    let outcome = this.run_item(tx, n, &item, target, &store);
+                    let outcome = this.run_item(tx, n, batch, &item, target, &store);
                     results.lock().expect("results lock").push((item, outcome));
                 });
             }
@@ -489,6 +519,7 @@ impl StageJob {
         &self,
         tx: &Sender<JobMessage>,
         n: usize,
+        batch: u32,
         item: &ItemPlan,
         target: &publish::Target,
         store: &Store,
@@ -537,7 +568,8 @@ impl StageJob {
                 .logs_dir(&self.run_id)
                 .join(format!("{}.item{n}.attempt{attempt}.log", self.stage.name));
             let inv = self.invocation(env, log.clone(), item_sandbox.clone());
-            let run = self.execute(&inv, tx, &mut |_checkpoint| Ok(()));
+            let unit = Unit::Item { index: n, batch };
+            let run = self.execute(&inv, unit, tx, &mut |_checkpoint| Ok(()));
             outcome.user_ms += run.user_ms;
             outcome.sys_ms += run.sys_ms;
             outcome.max_rss_kb = outcome
@@ -724,10 +756,25 @@ impl StageJob {
     fn execute(
         &self,
         inv: &Invocation,
+        unit: Unit,
         tx: &Sender<JobMessage>,
         on_checkpoint: &mut dyn FnMut(Checkpoint) -> io::Result<()>,
     ) -> Outcome {
         let stage = &self.stage.name;
+        if let Executor::Slurm(cluster) = &self.executor {
+            let (name, batch, cpus) = match unit {
+                Unit::Stage => (format!("pipe-{stage}"), 1, self.stage.resources.cpus),
+                Unit::Item { index, batch } => (format!("pipe-{stage}-{index}"), batch, 1),
+            };
+            let work = crate::slurm::Work {
+                inv,
+                name,
+                key: stage.clone(),
+                batch,
+                cpus,
+            };
+            return cluster.run(work, &self.interrupt, on_checkpoint);
+        }
         executor::run(
             inv,
             &self.interrupt,
@@ -993,6 +1040,8 @@ pub fn classify(outcome: &Outcome, policy: &RetryPolicy) -> Classification {
         Classification::Timeout
     } else if outcome.protocol_error.is_some() {
         Classification::Fatal
+    } else if outcome.lost {
+        Classification::Retryable
     } else if outcome.signal.is_some() {
         Classification::Signal
     } else {
@@ -1022,6 +1071,8 @@ fn failure_message(
     }
     let what = if let Some(err) = &outcome.protocol_error {
         format!("protocol error: {err}")
+    } else if let Some(note) = &outcome.executor_note {
+        note.clone()
     } else {
         match classification {
             Classification::Timeout => format!(
@@ -1041,7 +1092,8 @@ fn failure_message(
             },
         }
     };
-    match tail.lines().rev().find(|l| !l.trim().is_empty()) {
+    let said = |l: &&str| !l.trim().is_empty() && !l.starts_with(crate::slurm::LOG_LINE);
+    match tail.lines().rev().find(said) {
         Some(line) => format!("{what}: {}", line.trim()),
         None => what,
     }

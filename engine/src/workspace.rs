@@ -68,6 +68,11 @@ impl Workspace {
         self.state_dir().join(format!("progress_{stage}.json"))
     }
 
+    /// The Slurm jobs of the running build (job id → run id).
+    pub fn slurm_jobs_file(&self) -> PathBuf {
+        self.state_dir().join("slurm_jobs.json")
+    }
+
     pub fn processes_file(&self) -> PathBuf {
         self.state_dir().join("processes.json")
     }

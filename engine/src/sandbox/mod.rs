@@ -64,6 +64,14 @@ pub fn hidden_command() -> Option<u8> {
             let _ = install_engine_filter();
             Some(helper::main(&rest))
         }
+        crate::slurm::submitter::SUBCOMMAND => {
+            // Not filtered: this process is the one that may reach Slurm (docs/offline.md).
+            Some(crate::slurm::submitter::main())
+        }
+        crate::slurm::job::SUBCOMMAND => {
+            let _ = install_engine_filter();
+            Some(crate::slurm::job::main(&rest))
+        }
         canary::CONNECT_SUBCOMMAND => {
             let _ = install_engine_filter();
             Some(canary::connect_main(&rest))
@@ -206,7 +214,7 @@ pub struct Policy {
 }
 
 /// What a hermetic stage may read, to explain a denial.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hermetic {
     pub stage: String,
     pub root: PathBuf,

@@ -30,8 +30,57 @@ pub struct Spec {
     pub root: PathBuf,
     pub quotas: Quotas,
     pub stages: Vec<Stage>,
+    /// `settings.executor`: where stages run unless `--executor` says otherwise.
+    pub executor: Executor,
+    /// `settings.slurm`.
+    pub slurm: SlurmSettings,
     text: Arc<String>,
     locator: locate::Locator,
+}
+
+/// Where stages and map items run.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Executor {
+    /// Child processes of `pipe` on this machine.
+    #[default]
+    Local,
+    /// Slurm batch jobs (see docs/slurm.md).
+    Slurm,
+}
+
+/// Validated `settings.slurm`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmSettings {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub extra_args: Vec<String>,
+    pub poll_interval_ms: u64,
+    pub max_jobs_in_flight: u32,
+    pub items_per_job: Option<u32>,
+}
+
+impl Default for SlurmSettings {
+    fn default() -> Self {
+        SlurmSettings {
+            partition: None,
+            account: None,
+            extra_args: Vec::new(),
+            poll_interval_ms: 1000,
+            max_jobs_in_flight: 8,
+            items_per_job: None,
+        }
+    }
 }
 
 /// Resources of the whole build.

@@ -44,6 +44,42 @@ pub struct RawSettings {
     /// Paths every stage's sandbox may read or write (added to each stage's own).
     #[serde(default)]
     pub sandbox: Option<RawSandbox>,
+    /// Where stages and map items run: "local" (default) or "slurm" (`--executor` overrides).
+    #[serde(default)]
+    pub executor: Option<RawExecutor>,
+    /// Options of the Slurm executor (used when the executor is "slurm"); see docs/slurm.md.
+    #[serde(default)]
+    pub slurm: Option<RawSlurm>,
+}
+
+/// Where stages and map items run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RawExecutor {
+    /// Child processes of `pipe` on this machine.
+    Local,
+    /// One Slurm batch job per stage attempt (map items batched into jobs).
+    Slurm,
+}
+
+/// Options of the Slurm executor.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawSlurm {
+    /// `sbatch --partition` (default: the cluster's default partition).
+    pub partition: Option<String>,
+    /// `sbatch --account` (default: the user's default account).
+    pub account: Option<String>,
+    /// More `sbatch` options, one argument each (e.g. ["--qos=normal"]); each must start with `-`.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// How often the job queue is polled, in milliseconds (default 1000, at least 100).
+    pub poll_interval_ms: Option<u64>,
+    /// Jobs of this build submitted and not finished at once (default 8).
+    pub max_jobs_in_flight: Option<u32>,
+    /// Map items run one after another in one job, at most this many (default: the items to run
+    /// spread evenly over `maxJobsInFlight` jobs, at most 64 per job).
+    pub items_per_job: Option<u32>,
 }
 
 /// Paths a processor's sandbox may use beyond its own (relative to the Pipefile's folder, or

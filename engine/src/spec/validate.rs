@@ -9,10 +9,12 @@ use pipe_processors::builtins;
 use pipe_processors::checkpoint::Cadence;
 
 use super::locate::{offset_of, Locator};
-use super::raw::{RawCheckpoint, RawJitter, RawPipefile, RawProcessor, RawRetry, RawStage};
+use super::raw::{
+    RawCheckpoint, RawExecutor, RawJitter, RawPipefile, RawProcessor, RawRetry, RawSlurm, RawStage,
+};
 use super::{
-    overlaps, Input, LoadError, PathIndex, Processor, Quotas, Resources, RetryPolicy, Spec,
-    SpecError, Stage,
+    overlaps, Executor, Input, LoadError, PathIndex, Processor, Quotas, Resources, RetryPolicy,
+    SlurmSettings, Spec, SpecError, Stage,
 };
 
 mod offline;
@@ -46,6 +48,11 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
         );
     }
     let quotas = v.quotas(&raw);
+    let executor = match raw.settings.executor {
+        Some(RawExecutor::Slurm) => Executor::Slurm,
+        _ => Executor::Local,
+    };
+    let slurm = v.slurm(raw.settings.slurm.as_ref());
     let settings_cadence = raw
         .settings
         .checkpoint
@@ -84,6 +91,8 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
         root: v.root,
         quotas,
         stages,
+        executor,
+        slurm,
         text: v.text,
         locator: v.locator,
     })
@@ -199,6 +208,73 @@ impl Validator {
             memory_mb: q.memory_mb,
             io: io.max(1),
         }
+    }
+
+    fn slurm(&mut self, raw: Option<&RawSlurm>) -> SlurmSettings {
+        let mut settings = SlurmSettings::default();
+        let Some(raw) = raw else {
+            return settings;
+        };
+        for (field, value) in [("partition", &raw.partition), ("account", &raw.account)] {
+            if let Some(value) = value {
+                if value.is_empty() || value.starts_with('-') || value.contains(char::is_whitespace)
+                {
+                    self.error(
+                        &format!("/settings/slurm/{field}"),
+                        format!("`{field}` `{value}` is not a Slurm {field} name"),
+                        "a name without spaces, not starting with `-`",
+                        None,
+                    );
+                }
+            }
+        }
+        for (i, arg) in raw.extra_args.iter().enumerate() {
+            if !arg.starts_with('-') {
+                self.error(
+                    &format!("/settings/slurm/extraArgs/{i}"),
+                    format!("`{arg}` is not an sbatch option"),
+                    "each element is one option, starting with `-`",
+                    Some("write an option and its value as one element: \"--qos=normal\"".into()),
+                );
+            }
+        }
+        if let Some(ms) = raw.poll_interval_ms {
+            if ms < 100 {
+                self.error(
+                    "/settings/slurm/pollIntervalMs",
+                    format!("poll interval {ms} ms is too short"),
+                    "must be at least 100",
+                    Some("polling the Slurm controller faster only loads it".into()),
+                );
+            }
+            settings.poll_interval_ms = ms.max(100);
+        }
+        if let Some(n) = raw.max_jobs_in_flight {
+            if n == 0 {
+                self.error(
+                    "/settings/slurm/maxJobsInFlight",
+                    "`maxJobsInFlight` 0 would never submit a job",
+                    "must be at least 1",
+                    None,
+                );
+            }
+            settings.max_jobs_in_flight = n.max(1);
+        }
+        if let Some(n) = raw.items_per_job {
+            if n == 0 {
+                self.error(
+                    "/settings/slurm/itemsPerJob",
+                    "`itemsPerJob` must be at least 1",
+                    "0",
+                    None,
+                );
+            }
+            settings.items_per_job = Some(n.max(1));
+        }
+        settings.partition = raw.partition.clone();
+        settings.account = raw.account.clone();
+        settings.extra_args = raw.extra_args.clone();
+        settings
     }
 
     fn cadence(&mut self, raw: &RawCheckpoint, pointer: &str) -> Cadence {
