@@ -108,15 +108,18 @@ fn upper_utf8(text: &str, out: &mut Vec<u8>) {
             continue;
         }
         if bytes[i] & 0xE0 == 0xC0 {
-            // A two-byte character (validated UTF-8): decoded by hand, mapped by the table.
-            let cp = (usize::from(bytes[i] & 0x1F) << 6) | usize::from(bytes[i + 1] & 0x3F);
-            let upper = table[cp - 0x80];
-            if w + 8 > out.len() {
-                out.resize(w + 16 + 2 * (bytes.len() - i), 0);
+            // A run of two-byte characters (validated UTF-8: Greek, Cyrillic, accented Latin...):
+            // decoded by hand, mapped by the table, without going back to the ASCII test.
+            while i + 1 < bytes.len() && bytes[i] & 0xE0 == 0xC0 {
+                let cp = (usize::from(bytes[i] & 0x1F) << 6) | usize::from(bytes[i + 1] & 0x3F);
+                let upper = table[cp - 0x80];
+                if w + 8 > out.len() {
+                    out.resize(w + 16 + 2 * (bytes.len() - i), 0);
+                }
+                out[w..w + 8].copy_from_slice(&upper);
+                w += usize::from(upper[7]);
+                i += 2;
             }
-            out[w..w + 8].copy_from_slice(&upper);
-            w += usize::from(upper[7]);
-            i += 2;
             continue;
         }
         let c = text[i..].chars().next().expect("i is a char boundary");
