@@ -336,9 +336,27 @@ pub fn run(
     let mut supervised = false;
     let mut kill_at: Option<Instant> = None;
     let mut exit_seen_at: Option<Instant> = None;
+    // A message taken from the channel while skipping past superseded checkpoints.
+    let mut held: Option<Message> = None;
     loop {
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Message::Line(Ok(cp))) => {
+        let received = match held.take() {
+            Some(message) => Ok(message),
+            None => rx.recv_timeout(Duration::from_millis(20)),
+        };
+        match received {
+            Ok(Message::Line(Ok(mut cp))) => {
+                // Checkpoints are cumulative: when several wait, only the newest is persisted.
+                // Persisting each (an fsynced write) while the processor reports faster than the
+                // disk syncs would let a backlog build up, and a crash would redo all of it.
+                while let Ok(next) = rx.try_recv() {
+                    match next {
+                        Message::Line(Ok(newer)) => cp = newer,
+                        other => {
+                            held = Some(other);
+                            break;
+                        }
+                    }
+                }
                 if outcome.protocol_error.is_none() {
                     match on_checkpoint(cp) {
                         Ok(()) => outcome.last_checkpoint = Some(cp),
