@@ -557,3 +557,18 @@ def test_man_pages(demo):
 
 def test_version_names_the_fingerprint_schema(demo):
     assert re.fullmatch(r"pipe \d+\.\d+\.\d+ \(fingerprint schema \d+\)\n", demo.ok("--version").stdout)
+
+
+def test_lines_count_every_input_even_when_checkpoints_arrive_in_bursts(make_project):
+    """Many one-line inputs: the built-in reports a final checkpoint per input faster than the
+    engine persists them, and the engine coalesces waiting checkpoints. The line count (summed over
+    each input's last checkpoint) must still count every input."""
+    files = {f"input/f{i:03d}.txt": f"line {i}\n" for i in range(300)}
+    files["input/two.txt"] = "a\nb"  # a last line without a newline counts too
+    spec = {
+        "version": 1,
+        "stages": [{"name": "up", "processor": {"builtin": "upper", "version": "1"}, "inputs": ["input"], "outputDir": "out"}],
+    }
+    project = make_project(spec, files=files)
+    project.ok("build", "--run-id", "burst")
+    assert project.metrics("burst")["stages"]["up"]["lines"] == 302

@@ -345,12 +345,16 @@ pub fn run(
         };
         match received {
             Ok(Message::Line(Ok(mut cp))) => {
-                // Checkpoints are cumulative: when several wait, only the newest is persisted.
-                // Persisting each (an fsynced write) while the processor reports faster than the
-                // disk syncs would let a backlog build up, and a crash would redo all of it.
+                // Checkpoints are cumulative: when several of one input wait, only the newest is
+                // persisted. Persisting each (an fsynced write) while the processor reports faster
+                // than the disk syncs would let a backlog build up, and a crash would redo all of
+                // it. The last checkpoint of each input is always delivered (it carries the
+                // input's line count).
                 while let Ok(next) = rx.try_recv() {
                     match next {
-                        Message::Line(Ok(newer)) => cp = newer,
+                        Message::Line(Ok(newer)) if newer.input_index == cp.input_index => {
+                            cp = newer
+                        }
                         other => {
                             held = Some(other);
                             break;
