@@ -302,6 +302,10 @@ impl StageJob {
                     Ok(())
                 };
                 let outcome = self.execute(&inv, Unit::Stage, tx, &mut on_checkpoint);
+                for (&input, &lines) in &outcome.superseded_lines {
+                    let seen = lines_by_input.entry(input).or_default();
+                    *seen = (*seen).max(lines);
+                }
                 metrics.cpu_user_ms += outcome.user_ms;
                 metrics.cpu_sys_ms += outcome.sys_ms;
                 metrics.max_rss_kb = metrics
