@@ -143,14 +143,20 @@ pub enum ItemAction {
 
 /// The ingredients of one item of a map stage: the stage's, with only that input.
 pub fn item_ingredients(stage: &Ingredients, input: &str) -> Ingredients {
-    let mut item = stage.clone();
-    item.inputs = stage
-        .inputs
-        .iter()
-        .filter(|(path, _)| path.as_str() == input)
-        .map(|(p, h)| (p.clone(), h.clone()))
-        .collect();
-    item
+    Ingredients {
+        schema: stage.schema,
+        stage: stage.stage.clone(),
+        processor: stage.processor.clone(),
+        params: stage.params.clone(),
+        // Only this item's input: copying the stage's whole input map per item would make
+        // planning a map stage quadratic (100,000 items: 10^10 entries copied).
+        inputs: stage
+            .inputs
+            .get_key_value(input)
+            .map(|(p, h)| (p.clone(), h.clone()))
+            .into_iter()
+            .collect(),
+    }
 }
 
 /// Decides every item of a map stage that has work to do.
