@@ -357,7 +357,9 @@ pub fn run(
                     match next {
                         Message::Line(Ok(newer)) => {
                             if newer.input_index != cp.input_index {
-                                outcome.superseded_lines.insert(cp.input_index, cp.line_offset);
+                                outcome
+                                    .superseded_lines
+                                    .insert(cp.input_index, cp.line_offset);
                             }
                             cp = newer;
                         }
