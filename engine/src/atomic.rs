@@ -16,18 +16,7 @@ use serde::Serialize;
 /// lose the update. Only for files whose content is void after a power cut anyway
 /// (`state/processes.json` lists processes, which a power cut ends).
 pub fn replace_volatile(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::other("atomic write needs a file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let (_, tmp) = temporary_for(path)?;
     let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -35,13 +24,12 @@ pub fn replace_volatile(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
-/// Writes `bytes` to `path` atomically and durably.
-pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// The folder of `path` and the temporary file (`.NAME.tmp-PID`) a write to it goes through.
+fn temporary_for(path: &Path) -> io::Result<(&Path, std::path::PathBuf)> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::other("atomic write needs a file name"))?;
@@ -50,6 +38,13 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
+    Ok((dir, tmp))
+}
+
+/// Writes `bytes` to `path` atomically and durably.
+pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let (dir, tmp) = temporary_for(path)?;
+    std::fs::create_dir_all(dir)?;
     let result = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;

@@ -216,14 +216,7 @@ impl Cluster {
                 outcome.protocol_error = protocol_error.or(outcome.protocol_error);
                 return outcome;
             }
-            let placement = self
-                .shared
-                .lock()
-                .expect("cluster lock")
-                .placement
-                .get(&id)
-                .cloned();
-            match placement {
+            match self.placement(id) {
                 Some(Placement::Refused(why)) => {
                     self.finish_unit(id);
                     if queue::is_transient_refusal(&why) {
@@ -345,15 +338,18 @@ impl Cluster {
         Ok(stopped)
     }
 
-    fn cancel_unit(&self, id: u64) {
-        let placement = self
-            .shared
+    /// Where unit `id` stands with Slurm (submitted as a job, refused, or not yet).
+    fn placement(&self, id: u64) -> Option<Placement> {
+        self.shared
             .lock()
             .expect("cluster lock")
             .placement
             .get(&id)
-            .cloned();
-        if let Some(Placement::Submitted(job)) = placement {
+            .cloned()
+    }
+
+    fn cancel_unit(&self, id: u64) {
+        if let Some(Placement::Submitted(job)) = self.placement(id) {
             self.cancel(&job);
         }
     }
