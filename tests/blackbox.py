@@ -412,3 +412,24 @@ def pipeline(*stages: dict[str, Any], **settings) -> dict[str, Any]:
     if settings:
         spec["settings"] = settings
     return spec
+
+
+# A Python processor (next to a copy of the Python SDK in its folder) that upper-cases lines and,
+# on the line BLOCK, creates `started` and waits for a `release` file: a test can act while an
+# attempt is provably mid-stage.
+SLOW_UPPER = '''
+"""upper-cases lines; on the line BLOCK it signals `started` and waits for `release`."""
+import os, sys, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pipe_sdk
+
+def upper(line: bytes) -> bytes:
+    if line == b"BLOCK\\n" and not os.path.exists("release"):
+        open("started", "w").close()
+        deadline = time.monotonic() + 300
+        while not os.path.exists("release") and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return line.decode("utf-8").upper().encode("utf-8")
+
+sys.exit(pipe_sdk.run_lines(upper))
+'''

@@ -15,7 +15,7 @@ import signal
 
 import pytest
 
-from blackbox import PY_PROCESSORS, Project, pipeline, wait_for, wait_for_file
+from blackbox import PY_PROCESSORS, SLOW_UPPER, Project, pipeline, wait_for, wait_for_file
 
 FILES_COUNT = 3
 LINES_PER_FILE = 1000
@@ -152,22 +152,6 @@ def test_clean_after_a_crash_forgets_the_progress(make_project):
     assert project.statuses("fresh") == {"up": "succeeded"}
 
 
-SLOW_UPPER = '''
-"""upper-cases lines; on the line BLOCK it signals `started` and waits for `release`."""
-import os, sys, time
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pipe_sdk
-
-def upper(line: bytes) -> bytes:
-    if line == b"BLOCK\\n" and not os.path.exists("release"):
-        open("started", "w").close()
-        deadline = time.monotonic() + 120
-        while not os.path.exists("release") and time.monotonic() < deadline:
-            time.sleep(0.02)
-    return line.decode("utf-8").upper().encode("utf-8")
-
-sys.exit(pipe_sdk.run_lines(upper))
-'''
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])

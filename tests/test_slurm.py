@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from blackbox import PY_PROCESSORS, Project, pipeline, wait_for, wait_for_file
+from blackbox import PY_PROCESSORS, SLOW_UPPER, Project, pipeline, wait_for, wait_for_file
 
 SKIP_REASON = "no Slurm: run scripts/slurm-single-node.sh start"
 
@@ -149,22 +149,6 @@ def test_a_200_item_map_stage_builds_on_slurm_in_batched_jobs(slurm, make_projec
     assert_no_job_submitted(remote, "second")
 
 
-SLOW_UPPER = '''
-"""upper-cases lines; on the line BLOCK it signals `started` and waits for `release`."""
-import os, sys, time
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pipe_sdk
-
-def upper(line: bytes) -> bytes:
-    if line == b"BLOCK\\n" and not os.path.exists("release"):
-        open("started", "w").close()
-        deadline = time.monotonic() + 300
-        while not os.path.exists("release") and time.monotonic() < deadline:
-            time.sleep(0.02)
-    return line.decode("utf-8").upper().encode("utf-8")
-
-sys.exit(pipe_sdk.run_lines(upper))
-'''
 
 
 def blocking_project(make_project) -> tuple[Project, dict[str, str]]:

@@ -624,24 +624,12 @@ impl StageJob {
     ) -> io::Result<Marker> {
         let mut attempt = 1;
         loop {
-            let result = if target.journal.exists() {
-                publish::recover(target, hashes).and_then(|recovery| match recovery {
-                    publish::Recovery::Completed => Marker::read(&target.marker)
-                        .map_err(io::Error::other)?
-                        .ok_or_else(|| io::Error::other("the completed publish left no marker")),
-                    publish::Recovery::Nothing => publish::publish(
-                        target,
-                        self.previous.as_ref(),
-                        &self.run_id,
-                        &self.fingerprint,
-                        &self.ingredients,
-                        self.items.clone(),
-                        hashes,
-                    ),
-                    publish::Recovery::Abandoned(why) => Err(io::Error::other(why)),
-                })
-            } else {
-                publish::publish(
+            // A journal left by an earlier try is completed; without one (`Nothing`) this publishes.
+            let result = publish::recover(target, hashes).and_then(|recovery| match recovery {
+                publish::Recovery::Completed => Marker::read(&target.marker)
+                    .map_err(io::Error::other)?
+                    .ok_or_else(|| io::Error::other("the completed publish left no marker")),
+                publish::Recovery::Nothing => publish::publish(
                     target,
                     self.previous.as_ref(),
                     &self.run_id,
@@ -649,8 +637,9 @@ impl StageJob {
                     &self.ingredients,
                     self.items.clone(),
                     hashes,
-                )
-            };
+                ),
+                publish::Recovery::Abandoned(why) => Err(io::Error::other(why)),
+            });
             match result {
                 Ok(marker) => return Ok(marker),
                 Err(err) if is_transient(&err) && attempt < policy.max_attempts => {
