@@ -223,6 +223,10 @@ def compare(ctx: Ctx, section: str, case: str, medians: dict[str, float] | None,
         ctx.rows.append(Row(section, case, pipe=pipe, pipe_s=medians.get(pipe), note="skipped: no peer available"))
         return
     best = min(present, key=lambda p: medians[p])
+    if medians[best] <= 0:
+        # A peer that finished below hyperfine's resolution (a tiny smoke workload): no ratio.
+        ctx.rows.append(Row(section, case, pipe=pipe, pipe_s=medians.get(pipe), note=f"skipped: {best} took 0 s (below the timer's resolution)"))
+        return
     ratio = medians[pipe] / medians[best]
     target, met = "", ""
     if target_key:

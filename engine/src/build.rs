@@ -22,6 +22,7 @@ use crate::event::Event;
 use crate::graph::Graph;
 use crate::hashing::StatCache;
 use crate::lock::{self, Holder, LockError, Wait};
+use crate::memo::SkipMemo;
 use crate::plan::{self, Decision};
 use crate::procfs;
 use crate::publish::{self, Recovery};
@@ -143,36 +144,25 @@ pub fn build(
     audit.append("run.offline", None, opts.sandbox.audit_data())?;
     stop_orphans(&ws, &mut audit, report)?;
     stop_orphan_jobs(&ws, &opts.executor, report)?;
-    // Temporaries of pipe's own atomic writes exist only if a holder died mid-write; a clean
-    // previous exit spares the walk over every output folder (10,000 stages: 10,000 folders).
-    let output_dirs: Vec<&str> = if _lock.previous_holder_died() {
-        spec.stages.iter().map(|s| s.output_dir.as_str()).collect()
+    // Temporaries of pipe's own atomic writes, and publish journals, exist only if a holder died
+    // mid-write: a clean previous exit spares the walks over `state/` (every run's logs), the
+    // output cache (one file per fingerprint) and every output folder (10,000 stages: 10,000
+    // folders). Interrupted publishes are completed below
+    // when the previous holder died, and otherwise when their stage is planned (a publish that
+    // failed with an I/O error leaves its journal behind a clean exit).
+    let died = _lock.previous_holder_died();
+    if died {
+        ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;
     } else {
-        Vec::new()
-    };
-    ws.sweep_temporaries(output_dirs)?;
-    let mut cache = StatCache::load(&ws.stat_cache_file());
-    for stage in &spec.stages {
-        let recovery = publish::recover(&ws.publish_target(stage), &mut cache)?;
-        audit.publish_recovered(&ws, stage, &recovery)?;
-        match recovery {
-            Recovery::Nothing => {}
-            Recovery::Completed => report(&Event::Warning {
-                message: format!("completed the interrupted publish of `{}`", stage.name),
-            }),
-            Recovery::Abandoned(why) => report(&Event::Warning {
-                message: format!(
-                    "could not complete the interrupted publish of `{}` ({why}); it runs again",
-                    stage.name
-                ),
-            }),
-        }
+        // A holder killed while writing its own holder file leaves no sign of dying but that
+        // file's temporary.
+        crate::atomic::sweep_temporaries(&ws.locks_dir(), false)?;
     }
     let mut b = Coordinator {
         spec,
         ws: ws.clone(),
         opts,
-        cache,
+        cache: None,
         started: Instant::now(),
         run: RunRecord {
             version: state::STATE_VERSION,
@@ -190,7 +180,15 @@ pub fn build(
         processes: BTreeMap::new(),
         audit,
         run_saved: Instant::now(),
+        memo: SkipMemo::load(&ws.skip_memo_file()),
+        recovered: vec![false; spec.stages.len()],
     };
+    if died {
+        for i in 0..spec.stages.len() {
+            b.recover_publish(i, report)?;
+        }
+    }
+    b.memo.prefetch(spec);
     b.save_run()?;
     report(&Event::RunStarted {
         run_id: run_id.clone(),
@@ -212,7 +210,8 @@ struct Coordinator<'a> {
     spec: &'a Spec,
     ws: Workspace,
     opts: &'a BuildOptions,
-    cache: StatCache,
+    /// Loaded when first needed: a build that only re-verifies memoised stages never reads it.
+    cache: Option<StatCache>,
     started: Instant,
     run: RunRecord,
     metrics: BTreeMap<String, StageMetrics>,
@@ -226,6 +225,10 @@ struct Coordinator<'a> {
     /// When the run record was last written (it is rewritten at most every [`RUN_SAVE_EVERY`]
     /// while stages finish, and always at the end: rewriting it per stage is quadratic).
     run_saved: Instant,
+    /// Verdicts of earlier builds that a `stat` per watched path re-verifies.
+    memo: SkipMemo,
+    /// Stages whose interrupted publish (if any) was already looked for.
+    recovered: Vec<bool>,
 }
 
 /// How often the run record is rewritten while stages finish.
@@ -327,6 +330,35 @@ impl Coordinator<'_> {
     fn save_run_lazily(&mut self) -> io::Result<()> {
         if self.run_saved.elapsed() >= RUN_SAVE_EVERY {
             self.save_run()?;
+        }
+        Ok(())
+    }
+
+    fn stat_cache(&mut self) -> &mut StatCache {
+        let path = self.ws.stat_cache_file();
+        self.cache.get_or_insert_with(|| StatCache::load(&path))
+    }
+
+    /// Completes or abandons an interrupted publish of stage `i` (once per build).
+    fn recover_publish(&mut self, i: usize, report: &mut dyn FnMut(&Event)) -> io::Result<()> {
+        if std::mem::replace(&mut self.recovered[i], true) {
+            return Ok(());
+        }
+        let stage = &self.spec.stages[i];
+        let target = self.ws.publish_target(stage);
+        let recovery = publish::recover(&target, self.stat_cache())?;
+        self.audit.publish_recovered(&self.ws, stage, &recovery)?;
+        match recovery {
+            Recovery::Nothing => {}
+            Recovery::Completed => report(&Event::Warning {
+                message: format!("completed the interrupted publish of `{}`", stage.name),
+            }),
+            Recovery::Abandoned(why) => report(&Event::Warning {
+                message: format!(
+                    "could not complete the interrupted publish of `{}` ({why}); it runs again",
+                    stage.name
+                ),
+            }),
         }
         Ok(())
     }
@@ -473,7 +505,8 @@ impl Coordinator<'_> {
                         metrics,
                         hashes,
                     } = *result;
-                    self.cache.absorb(hashes);
+                    self.stat_cache().absorb(hashes);
+                    self.memo.files_changed();
                     if self.processes.remove(&spec.stages[i].name).is_some() {
                         self.save_processes()?;
                     }
@@ -500,7 +533,20 @@ impl Coordinator<'_> {
         report: &mut dyn FnMut(&Event),
     ) -> Result<Planned, BuildError> {
         let stage = &self.spec.stages[i];
-        let plan = match plan::decide(self.spec, &self.ws, i, &mut self.cache) {
+        // A memoised verdict implies no publish journal appeared (it would change the output
+        // folder's mtime), so recovery is only needed on the full path.
+        if let Some(produced) = self.memo.unchanged(self.spec, stage) {
+            report(&Event::StagePlanned {
+                stage: stage.name.clone(),
+                summary: Decision::Skip.describe(),
+                decision: Decision::Skip,
+            });
+            return Ok(Planned::Skip(Some(produced)));
+        }
+        self.recover_publish(i, report)?;
+        let spec = self.spec;
+        let ws = self.ws.clone();
+        let plan = match plan::decide(spec, &ws, i, self.stat_cache()) {
             Ok(plan) => plan,
             Err(err) => {
                 let now = state::now_rfc3339();
@@ -533,9 +579,11 @@ impl Coordinator<'_> {
             decision: plan.decision.clone(),
         });
         if plan.decision == Decision::Skip {
+            self.memo.remember(self.spec, &self.ws, &plan);
             let produced = plan.marker.map(|m| (m.fingerprint, m.run_id));
             return Ok(Planned::Skip(produced));
         }
+        self.memo.forget(&stage.name);
         let reason = plan.decision.describe();
         let mut job = StageJob::new(
             self.spec,
@@ -636,10 +684,21 @@ impl Coordinator<'_> {
             crate::prometheus::render(&metrics).as_bytes(),
         )?;
         self.save_run()?;
-        self.cache.prune_missing();
-        if let Err(err) = self.cache.save(&self.ws.stat_cache_file()) {
+        // Pruning stats every entry this build did not look up: only worth it when the cache
+        // changed (a build that only re-verified memoised stages looked nothing up).
+        if let Some(cache) = self.cache.as_mut().filter(|c| c.is_dirty()) {
+            cache.prune_missing();
+            if let Err(err) = cache.save(&self.ws.stat_cache_file()) {
+                report(&Event::Warning {
+                    message: format!("could not save the stat cache (next build rehashes): {err}"),
+                });
+            }
+        }
+        if let Err(err) = self.memo.save(&self.ws.skip_memo_file(), self.spec) {
             report(&Event::Warning {
-                message: format!("could not save the stat cache (next build rehashes): {err}"),
+                message: format!(
+                    "could not save the skip memo (next build decides every stage in full): {err}"
+                ),
             });
         }
         self.audit.run_finished(&self.run, &self.totals)?;

@@ -5,6 +5,7 @@
 //! 130 interrupted.
 
 use std::io::{IsTerminal, Write};
+use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -501,6 +502,9 @@ fn run(cli: Cli) -> u8 {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
+            // Never freed: the process ends right after, and dropping a 10,000-stage spec and
+            // graph piece by piece costs a no-op build ~10% of its time.
+            let (spec, graph) = (ManuallyDrop::new(spec), ManuallyDrop::new(graph));
             match command {
                 Command::Build(args) if args.dry_run => {
                     dry_run(&spec, &graph, &args.stages, &out, false).0

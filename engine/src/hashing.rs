@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// How much older than its hashing a file's mtime must be for the cached hash to be trusted.
-const RACY_WINDOW_NS: i128 = 2_000_000_000;
+pub const RACY_WINDOW_NS: i128 = 2_000_000_000;
 
 /// Files at least this big are hashed with memory mapping on all cores.
 const PARALLEL_HASH_BYTES: u64 = 16 << 20;
@@ -94,6 +94,11 @@ impl StatCache {
         crate::atomic::write(path, &bytes)?;
         self.dirty = false;
         Ok(())
+    }
+
+    /// Whether anything was hashed or remembered since the cache was loaded or saved.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
     }
 
     /// The blake3 of `path`, from the cache when its stat matches and is not racy.
@@ -176,7 +181,7 @@ pub fn hash_file(path: &Path, size: u64) -> io::Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-fn now_ns() -> i128 {
+pub fn now_ns() -> i128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128)

@@ -21,6 +21,9 @@ pub struct ResolvedInputs {
     pub files: BTreeMap<String, PathBuf>,
     /// Root-relative input root ("" for the project folder).
     pub root: String,
+    /// Every folder the listing walked (absolute): adding or removing a file changes one of their
+    /// mtimes, which is what lets [`crate::memo`] re-verify a listing with `stat` alone.
+    pub dirs: Vec<PathBuf>,
 }
 
 /// An input that cannot be read.
@@ -42,6 +45,7 @@ pub enum InputError {
 pub fn resolve(spec: &Spec, stage: &Stage) -> Result<ResolvedInputs, InputError> {
     let mut files = BTreeMap::new();
     let mut folders = Vec::new();
+    let mut dirs = Vec::new();
     for input in &stage.inputs {
         match input {
             Input::Path(rel) => {
@@ -55,7 +59,7 @@ pub fn resolve(spec: &Spec, stage: &Stage) -> Result<ResolvedInputs, InputError>
                 })?;
                 if meta.is_dir() {
                     folders.push(rel.clone());
-                    walk(spec, rel, &mut files, |_| true)?;
+                    walk(spec, rel, &mut files, &mut dirs, |_| true)?;
                 } else {
                     folders.push(
                         rel.rsplit_once('/')
@@ -72,7 +76,9 @@ pub fn resolve(spec: &Spec, stage: &Stage) -> Result<ResolvedInputs, InputError>
                     .expect("validated glob")
                     .compile_matcher();
                 if spec.path(base).is_dir() {
-                    walk(spec, base, &mut files, |rel| matcher.is_match(rel))?;
+                    walk(spec, base, &mut files, &mut dirs, |rel| {
+                        matcher.is_match(rel)
+                    })?;
                 }
             }
         }
@@ -80,6 +86,7 @@ pub fn resolve(spec: &Spec, stage: &Stage) -> Result<ResolvedInputs, InputError>
     Ok(ResolvedInputs {
         root: common_root(&folders),
         files,
+        dirs,
     })
 }
 
@@ -87,6 +94,7 @@ fn walk(
     spec: &Spec,
     rel: &str,
     files: &mut BTreeMap<String, PathBuf>,
+    dirs: &mut Vec<PathBuf>,
     keep: impl Fn(&str) -> bool,
 ) -> Result<(), InputError> {
     let walker = WalkDir::new(spec.path(rel))
@@ -104,6 +112,10 @@ fn walk(
                 .into_io_error()
                 .unwrap_or_else(|| io::Error::other("filesystem loop")),
         })?;
+        if entry.file_type().is_dir() {
+            dirs.push(entry.into_path());
+            continue;
+        }
         if !entry.file_type().is_file() {
             continue;
         }

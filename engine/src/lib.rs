@@ -23,6 +23,7 @@ pub mod hashing;
 pub mod inputs;
 pub mod lock;
 pub mod marker;
+pub mod memo;
 pub mod plan;
 pub mod procfs;
 pub mod prometheus;

@@ -53,6 +53,9 @@ pub struct Scheduler {
     /// Cores handed to running stages (for CPU pinning), by stage.
     cores: Vec<Vec<usize>>,
     free_cores: BTreeSet<usize>,
+    /// Position in `order` before which no stage is waiting any more (phases only move forward),
+    /// so that finding the next stage does not rescan finished ones: linear, not quadratic.
+    first_waiting: std::cell::Cell<usize>,
 }
 
 impl Scheduler {
@@ -86,6 +89,7 @@ impl Scheduler {
             running: 0,
             cores: vec![Vec::new(); n],
             free_cores: (0..machine_cores).collect(),
+            first_waiting: std::cell::Cell::new(0),
         }
     }
 
@@ -99,6 +103,16 @@ impl Scheduler {
             && self.used.io + need.io <= self.capacity.io
     }
 
+    /// The position in `order` of the first waiting stage (or its length).
+    fn waiting_from(&self) -> usize {
+        let mut first = self.first_waiting.get();
+        while first < self.order.len() && self.phase[self.order[first]] != Phase::Waiting {
+            first += 1;
+        }
+        self.first_waiting.set(first);
+        first
+    }
+
     /// Whether every dependency of `stage` succeeded.
     pub fn ready(&self, stage: usize) -> bool {
         self.phase[stage] == Phase::Waiting
@@ -109,7 +123,10 @@ impl Scheduler {
 
     /// The next stage that may start now, if any (it is not started until [`Scheduler::start`]).
     pub fn next(&self) -> Option<usize> {
-        self.order
+        if self.running >= self.capacity.jobs as usize {
+            return None;
+        }
+        self.order[self.waiting_from()..]
             .iter()
             .copied()
             .find(|&i| self.ready(i) && self.fits(self.needs[i]))
@@ -182,7 +199,8 @@ impl Scheduler {
     /// Waiting stages that can never run because a dependency failed; marks them failed.
     pub fn blocked(&mut self) -> Vec<(usize, usize)> {
         let mut blocked = Vec::new();
-        for &i in &self.order {
+        let first = self.waiting_from();
+        for &i in &self.order[first..] {
             if self.phase[i] != Phase::Waiting {
                 continue;
             }
@@ -212,9 +230,11 @@ impl Scheduler {
 
     /// Whether every stage has finished (or will never run).
     pub fn done(&self) -> bool {
-        self.order
-            .iter()
-            .all(|&i| matches!(self.phase[i], Phase::Succeeded | Phase::Failed))
+        // Before `waiting_from` every stage is running or finished.
+        self.running == 0
+            && self.order[self.waiting_from()..]
+                .iter()
+                .all(|&i| matches!(self.phase[i], Phase::Succeeded | Phase::Failed))
     }
 }
 

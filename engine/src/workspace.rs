@@ -81,6 +81,11 @@ impl Workspace {
         self.cache_dir().join("stat-v1.json")
     }
 
+    /// Verdicts of unchanged stages and the stats they rest on (see [`crate::memo`]).
+    pub fn skip_memo_file(&self) -> PathBuf {
+        self.cache_dir().join("skip-v1.json")
+    }
+
     pub fn output_dir(&self, output_dir: &str) -> PathBuf {
         self.root.join(output_dir)
     }

@@ -37,6 +37,7 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
         file,
         locator: Locator::new(text.clone()),
         text,
+        on_disk: OnDisk::prefetch(&root, &raw.stages),
         root,
     };
     if raw.version != 1 {
@@ -137,6 +138,51 @@ struct Validator {
     text: Arc<String>,
     locator: Locator,
     root: PathBuf,
+    on_disk: OnDisk,
+}
+
+/// What exists at the output folders and input paths a Pipefile names, stat'ed on all cores up
+/// front (a 10,000-stage Pipefile names 20,000 of them): root-relative path → `Some(is_dir)`, or
+/// `None` when nothing is there.
+#[derive(Default)]
+struct OnDisk(HashMap<String, Option<bool>>);
+
+impl OnDisk {
+    fn prefetch(root: &std::path::Path, stages: &[RawStage]) -> OnDisk {
+        use rayon::prelude::*;
+        let mut paths: Vec<String> = Vec::new();
+        for stage in stages {
+            paths.extend(normalize(&stage.output_dir).ok());
+            paths.extend(
+                stage
+                    .inputs
+                    .iter()
+                    .filter_map(|i| parse_input(i).ok())
+                    .map(|i| i.base().to_string()),
+            );
+        }
+        paths.retain(|p| !p.is_empty());
+        paths.sort_unstable();
+        paths.dedup();
+        OnDisk(
+            paths
+                .into_par_iter()
+                .with_min_len(256)
+                .map(|rel| {
+                    let kind = std::fs::metadata(root.join(&rel)).ok().map(|m| m.is_dir());
+                    (rel, kind)
+                })
+                .collect(),
+        )
+    }
+
+    /// `Some(is_dir)` when something exists at `rel` (following symlinks).
+    fn kind(&self, root: &std::path::Path, rel: &str) -> Option<bool> {
+        match self.0.get(rel) {
+            Some(kind) => *kind,
+            None => std::fs::metadata(root.join(rel)).ok().map(|m| m.is_dir()),
+        }
+    }
 }
 
 impl Validator {
@@ -394,8 +440,7 @@ impl Validator {
                 p
             }
             Ok(p) => {
-                let on_disk = self.root.join(&p);
-                if on_disk.exists() && !on_disk.is_dir() {
+                if self.on_disk.kind(&self.root, &p) == Some(false) {
                     self.error(
                         &at("outputDir"),
                         format!("the output folder `{p}` exists and is not a folder"),
@@ -719,7 +764,7 @@ impl Validator {
                     continue;
                 }
                 let produced = !outputs.overlapping(base).is_empty();
-                if !produced && !self.root.join(base).exists() {
+                if !produced && self.on_disk.kind(&self.root, base).is_none() {
                     self.error(
                         &format!("/stages/{i}/inputs/{k}"),
                         format!("input `{base}` does not exist and no stage produces it"),

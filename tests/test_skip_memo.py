@@ -1,0 +1,144 @@
+"""The skip memo (`cache/skip-v1.json`, docs/state.md): an unchanged stage is re-verified with `stat`
+calls instead of a full decision. These tests arm the memo for real (its entries are only written
+for files older than the racy window, 2 s) and then change things the way users do -- including
+edits that keep size and mtime -- to prove that a memoised verdict never hides a change.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from blackbox import builtin_stage, pipeline, proc_stage
+
+RACY_WINDOW_S = 2.0
+"""The engine trusts a stat only for files whose mtime and ctime are this much older (hashing.rs)."""
+
+
+def memo(project) -> dict:
+    """The memo file (none yet: no entries)."""
+    if not project.exists("cache/skip-v1.json"):
+        return {"stages": {}}
+    return project.json("cache/skip-v1.json")
+
+
+def let_files_age() -> None:
+    """The memo refuses stats younger than the racy window: this is time that must pass, not a
+    wait for another process (no file or signal could stand in for it)."""
+    time.sleep(RACY_WINDOW_S + 0.2)
+
+
+def sneaky_edit(path, old: bytes, new: bytes) -> None:
+    """Same size, same inode, mtime put back: only ctime (which user space cannot set) changes."""
+    st = path.stat()
+    data = path.read_bytes()
+    assert old in data and len(old) == len(new)
+    path.write_bytes(data.replace(old, new))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+STAGES = [
+    builtin_stage("keep", "upper", ["input/keep.txt"], "out_keep"),
+    builtin_stage("sneaky", "upper", ["input/sneaky.txt"], "out_sneaky"),
+    builtin_stage("outedit", "upper", ["input/outedit.txt"], "out_outedit"),
+    builtin_stage("marker", "upper", ["input/marker.txt"], "out_marker"),
+    builtin_stage("added", "copy", ["data/added"], "out_added"),
+    builtin_stage("removed", "copy", ["data/removed"], "out_removed"),
+    builtin_stage("glob", "upper", ["globbed/**/*.txt"], "out_glob"),
+    builtin_stage("params", "upper", ["input/params.txt"], "out_params", params={"mode": "ascii"}),
+    proc_stage("script", ["input/script.txt"], "out_script"),
+]
+FILES = {
+    "input/keep.txt": "keep me\n",
+    "input/sneaky.txt": "quick brown fox\n",
+    "input/outedit.txt": "edit my output\n",
+    "input/marker.txt": "marker\n",
+    "input/params.txt": "straße\n",
+    "input/script.txt": "script\n",
+    "data/added/a.txt": "a\n",
+    "data/added/sub/b.txt": "b\n",
+    "data/removed/a.txt": "a\n",
+    "data/removed/b.txt": "b\n",
+    "globbed/x.txt": "x\n",
+    "globbed/deep/y.txt": "y\n",
+}
+
+
+def test_a_memoised_verdict_never_hides_a_change(make_project):
+    project = make_project(pipeline(*STAGES), files=FILES)
+    project.ok("build", "--run-id", "first")
+    # Just written: nothing is old enough to memoise yet.
+    assert memo(project)["stages"] == {}
+    let_files_age()
+    project.ok("build", "--run-id", "arm")
+    assert set(memo(project)["stages"]) == {s["name"] for s in STAGES}
+    assert set(project.statuses("arm").values()) == {"skipped"}
+
+    # The memo is what decides now: without it the no-op would hash every input again and write
+    # the stat cache back.
+    project.path("cache/stat-v1.json").unlink()
+    project.ok("build", "--run-id", "noop")
+    assert set(project.statuses("noop").values()) == {"skipped"}
+    assert not project.exists("cache/stat-v1.json")
+
+    sneaky_edit(project.path("input/sneaky.txt"), b"quick", b"slick")
+    sneaky_edit(project.path("out_outedit/outedit.txt"), b"EDIT", b"EDDY")
+    project.path("out_marker/.marker.done").unlink()
+    project.write("data/added/sub/new.txt", "new\n")
+    project.path("data/removed/b.txt").unlink()
+    project.write("globbed/deep/new.txt", "new\n")
+    project.edit_pipefile(lambda spec: project.stage_spec(spec, "params").update(params={"mode": "unicode"}))
+    with open(project.path("proc.py"), "a", encoding="utf-8") as f:
+        f.write("# edited\n")
+
+    project.ok("build", "--run-id", "changed")
+    statuses = project.statuses("changed")
+    assert statuses.pop("keep") == "skipped", statuses
+    assert all(s in ("succeeded", "restored") for s in statuses.values()), statuses
+    assert project.read("out_sneaky/sneaky.txt") == b"SLICK BROWN FOX\n"
+    assert project.read("out_outedit/outedit.txt") == b"EDIT MY OUTPUT\n"
+    assert project.exists("out_marker/.marker.done")
+    assert project.read("out_added/sub/new.txt") == b"new\n"
+    assert not project.exists("out_removed/b.txt")
+    assert project.read("out_glob/deep/new.txt") == b"NEW\n"
+    assert project.read("out_params/params.txt") == "STRASSE\n".encode()
+    # Everything that ran is fresh again: only the untouched stage stays memoised.
+    assert set(memo(project)["stages"]) == {"keep"}
+
+
+def test_a_torn_or_foreign_memo_only_costs_a_full_decision(make_project):
+    project = make_project(pipeline(*STAGES[:3]), files=FILES)
+    project.ok("build")
+    let_files_age()
+    project.ok("build")
+    assert len(memo(project)["stages"]) == 3
+    words = [b"quick", b"qu0ck", b"qu1ck", b"qu2ck"]
+    for i, garbage in enumerate((b"", b'{"version": 1, "stages": {"keep": 7', b"\x00" * 64)):
+        project.path("cache/skip-v1.json").write_bytes(garbage)
+        sneaky_edit(project.path("input/sneaky.txt"), words[i], words[i + 1])
+        run_id = f"garbage{i}"
+        project.ok("build", "--run-id", run_id)
+        assert project.statuses(run_id) == {"keep": "skipped", "sneaky": "succeeded", "outedit": "skipped"}
+        assert project.read("out_sneaky/sneaky.txt") == words[i + 1].upper() + b" BROWN FOX\n"
+        # Rewritten whole, without the stage that just ran.
+        assert set(memo(project)["stages"]) == {"keep", "outedit"}
+
+
+def test_a_memo_entry_from_another_definition_is_not_used(make_project):
+    """The entry is keyed by the stage's definition: same name, other input, decides in full."""
+    project = make_project(pipeline(builtin_stage("s", "upper", ["input/keep.txt"], "out")), files=FILES)
+    project.ok("build")
+    let_files_age()
+    project.ok("build")
+    entry = memo(project)["stages"]["s"]
+    project.edit_pipefile(lambda spec: spec["stages"][0].update(inputs=["input/sneaky.txt"]))
+    project.ok("build", "--run-id", "other")
+    assert project.statuses("other") == {"s": "succeeded"}
+    assert project.read("out/sneaky.txt") == b"QUICK BROWN FOX\n"
+    assert "s" not in memo(project)["stages"]
+    let_files_age()
+    project.ok("build", "--run-id", "rearm")
+    assert project.statuses("rearm") == {"s": "skipped"}
+    assert memo(project)["stages"]["s"]["key"] != entry["key"]
