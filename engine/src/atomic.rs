@@ -76,6 +76,25 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Above this many folders, [`sync_dirs`] syncs their filesystem once instead.
+const SYNCFS_ABOVE: usize = 8;
+
+/// Makes renames and removals in all of `dirs` (on one filesystem) durable: a few with one fsync
+/// each; many with a single `syncfs`, the group commit that turns a fan-in publishing 10,000
+/// folders from 10,000 journal commits into one.
+pub fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
+    let dirs: Vec<&Path> = dirs.into_iter().collect();
+    if dirs.len() > SYNCFS_ABOVE {
+        return sync_filesystem(dirs[0]);
+    }
+    dirs.into_iter().try_for_each(sync_dir)
+}
+
+/// `syncfs` of the filesystem holding `path`: every dirty file, inode and folder entry on it.
+pub fn sync_filesystem(path: &Path) -> io::Result<()> {
+    rustix::fs::syncfs(File::open(path)?).map_err(io::Error::from)
+}
+
 /// Whether `name` is a temporary file of [`write`] (`.NAME.tmp-PID`).
 pub fn is_temporary(name: &str) -> bool {
     name.starts_with('.')

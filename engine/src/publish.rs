@@ -176,9 +176,7 @@ fn complete(target: &Target, journal: &Journal, cache: &mut StatCache) -> io::Re
             }
         }
     }
-    for dir in touched.iter().filter(|d| d.is_dir()) {
-        atomic::sync_dir(dir)?;
-    }
+    atomic::sync_dirs(touched.iter().filter(|d| d.is_dir()).map(PathBuf::as_path))?;
     failpoint::hit("publish.after-outputs-synced");
     match std::fs::remove_dir_all(&target.staging) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),

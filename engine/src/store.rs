@@ -102,7 +102,14 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
             return Err(err);
         }
-        atomic::sync_dir(dir)
+        Ok(())
+    }
+
+    /// Makes the objects stored so far durable (one `syncfs`, not a folder fsync per object):
+    /// call before [`Store::put_action`] names them. An object lost anyway is only a restore
+    /// that does not happen: entries whose objects are missing or wrong are never used.
+    pub fn sync_objects(&self) -> io::Result<()> {
+        atomic::sync_filesystem(&self.objects)
     }
 
     /// Materialises object `hash` at `dest` after checking its content.
@@ -128,6 +135,7 @@ impl Store {
 
     /// Records what `entry.fingerprint` produced.
     pub fn put_action(&self, entry: &ActionEntry) -> io::Result<()> {
+        self.sync_objects()?;
         atomic::write_json(&self.action_path(&entry.fingerprint), entry)
     }
 
