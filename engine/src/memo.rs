@@ -10,10 +10,14 @@
 //!
 //! What is watched: every input file and every folder the input listing walked (a file added to
 //! or removed from a folder changes the folder's mtime), each input's base path (also when absent:
-//! a glob over a missing folder), the processor's files, the marker, the output folder (a publish
-//! journal or staging folder appearing in it changes its mtime) and every output the marker lists.
-//! ctime cannot be set from user space and changes with every write, rename, link or chmod, so an
-//! edit that restores the old mtime still invalidates the verdict.
+//! a glob over a missing folder), the processor's files, the marker and every output the marker
+//! lists. ctime cannot be set from user space and changes with every write, rename, link or
+//! chmod, so an edit that restores the old mtime still invalidates the verdict.
+//!
+//! The output folder itself is not watched: what else appears in it does not change a verdict,
+//! except a publish journal, and a journal exists only if a build ran the stage (and so dropped
+//! its entry) or died while publishing it (then the next build completes the publish up front,
+//! which rewrites or removes the marker, before any verdict is looked at).
 //!
 //! Like the stat cache, a verdict is only remembered when everything it rests on is clearly older
 //! than the moment it was checked (git's "racy clean" problem: a write in the same timestamp tick
@@ -190,7 +194,6 @@ impl SkipMemo {
         }
         paths.push(ws.marker_file(&stage.output_dir, &stage.name));
         let out_dir = ws.output_dir(&stage.output_dir);
-        paths.push(out_dir.clone());
         paths.extend(marker.outputs.iter().map(|o| out_dir.join(&o.path)));
 
         let trusted_before = now_ns() - RACY_WINDOW_NS;
