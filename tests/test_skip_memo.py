@@ -124,6 +124,13 @@ def test_a_torn_or_foreign_memo_only_costs_a_full_decision(make_project):
         assert project.read("out_sneaky/sneaky.txt") == words[i + 1].upper() + b" BROWN FOX\n"
         # Rewritten whole, without the stage that just ran.
         assert set(memo(project)["stages"]) == {"keep", "outedit"}
+    # The rewritten memo (its path table compacted) still vouches for the other two: with the
+    # stage that ran gone from the Pipefile, a build hashes nothing and writes no stat cache.
+    project.edit_pipefile(lambda spec: spec["stages"].remove(project.stage_spec(spec, "sneaky")))
+    project.path("cache/stat-v1.json").unlink()
+    project.ok("build", "--run-id", "without-sneaky")
+    assert project.statuses("without-sneaky") == {"keep": "skipped", "outedit": "skipped"}
+    assert not project.exists("cache/stat-v1.json")
 
 
 def test_a_memo_entry_from_another_definition_is_not_used(make_project):

@@ -37,7 +37,7 @@ use crate::spec::{Processor, Spec, Stage};
 use crate::workspace::Workspace;
 
 /// Version of the memo format and of what it watches; bumping it discards every entry.
-const MEMO_VERSION: u32 = 1;
+const MEMO_VERSION: u32 = 2;
 
 /// One stage found unchanged.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,9 +48,9 @@ struct Entry {
     /// The marker's fingerprint and run id (recorded in the audit log when the stage is skipped).
     fingerprint: String,
     run_id: String,
-    /// Watched paths, root-relative when inside the root.
-    paths: Vec<String>,
-    /// [`digest`] of the paths' stats, in order.
+    /// Watched paths, as indices into [`Stored::paths`].
+    watch: Vec<u32>,
+    /// [`digest`] of the watched paths' stats, in order.
     stats: String,
     /// The key was found equal to the stage's current one by this build.
     #[serde(skip)]
@@ -62,6 +62,10 @@ struct Stored {
     version: u32,
     /// The engine version that wrote the memo: another version decides the full way once.
     engine: String,
+    /// Every watched path once (root-relative when inside the root): a fan-in watches what its
+    /// upstream stages watch, and a path id makes this build's stat of it shareable without
+    /// hashing strings.
+    paths: Vec<String>,
     stages: HashMap<String, Entry>,
 }
 
@@ -70,9 +74,12 @@ struct Stored {
 pub struct SkipMemo {
     stored: Stored,
     dirty: bool,
-    /// Stats taken by this build by stored (root-relative) path, shared between stages (a fan-in
-    /// watches what its upstream stages watched); forgotten whenever a stage publishes.
-    seen: HashMap<String, Option<StatKey>>,
+    /// Stats taken by this build, by path id, shared between stages; only those taken in the
+    /// current generation count (a stage that publishes starts a new one: O(1), not O(paths)).
+    seen: Vec<(u32, Option<StatKey>)>,
+    generation: u32,
+    /// Path → id, built when the first new entry is remembered.
+    ids: Option<HashMap<String, u32>>,
     /// The project folder, opened once: stats relative to it skip the walk over its ancestors.
     root: Option<Root>,
 }
@@ -84,16 +91,25 @@ impl SkipMemo {
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Stored>(&bytes).ok())
             .filter(|s| s.version == MEMO_VERSION && s.engine == env!("CARGO_PKG_VERSION"))
+            .filter(|s| {
+                let n = s.paths.len();
+                s.stages
+                    .values()
+                    .all(|e| e.watch.iter().all(|&id| (id as usize) < n))
+            })
             .unwrap_or_default();
         SkipMemo {
+            seen: vec![(0, None); stored.paths.len()],
+            generation: 1,
             stored,
             dirty: false,
-            seen: HashMap::new(),
+            ids: None,
             root: None,
         }
     }
 
-    /// Writes the memo (atomically, without fsync) if it changed, keeping only stages of `spec`.
+    /// Writes the memo (atomically, without fsync) if it changed, keeping only stages of `spec`
+    /// and the paths they watch.
     pub fn save(&mut self, path: &Path, spec: &Spec) -> io::Result<()> {
         let before = self.stored.stages.len();
         let names: std::collections::HashSet<&str> =
@@ -104,6 +120,23 @@ impl SkipMemo {
         if !self.dirty && self.stored.stages.len() == before {
             return Ok(());
         }
+        // Renumber the paths still watched, in first-use order.
+        let mut renumbered: Vec<Option<u32>> = vec![None; self.stored.paths.len()];
+        let mut paths = Vec::new();
+        let mut stages: Vec<(&String, &mut Entry)> = self.stored.stages.iter_mut().collect();
+        stages.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (_, entry) in stages {
+            for id in &mut entry.watch {
+                let new = *renumbered[*id as usize].get_or_insert_with(|| {
+                    paths.push(std::mem::take(&mut self.stored.paths[*id as usize]));
+                    (paths.len() - 1) as u32
+                });
+                *id = new;
+            }
+        }
+        self.stored.paths = paths;
+        self.seen = vec![(0, None); self.stored.paths.len()];
+        self.ids = None;
         self.stored.version = MEMO_VERSION;
         self.stored.engine = env!("CARGO_PKG_VERSION").to_string();
         let bytes = serde_json::to_vec(&self.stored).map_err(io::Error::other)?;
@@ -116,33 +149,34 @@ impl SkipMemo {
     }
 
     /// Stats, on all cores, every path watched by a remembered stage whose definition is
-    /// unchanged (a no-op build of 10,000 stages: ~50,000 `stat` calls, mostly path lookup).
+    /// unchanged (a no-op build of 10,000 stages: ~40,000 `stat` calls, mostly path lookup).
     pub fn prefetch(&mut self, spec: &Spec) {
+        let mut wanted = vec![false; self.stored.paths.len()];
         for stage in &spec.stages {
             if let Some(entry) = self.stored.stages.get_mut(&stage.name) {
                 entry.current = entry.key == definition_key(spec, stage);
+                if entry.current {
+                    for &id in &entry.watch {
+                        wanted[id as usize] = true;
+                    }
+                }
             }
         }
-        let mut paths: Vec<&str> = self
-            .stored
-            .stages
-            .values()
-            .filter(|e| e.current)
-            .flat_map(|e| e.paths.iter().map(String::as_str))
-            .collect();
-        paths.sort_unstable();
-        paths.dedup();
         use rayon::prelude::*;
         let root = Root::open(spec);
-        let stats: Vec<(String, Option<StatKey>)> = paths
-            .into_par_iter()
+        let paths = &self.stored.paths;
+        let generation = self.generation;
+        self.seen = wanted
+            .par_iter()
+            .enumerate()
             .with_min_len(1024)
-            .filter_map(|rel| {
-                let stat = root.stat(spec, rel).ok()?;
-                Some((rel.to_string(), stat))
-            })
+            .map(
+                |(id, &wanted)| match wanted.then(|| root.stat(spec, &paths[id])) {
+                    Some(Ok(stat)) => (generation, stat),
+                    _ => (0, None),
+                },
+            )
             .collect();
-        self.seen.extend(stats);
         self.root = Some(root);
     }
 
@@ -154,19 +188,35 @@ impl SkipMemo {
             return None;
         }
         let root = self.root.get_or_insert_with(|| Root::open(spec));
-        let mut stats = Vec::with_capacity(entry.paths.len());
-        for rel in &entry.paths {
-            let stat = match self.seen.get(rel.as_str()) {
-                Some(stat) => *stat,
-                None => {
-                    let stat = root.stat(spec, rel).ok()?;
-                    self.seen.insert(rel.clone(), stat);
-                    stat
-                }
-            };
-            stats.push(stat);
+        let mut stats = Vec::with_capacity(entry.watch.len());
+        for &id in &entry.watch {
+            let slot = &mut self.seen[id as usize];
+            if slot.0 != self.generation {
+                *slot = (
+                    self.generation,
+                    root.stat(spec, &self.stored.paths[id as usize]).ok()?,
+                );
+            }
+            stats.push(slot.1);
         }
         (digest(&stats) == entry.stats).then(|| (entry.fingerprint.clone(), entry.run_id.clone()))
+    }
+
+    /// The id of `path` (root-relative or absolute), added to the table if new.
+    fn id_of(&mut self, path: String) -> u32 {
+        let ids = self.ids.get_or_insert_with(|| {
+            self.stored
+                .paths
+                .iter()
+                .enumerate()
+                .map(|(id, p)| (p.clone(), id as u32))
+                .collect()
+        });
+        *ids.entry(path).or_insert_with_key(|path| {
+            self.stored.paths.push(path.clone());
+            self.seen.push((0, None));
+            (self.stored.paths.len() - 1) as u32
+        })
     }
 
     /// Remembers that `plan` (a full decision) found its stage unchanged, if everything the verdict
@@ -207,11 +257,15 @@ impl SkipMemo {
                 Err(_) => return self.forget(&stage.name),
             }
         }
+        let watch = paths
+            .iter()
+            .map(|p| self.id_of(relative(spec, p)))
+            .collect();
         let entry = Entry {
             key: definition_key(spec, stage),
             fingerprint: marker.fingerprint.clone(),
             run_id: marker.run_id.clone(),
-            paths: paths.iter().map(|p| relative(spec, p)).collect(),
+            watch,
             stats: digest(&stats),
             current: true,
         };
@@ -226,7 +280,7 @@ impl SkipMemo {
 
     /// Forgets the stats taken so far: a stage published, so they may be out of date.
     pub fn files_changed(&mut self) {
-        self.seen.clear();
+        self.generation += 1;
     }
 }
 
