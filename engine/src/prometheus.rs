@@ -107,15 +107,21 @@ pub fn render(metrics: &Metrics) -> String {
             count(metrics)
         );
     }
+    // Label sets built once per stage, not once per stage and metric (10,000 stages: 80,000).
+    let labels: Vec<String> = metrics
+        .stages
+        .keys()
+        .map(|stage| format!("{{run_id=\"{run}\",stage=\"{}\"}}", escape_label(stage)))
+        .collect();
+    out.reserve(STAGE_METRICS.len() * labels.iter().map(|l| l.len() + 40).sum::<usize>());
     for (name, help, value) in STAGE_METRICS {
         family(&mut out, name, help);
-        for (stage, m) in &metrics.stages {
-            let _ = writeln!(
-                out,
-                "{name}{{run_id=\"{run}\",stage=\"{}\"}} {}",
-                escape_label(stage),
-                number(value(m))
-            );
+        for (labels, m) in labels.iter().zip(metrics.stages.values()) {
+            out.push_str(name);
+            out.push_str(labels);
+            out.push(' ');
+            write_number(&mut out, value(m));
+            out.push('\n');
         }
     }
     out
@@ -129,11 +135,18 @@ fn family(out: &mut String, name: &str, help: &str) {
 
 /// A sample value: integers without a fraction, others as Rust prints them (never exponent form).
 fn number(value: f64) -> String {
-    if value.fract() == 0.0 && value.abs() < 1e15 {
-        format!("{}", value as i64)
+    let mut text = String::new();
+    write_number(&mut text, value);
+    text
+}
+
+/// [`number`], appended to `out`.
+fn write_number(out: &mut String, value: f64) {
+    let _ = if value.fract() == 0.0 && value.abs() < 1e15 {
+        write!(out, "{}", value as i64)
     } else {
-        format!("{value}")
-    }
+        write!(out, "{value}")
+    };
 }
 
 /// A label value: `\`, `"` and newline escaped, as the format requires.
