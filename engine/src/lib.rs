@@ -24,6 +24,7 @@ pub mod inputs;
 pub mod lock;
 pub mod marker;
 pub mod plan;
+pub mod processes;
 pub mod procfs;
 pub mod prometheus;
 pub mod publish;

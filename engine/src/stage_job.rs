@@ -59,8 +59,19 @@ pub enum JobMessage {
     Event(Event),
     /// The stage record changed: write it.
     Record(StageRecord),
-    /// A processor started (its pid is also its process group).
-    Spawned { stage: String, pid: u32 },
+    /// A processor started (its pid is also its process group; with its start time, from
+    /// `/proc`, it names the process across time).
+    Spawned {
+        stage: String,
+        pid: u32,
+        start_time: u64,
+    },
+    /// A processor [`JobMessage::Spawned`] announced ended, and its process group was stopped.
+    Exited {
+        stage: String,
+        pid: u32,
+        start_time: u64,
+    },
     /// The stage is done.
     Done(usize, Box<JobResult>),
 }
@@ -768,18 +779,30 @@ impl StageJob {
             };
             return cluster.run(work, &self.interrupt, on_checkpoint);
         }
-        executor::run(
+        let mut spawned = None;
+        let outcome = executor::run(
             inv,
             &self.interrupt,
             &mut |pid| {
+                // The child cannot have been reaped yet, so this pid is still its own.
+                let start_time = crate::procfs::stat(pid as i32).map_or(0, |s| s.start_time);
+                spawned = Some((pid, start_time));
                 let _ = tx.send(JobMessage::Spawned {
                     stage: stage.clone(),
                     pid,
+                    start_time,
                 });
             },
             on_checkpoint,
-        )
-        .unwrap_or_else(|err| Outcome {
+        );
+        if let Some((pid, start_time)) = spawned {
+            let _ = tx.send(JobMessage::Exited {
+                stage: stage.clone(),
+                pid,
+                start_time,
+            });
+        }
+        outcome.unwrap_or_else(|err| Outcome {
             protocol_error: Some(format!(
                 "cannot start the processor `{}`: {err}",
                 inv.argv[0].to_string_lossy()
