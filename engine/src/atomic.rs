@@ -14,7 +14,8 @@ use serde::Serialize;
 /// Replaces `path` with `bytes` atomically but without fsync: readers (including a later process
 /// after this one is killed) see the old or the new content, never a torn file; a power cut may
 /// lose the update. Only for files whose loss to a power cut costs nothing (the `running` stage
-/// record, which a durable record supersedes within the stage's run).
+/// record, which a durable record supersedes within the stage's run) or only a future shortcut
+/// (the output-cache entry of a published stage: the stage runs instead of being restored).
 pub fn replace_volatile(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let (_, tmp) = temporary_for(path)?;
     let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));

@@ -706,7 +706,8 @@ impl StageJob {
     }
 
     /// Stores the published outputs in the object store and records the action entry; a failure
-    /// only costs a future restore, so it is a warning.
+    /// only costs a future restore, so it is a warning, and so is a power cut losing them: they
+    /// are written without fsync (the marker, written durably before, is what counts).
     fn cache_outputs(
         &self,
         tx: &Sender<JobMessage>,
@@ -715,7 +716,7 @@ impl StageJob {
         hashes: &mut StatCache,
         record_action: bool,
     ) {
-        let store = Store::new(&self.ws.cache_dir());
+        let store = Store::new(&self.ws.cache_dir()).volatile();
         let result = (|| -> io::Result<()> {
             for output in &marker.outputs {
                 let path = target.output_dir.join(&output.path);
