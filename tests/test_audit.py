@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 
 import pytest
@@ -58,13 +59,35 @@ def rehash(recs: list[dict], key: bytes | None = None) -> list[dict]:
     return recs
 
 
+def head_copies(project) -> list[dict | None]:
+    """The two copies in state/audit.head (docs/audit.md): one line each, padded to 4096 bytes;
+    None for a copy whose `check` does not match."""
+    raw = project.read("state/audit.head")
+    assert len(raw) == 2 * 4096, len(raw)
+    copies = []
+    for line in raw.decode().splitlines():
+        assert len(line) == 4095
+        copy = json.loads(line)
+        check = copy.pop("check", None)
+        copies.append(copy if hashlib.sha256(line_of(copy).encode()).hexdigest() == check else None)
+    return copies
+
+
+def head_of(project) -> dict:
+    """The head: the newest intact copy (or the one object of the earlier form, as `forge` writes)."""
+    raw = project.read("state/audit.head")
+    if len(raw) != 2 * 4096:
+        return json.loads(raw)
+    return max((c for c in head_copies(project) if c), key=lambda c: c["generation"])
+
+
 def forge(project, recs: list[dict], key: bytes | None = None) -> None:
     """Replace the log with a re-hashed version of `recs` and point state/audit.head at its last
-    record, as a forger can (the head's HMAC, if any, is left as it was: no key to recompute it)."""
+    record, as a forger can (the head's HMAC, if any, is left as it was: no key to recompute it).
+    The forger writes the head in the one-object form of earlier versions, which pipe still reads."""
     write_records(project, rehash(recs, key))
-    head = project.json("state/audit.head")
-    head.update(seq=recs[-1]["seq"], hash=recs[-1]["hash"])
-    head.pop("pending", None)
+    head = {k: v for k, v in head_of(project).items() if k in ("seq", "hash", "hmac")}
+    head.update(version=1, seq=recs[-1]["seq"], hash=recs[-1]["hash"])
     project.write("state/audit.head", json.dumps(head))
 
 
@@ -125,7 +148,7 @@ def test_verify_passes_after_builds_cleans_and_failures_and_records_what_happene
     # the build printed its head; the head file and verify agree
     seq, digest = HEAD_LINE.search(first.stderr).groups()
     assert int(seq) == len(r1) and recs[int(seq) - 1]["hash"] == digest
-    head = project.json("state/audit.head")
+    head = head_of(project)
     assert (head["seq"], head["hash"]) == (len(recs), recs[-1]["hash"])
     ok = verify(project)
     assert ok.returncode == 0, str(ok)
@@ -246,7 +269,7 @@ def test_a_crash_between_append_and_head_update_is_not_tampering(make_project):
     project.ok("build", "--run-id", "r1")
     crashed = project.run("build", "--run-id", "r2", env={"PIPE_FAILPOINT": "audit.after-append:2"})
     assert crashed.returncode != 0
-    head = project.json("state/audit.head")
+    head = head_of(project)
     assert head["pending"]["seq"] == head["seq"] + 1 == len(records(project))
     ok = verify(project)
     assert ok.returncode == 0, str(ok)
@@ -254,6 +277,57 @@ def test_a_crash_between_append_and_head_update_is_not_tampering(make_project):
     project.ok("build", "--run-id", "r3")  # repairs the head under the lock
     ok = verify(project)
     assert ok.returncode == 0 and "died before" not in ok.stdout, str(ok)
+
+
+def test_the_head_is_two_copies_updated_in_place_and_one_damaged_copy_is_survived(make_project):
+    project = make_project(spec(), files=INPUTS)
+    project.ok("build", "--run-id", "r1")
+    first, second = head_copies(project)
+    assert first is not None and first == second, "at rest both copies hold the current head"
+    recs = records(project)
+    assert (first["version"], first["seq"], first["hash"]) == (2, len(recs), recs[-1]["hash"])
+    assert "pending" not in first
+    inode = os.stat(project.path("state/audit.head")).st_ino
+    project.ok("build", "--run-id", "r2")
+    assert os.stat(project.path("state/audit.head")).st_ino == inode, "rewritten in place, not replaced"
+    assert head_of(project)["seq"] == len(records(project))
+
+    # A copy torn by a power cut (its first sector garbage): the other one is the head.
+    raw = bytearray(project.read("state/audit.head"))
+    raw[4096:4096 + 512] = b"x" * 512
+    project.write("state/audit.head", bytes(raw))
+    ok = verify(project)
+    assert ok.returncode == 0, str(ok)
+    assert "one of the two copies in state/audit.head" in ok.stdout, str(ok)
+    project.ok("build", "--run-id", "r3")  # rewrites both copies
+    first, second = head_copies(project)
+    assert first is not None and first == second
+    assert "two copies" not in verify(project).stdout
+
+    # Both copies damaged: the log can no longer be vouched for, and nothing extends it.
+    raw = bytearray(project.read("state/audit.head"))
+    raw[100] ^= 1
+    raw[4096 + 100] ^= 1
+    project.write("state/audit.head", bytes(raw))
+    bad = verify(project)
+    assert bad.returncode == 1 and "neither copy is intact" in bad.stderr, str(bad)
+    refused = project.run("build", "--run-id", "r4")
+    assert refused.returncode == 1 and "audit log cannot be extended" in refused.stderr, str(refused)
+
+
+def test_a_kill_between_the_two_copies_of_a_head_update_is_survived(make_project):
+    project = make_project(spec(), files=INPUTS)
+    project.ok("build", "--run-id", "r1")
+    for k in (1, 2):  # the intent of an append, then its commit
+        crashed = project.run("build", "--run-id", f"k{k}", env={"PIPE_FAILPOINT": f"audit.after-first-head-copy:{k}"})
+        assert crashed.returncode == -9, str(crashed)
+        first, second = head_copies(project)
+        assert first is not None and second is not None and first["generation"] == second["generation"] + 1
+        ok = verify(project)
+        assert ok.returncode == 0 and "one of the two copies" in ok.stdout, str(ok)
+    project.ok("build", "--run-id", "after")
+    ok = verify(project)
+    assert ok.returncode == 0 and "copies" not in ok.stdout and "died before" not in ok.stdout, str(ok)
 
 
 def test_two_builds_cannot_interleave_audit_records(make_project):

@@ -34,6 +34,7 @@ ENGINE_POINTS = [
     "publish.after-staging-removed",
     "publish.after-marker",
     "audit.after-append",
+    "audit.after-first-head-copy",
 ]
 SDK_POINTS = [
     "sdk.after-output-write",

@@ -260,3 +260,73 @@ def test_a_retry_continues_from_the_last_checkpoint(make_project):
     assert (resume["inputIndex"], resume["lineOffset"]) == (1, 300), resume
     assert output_tree(project) == {rel.removeprefix("input/"): text.upper().encode() for rel, text in files.items()}
     assert not project.exists("state/progress_up.json")
+
+
+RAW_FLAKY = '''
+"""No SDK: attempt 1 writes the output of input 0, fsyncs it, reports the checkpoint at the end of
+input 0, leaves a partial output of input 1 (as a crash would) and exits 75 at once; attempt 2
+resumes from PIPELINE_RESUME."""
+import json, os, sys
+attempt = os.environ["PIPELINE_ATTEMPT"]
+resume = os.environ.get("PIPELINE_RESUME")
+with open(f"resume-{attempt}.json", "w") as f:
+    f.write(resume or "none")
+inputs = json.loads(os.environ["PIPELINE_INPUTS"])
+out_dir = os.environ["PIPELINE_OUTPUT_DIR"]
+
+def output(i):
+    return os.path.join(out_dir, os.path.basename(inputs[i]))
+
+def convert(i, start=0):
+    data = open(inputs[i], "rb").read()
+    with open(output(i), "r+b" if start else "wb") as f:
+        f.truncate(start)
+        f.seek(start)
+        f.write(data[start:].upper())
+        f.flush()
+        os.fsync(f.fileno())
+    d = os.open(out_dir, os.O_RDONLY)
+    os.fsync(d)
+    os.close(d)
+    return data
+
+if resume is None:
+    data = convert(0)
+    checkpoint = {"inputIndex": 0, "lineOffset": data.count(b"\\n"), "byteOffset": len(data), "outputBytes": len(data)}
+    os.write(int(os.environ["PIPELINE_PROGRESS_FD"]), json.dumps(checkpoint).encode() + b"\\n")
+    with open(output(1), "wb") as f:
+        f.write(b"PARTIAL, NOT COVERED BY A CHECKPOINT")
+    sys.exit(75)
+cp = json.loads(resume)
+convert(cp["inputIndex"], cp["outputBytes"])
+for i in range(cp["inputIndex"] + 1, len(inputs)):
+    convert(i)
+sys.exit(0)
+'''
+
+
+def test_a_checkpoint_held_at_the_end_of_an_input_is_where_a_failed_attempts_retry_resumes(make_project):
+    """The engine holds a checkpoint at the end of an input instead of persisting it at once (the
+    next one, or the attempt's success, usually makes it void); an attempt that fails right after
+    reporting one must still leave it for the retry."""
+    spec = pipeline(
+        {
+            "name": "up",
+            "processor": {"command": ["python3", "raw_flaky.py"], "version": "1"},
+            "inputs": ["input"],
+            "outputDir": "out",
+            "sandbox": {"writablePaths": ["."]},  # the resume-N.json records
+            "retry": {"maxAttempts": 2, "baseDelayMs": 1},
+        }
+    )
+    files = {"input/a.txt": "one\ntwo\n", "input/b.txt": "three\n", "raw_flaky.py": RAW_FLAKY}
+    project = make_project(spec, files=files, with_proc=False)
+    project.ok("build", "--run-id", "r")
+    record = project.stage_record("up")
+    assert [(a["exitCode"], a["classification"]) for a in record["attempts"]] == [(75, "retryable"), (0, "ok")]
+    assert project.read("resume-1.json") == b"none"
+    assert json.loads(project.read("resume-2.json")) == {"inputIndex": 0, "lineOffset": 2, "byteOffset": 8, "outputBytes": 8}
+    assert (project.read("out/a.txt"), project.read("out/b.txt")) == (b"ONE\nTWO\n", b"THREE\n")
+    assert not project.exists("state/progress_up.json")
+    events = [json.loads(line) for line in project.read("state/logs/run_r.jsonl").decode().splitlines()]
+    assert [(e["inputIndex"], e["lineOffset"]) for e in events if e["event"] == "checkpoint"] == [(0, 2)]

@@ -13,8 +13,9 @@ use serde::Serialize;
 
 /// Replaces `path` with `bytes` atomically but without fsync: readers (including a later process
 /// after this one is killed) see the old or the new content, never a torn file; a power cut may
-/// lose the update. Only for files whose content is void after a power cut anyway
-/// (`state/processes.json` lists processes, which a power cut ends).
+/// lose the update. Only for files whose loss to a power cut costs nothing (the `running` stage
+/// record, which a durable record supersedes within the stage's run) or only a future shortcut
+/// (the output-cache entry of a published stage: the stage runs instead of being restored).
 pub fn replace_volatile(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let (_, tmp) = temporary_for(path)?;
     let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
@@ -90,9 +91,20 @@ pub fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> io::Result<()>
     dirs.into_iter().try_for_each(sync_dir)
 }
 
-/// `syncfs` of the filesystem holding `path`: every dirty file, inode and folder entry on it.
+/// `syncfs` of the filesystem holding `path` (or its nearest existing ancestor): every dirty
+/// file, inode and folder entry on it.
 pub fn sync_filesystem(path: &Path) -> io::Result<()> {
-    rustix::fs::syncfs(File::open(path)?).map_err(io::Error::from)
+    let mut at = path;
+    let file = loop {
+        match File::open(at) {
+            Ok(file) => break file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                at = at.parent().filter(|p| !p.as_os_str().is_empty()).ok_or(err)?;
+            }
+            Err(err) => return Err(err),
+        }
+    };
+    rustix::fs::syncfs(file).map_err(io::Error::from)
 }
 
 /// Whether `name` is a temporary file of [`write`] (`.NAME.tmp-PID`).

@@ -18,6 +18,10 @@
 //! 2. append the line and fsync the log (failpoint `audit.after-append` fires here),
 //! 3. write the head naming the new record (no intent).
 //!
+//! The head file holds two checksummed copies of the head, written in place one after the other
+//! (each fdatasynced), so a head write costs no new inode and a torn one never loses the head
+//! ([`read_head`]).
+//!
 //! **Crash rule:** a crash between 1 and 3 leaves the log either unchanged, with a torn final line,
 //! or one complete record ahead of the head. Both are legitimate only when the head's intent names
 //! exactly that record (seq and hash): `verify` then accepts them (and says so), and the next
@@ -46,8 +50,13 @@ use crate::workspace::Workspace;
 
 /// Version of the record format (`v` in every record).
 pub const RECORD_VERSION: u64 = 1;
-/// Version of the head file format.
+/// Version of the head (the logical content of `state/audit.head`).
 pub const HEAD_VERSION: u32 = 1;
+/// Version of a copy of the head in the two-copy file (see [`read_head`]).
+pub const HEAD_COPY_VERSION: u32 = 2;
+/// Size of each of the two copies of the head in `state/audit.head`: one filesystem block each,
+/// so that writing one never touches the other's block.
+pub const HEAD_COPY_SIZE: usize = 4096;
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Shortest key accepted, in bytes.
@@ -255,18 +264,133 @@ pub struct HeadFile {
     pub pending: Option<Head>,
 }
 
-fn read_head(path: &Path) -> Result<Option<HeadFile>, String> {
+/// How `state/audit.head` is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadLayout {
+    /// One JSON object, replaced atomically (temporary file and rename): what versions before
+    /// the two-copy file wrote. Still read; the next append converts it.
+    Whole,
+    /// Two copies, each a line of [`HEAD_COPY_SIZE`] bytes updated in place; `generation` of the
+    /// newest intact copy, `damaged` when the other copy is not intact or older (a crash or power
+    /// cut between or during the writes of one update).
+    Copies { generation: u64, damaged: bool },
+}
+
+/// Reads `state/audit.head`: the head and how it is stored.
+///
+/// The file holds two copies of the head, at offsets 0 and [`HEAD_COPY_SIZE`]. Each is one line:
+/// the canonical JSON of `{"version": 2, "generation": G, "seq", "hash", "hmac"?, "pending"?,
+/// "check"}` padded with spaces to the copy size, `check` being the SHA-256 of the canonical
+/// serialisation of the object without `check`. An update writes the first copy and fdatasyncs,
+/// then the second and fdatasyncs, both in place (no new inode, no rename): at any instant at
+/// least one copy is intact and holds the head before or after the update, so a torn write never
+/// leaves the log without a valid head; the newest intact copy is the head. Once an update is
+/// done both copies are the same, so the file never keeps a head older than the current one
+/// (which would let whoever can write `state/` roll the log back by damaging the newer copy).
+pub fn read_head(path: &Path) -> Result<Option<(HeadFile, HeadLayout)>, String> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(format!("cannot read state/audit.head: {err}")),
     };
+    if bytes.len() == 2 * HEAD_COPY_SIZE {
+        let copies: Vec<Option<(HeadFile, u64)>> =
+            bytes.chunks(HEAD_COPY_SIZE).map(parse_head_copy).collect();
+        let newest = copies
+            .iter()
+            .flatten()
+            .max_by_key(|(_, generation)| *generation);
+        return match newest {
+            Some((head, generation)) => {
+                let damaged = copies
+                    .iter()
+                    .any(|c| c.as_ref().map(|(_, g)| g) != Some(generation));
+                let layout = HeadLayout::Copies {
+                    generation: *generation,
+                    damaged,
+                };
+                Ok(Some((head.clone(), layout)))
+            }
+            None => Err("state/audit.head is not a valid head: neither copy is intact".into()),
+        };
+    }
     let head: HeadFile = serde_json::from_slice(&bytes)
         .map_err(|err| format!("state/audit.head is not a valid head: {err}"))?;
     if head.version != HEAD_VERSION || !is_hash(&head.hash) {
         return Err("state/audit.head is not a valid head".into());
     }
-    Ok(Some(head))
+    Ok(Some((head, HeadLayout::Whole)))
+}
+
+/// One copy of the head as stored in the two-copy file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HeadCopy {
+    version: u32,
+    generation: u64,
+    seq: u64,
+    hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hmac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending: Option<Head>,
+    check: String,
+}
+
+/// The head in one copy's bytes and its generation, if the copy is intact.
+fn parse_head_copy(bytes: &[u8]) -> Option<(HeadFile, u64)> {
+    let end = bytes.iter().rposition(|b| !b" \n".contains(b))? + 1;
+    let mut value: Value = serde_json::from_slice(&bytes[..end]).ok()?;
+    let check = value.as_object_mut()?.remove("check")?;
+    if check.as_str()? != head_copy_check(&value) {
+        return None;
+    }
+    value["check"] = check;
+    let copy: HeadCopy = serde_json::from_value(value).ok()?;
+    if copy.version != HEAD_COPY_VERSION || !is_hash(&copy.hash) {
+        return None;
+    }
+    let head = HeadFile {
+        version: HEAD_VERSION,
+        seq: copy.seq,
+        hash: copy.hash,
+        hmac: copy.hmac,
+        pending: copy.pending,
+    };
+    Some((head, copy.generation))
+}
+
+/// The `check` of a head copy: the SHA-256 of the canonical bytes of all its other members
+/// (unlike a record's hash, `hash` and `hmac` included).
+fn head_copy_check(copy: &Value) -> String {
+    let mut bytes = Vec::new();
+    write_canonical(copy, &mut bytes);
+    sha256_hex(&bytes)
+}
+
+/// The bytes of one copy of `head` at `generation` (see [`read_head`]).
+fn head_copy_bytes(head: &HeadFile, generation: u64) -> io::Result<Vec<u8>> {
+    let mut value = serde_json::to_value(HeadCopy {
+        version: HEAD_COPY_VERSION,
+        generation,
+        seq: head.seq,
+        hash: head.hash.clone(),
+        hmac: head.hmac.clone(),
+        pending: head.pending.clone(),
+        check: String::new(),
+    })
+    .map_err(io::Error::other)?;
+    value.as_object_mut().expect("an object").remove("check");
+    let check = head_copy_check(&value);
+    value["check"] = check.into();
+    let mut bytes = Vec::with_capacity(HEAD_COPY_SIZE);
+    write_canonical(&value, &mut bytes);
+    if bytes.len() >= HEAD_COPY_SIZE {
+        return Err(io::Error::other("the audit head does not fit its copy"));
+    }
+    bytes.resize(HEAD_COPY_SIZE - 1, b' ');
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 /// A head the user kept elsewhere: `SEQ:HASH` or `HASH`.
@@ -442,6 +566,10 @@ pub struct Log {
     state_dir: PathBuf,
     key: Option<Key>,
     head: Head,
+    /// Generation of the head file's copies (0: the file is not in two-copy form yet).
+    generation: u64,
+    /// The two-copy head file, open for updates in place.
+    head_writer: Option<File>,
     run: Option<String>,
     actor: Actor,
     /// Skipped stages not yet recorded: they go into one `stages.skip` record, appended before
@@ -471,11 +599,20 @@ impl Log {
                 seq: 0,
                 hash: GENESIS.into(),
             },
+            generation: 0,
+            head_writer: None,
             run: run.map(str::to_string),
             actor: Actor::current(),
         };
         let tail = read_tail(&this.log)?;
-        let head = read_head(&this.head_file).map_err(AuditError::Mismatch)?;
+        let head = match read_head(&this.head_file).map_err(AuditError::Mismatch)? {
+            Some((head, HeadLayout::Copies { generation, .. })) => {
+                this.generation = generation;
+                Some(head)
+            }
+            Some((head, HeadLayout::Whole)) => Some(head),
+            None => None,
+        };
         let last = match tail.last {
             None => None,
             Some(Ok(last)) => Some(last),
@@ -572,7 +709,11 @@ impl Log {
         &self.head
     }
 
-    fn write_head(&self, head: &Head, pending: Option<&Head>) -> io::Result<()> {
+    /// Writes the head (see [`read_head`]): both copies in place, each fdatasynced before the
+    /// other is touched. A file not yet in two-copy form (missing, or written by an earlier
+    /// version) is first replaced atomically by one holding the new head twice.
+    fn write_head(&mut self, head: &Head, pending: Option<&Head>) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let file = HeadFile {
             version: HEAD_VERSION,
             seq: head.seq,
@@ -580,7 +721,29 @@ impl Log {
             hmac: self.key.as_ref().map(|k| k.sign_head(head.seq, &head.hash)),
             pending: pending.cloned(),
         };
-        atomic::write_json(&self.head_file, &file)
+        let copy = head_copy_bytes(&file, self.generation + 1)?;
+        if self.generation == 0 {
+            // Missing, or in the form of an earlier version: replaced atomically, once.
+            atomic::write(
+                &self.head_file,
+                &[copy.as_slice(), copy.as_slice()].concat(),
+            )?;
+            self.generation = 1;
+            return Ok(());
+        }
+        let writer = match &self.head_writer {
+            Some(writer) => writer,
+            None => self
+                .head_writer
+                .insert(OpenOptions::new().write(true).open(&self.head_file)?),
+        };
+        writer.write_all_at(&copy, 0)?;
+        writer.sync_data()?;
+        failpoint::hit("audit.after-first-head-copy");
+        writer.write_all_at(&copy, HEAD_COPY_SIZE as u64)?;
+        writer.sync_data()?;
+        self.generation += 1;
+        Ok(())
     }
 
     /// The record that would be appended next, with its `hash` (and `hmac`).
@@ -630,7 +793,8 @@ impl Log {
             seq: self.head.seq + 1,
             hash: record["hash"].as_str().expect("just set").to_string(),
         };
-        self.write_head(&self.head, Some(&next))?;
+        let committed = self.head.clone();
+        self.write_head(&committed, Some(&next))?;
         self.write_line(&record)?;
         failpoint::hit("audit.after-append");
         self.write_head(&next, None)?;
@@ -866,8 +1030,10 @@ pub fn verify(
     kept: Option<&KeptHead>,
 ) -> io::Result<Result<Verified, Broken>> {
     let path = log_path(state_dir);
-    let head_file = match read_head(&head_path(state_dir)) {
-        Ok(head) => head,
+    let (head_file, head_damaged) = match read_head(&head_path(state_dir)) {
+        Ok(Some((head, HeadLayout::Copies { damaged, .. }))) => (Some(head), damaged),
+        Ok(Some((head, HeadLayout::Whole))) => (Some(head), false),
+        Ok(None) => (None, false),
         Err(why) => return Ok(Err(broken(None, None, why))),
     };
     let file = match File::open(&path) {
@@ -1035,6 +1201,14 @@ pub fn verify(
         }
     }
     let mut notes = Vec::new();
+    if head_damaged {
+        notes.push(
+            "one of the two copies in state/audit.head is not intact or older than the other (a \
+             crash or power cut while the head was updated); the newest intact copy is the head, \
+             and the next build or clean rewrites both"
+                .to_string(),
+        );
+    }
     let Some(head_file) = head_file else {
         if records == 0 && torn_line.is_none() {
             return Ok(Ok(Verified {

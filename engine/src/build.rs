@@ -16,14 +16,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
 use crate::event::Event;
 use crate::graph::Graph;
 use crate::hashing::StatCache;
 use crate::lock::{self, Holder, LockError, Wait};
 use crate::memo::SkipMemo;
 use crate::plan::{self, Decision};
+use crate::processes::{self, ProcessLog, RunningProcess};
 use crate::procfs;
 use crate::publish::{self, Recovery};
 use crate::runlog::RunLog;
@@ -177,7 +176,7 @@ pub fn build(
         metrics: BTreeMap::new(),
         totals: Totals::default(),
         statuses: BTreeMap::new(),
-        processes: BTreeMap::new(),
+        processes: ProcessLog::new(ws.processes_log_file()),
         audit,
         run_saved: Instant::now(),
         memo: SkipMemo::load(&ws.skip_memo_file()),
@@ -217,9 +216,9 @@ struct Coordinator<'a> {
     metrics: BTreeMap<String, StageMetrics>,
     totals: Totals,
     statuses: BTreeMap<usize, StageStatus>,
-    /// Processors running now, by stage (`state/processes.json`), so that a later build can stop
-    /// what a killed one left behind.
-    processes: BTreeMap<String, RunningProcess>,
+    /// The processors this build started and saw ending (`state/processes.jsonl`), so that a
+    /// later build can stop what a killed one left behind.
+    processes: ProcessLog,
     /// The audit log, appended to by this thread only, under the workspace lock.
     audit: audit::Log,
     /// When the run record was last written (it is rewritten at most every [`RUN_SAVE_EVERY`]
@@ -234,32 +233,18 @@ struct Coordinator<'a> {
 /// How often the run record is rewritten while stages finish.
 const RUN_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A processor started by a build, as recorded in `state/processes.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RunningProcess {
-    pub pid: u32,
-    /// From `/proc/<pid>/stat`: with the pid, identifies the process across time.
-    pub start_time: u64,
-    pub run_id: String,
-}
-
-/// Stops the processors a previous build recorded as running and that are still alive: that build
-/// died (it held the lock we now hold). A pid whose start time differs belongs to an unrelated
-/// process and is left alone; a vanished group leader's group is signalled anyway, since its
-/// group id cannot be reused while members remain.
+/// Stops the processors a previous build recorded as started and not as ended
+/// (`state/processes.jsonl`, or the `state/processes.json` of an earlier version) and that are
+/// still alive: that build died (it held the lock we now hold). A pid whose start time differs
+/// belongs to an unrelated process and is left alone; a vanished group leader's group is signalled
+/// anyway, since its group id cannot be reused while members remain.
 fn stop_orphans(
     ws: &Workspace,
     audit: &mut audit::Log,
     report: &mut dyn FnMut(&Event),
 ) -> io::Result<()> {
-    let path = ws.processes_file();
-    let Ok(bytes) = std::fs::read(&path) else {
-        return Ok(());
-    };
-    let recorded: BTreeMap<String, RunningProcess> =
-        serde_json::from_slice(&bytes).unwrap_or_default();
-    for (stage, p) in recorded {
+    let (log, legacy) = (ws.processes_log_file(), ws.processes_file());
+    for (stage, p) in processes::orphans(&log, &legacy).into_values() {
         let same_process = match procfs::stat(p.pid as i32) {
             Some(now) => now.start_time == p.start_time,
             None => true,
@@ -278,7 +263,8 @@ fn stop_orphans(
             });
         }
     }
-    atomic::remove_if_exists(&path)?;
+    atomic::remove_if_exists(&legacy)?;
+    atomic::remove_if_exists(&log)?;
     Ok(())
 }
 
@@ -315,15 +301,6 @@ impl Coordinator<'_> {
     fn save_run(&mut self) -> io::Result<()> {
         self.run_saved = Instant::now();
         atomic::write_json(&self.ws.run_file(&self.run.run_id), &self.run)
-    }
-
-    /// Writes `state/processes.json` without fsync: it only matters to a build that starts after
-    /// this one was killed, and a kill (unlike a power cut, which ends the processes too) keeps
-    /// what was written.
-    fn save_processes(&self) -> io::Result<()> {
-        let mut bytes = serde_json::to_vec_pretty(&self.processes).map_err(io::Error::other)?;
-        bytes.push(b'\n');
-        atomic::replace_volatile(&self.ws.processes_file(), &bytes)
     }
 
     /// Saves the run record if the last save is older than [`RUN_SAVE_EVERY`].
@@ -480,18 +457,21 @@ impl Coordinator<'_> {
             }
             match rx.recv().expect("a running stage holds a sender") {
                 JobMessage::Event(event) => report(&event),
-                JobMessage::Spawned { stage, pid } => {
-                    let start_time = procfs::stat(pid as i32).map_or(0, |s| s.start_time);
-                    self.processes.insert(
-                        stage,
-                        RunningProcess {
-                            pid,
-                            start_time,
-                            run_id: self.run.run_id.clone(),
-                        },
-                    );
-                    self.save_processes()?;
+                JobMessage::Spawned {
+                    stage,
+                    pid,
+                    start_time,
+                } => {
+                    let p = RunningProcess {
+                        pid,
+                        start_time,
+                        run_id: self.run.run_id.clone(),
+                    };
+                    self.processes.spawned(&stage, &p)?;
                 }
+                JobMessage::Exited {
+                    pid, start_time, ..
+                } => self.processes.exited(pid, start_time)?,
                 JobMessage::Record(record) => {
                     atomic::write_json(&self.ws.stage_file(&record.name), &record)?
                 }
@@ -507,9 +487,6 @@ impl Coordinator<'_> {
                     } = *result;
                     self.stat_cache().absorb(hashes);
                     self.memo.files_changed();
-                    if self.processes.remove(&spec.stages[i].name).is_some() {
-                        self.save_processes()?;
-                    }
                     self.totals.retries += retries;
                     self.metrics.insert(spec.stages[i].name.clone(), metrics);
                     let ok = matches!(

@@ -9,12 +9,13 @@
 //! and the report channel of the helper as fd 4 (close-on-exec in the helper, so the processor
 //! never sees it).
 //!
-//! Four threads: a reader turns checkpoint lines into calls of `on_checkpoint`; a waiter reaps
-//! the child with `wait4` to get its resource usage; a supervisor reads the helper's report (which
-//! layers it applied) and answers the seccomp notifications of network attempts (the offender is
-//! killed, the attempt recorded as a violation); the calling thread enforces the timeout and the
-//! memory cap and reacts to interruption: SIGTERM to the group, a grace period, then SIGKILL. When
-//! the processor exits, whatever it left in its group is killed.
+//! Four threads: a reader turns checkpoint lines into messages; a waiter reaps the child with
+//! `wait4` to get its resource usage; a supervisor reads the helper's report (which layers it
+//! applied) and answers the seccomp notifications of network attempts (the offender is killed, the
+//! attempt recorded as a violation); the calling thread hands checkpoints to [`Checkpoints`]
+//! (persisted at once, or held for a grace period), enforces the timeout and the memory cap and
+//! reacts to interruption: SIGTERM to the group, a grace period, then SIGKILL. When the processor
+//! exits, whatever it left in its group is killed.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
@@ -68,6 +69,57 @@ pub struct Invocation {
 
 /// How often the memory watchdog samples the process group.
 const MEMORY_SAMPLE: Duration = Duration::from_millis(100);
+/// Longest wait for a message before the attempt's clocks (timeout, interrupt, memory sample,
+/// checkpoint grace) are looked at again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// How long a checkpoint at the end of an input may be held instead of persisted at once (see
+/// [`Checkpoints`]), counted from the attempt's start or its last persisted checkpoint.
+///
+/// The SDKs send a checkpoint at the end of every input, whatever cadence the stage asked for: a
+/// stage of one small input sends one just before it exits, a stage of many small inputs one per
+/// input. Persisted at once, each is a `state/progress_<stage>.json` (a new inode, two fsyncs);
+/// for a small stage a publish removes it a moment later. Held, the ones that come within this
+/// period of each other are coalesced, and the last is dropped when the attempt succeeds. Half a
+/// second bounds the work a `kill -9` of `pipe` can cost (inputs completed since the last
+/// persisted checkpoint, at most this long ago) while covering the run time of a small
+/// processor, start-up included.
+pub const PERSIST_GRACE: Duration = Duration::from_millis(500);
+
+/// What an attempt does with the checkpoints its processor reports.
+///
+/// Each checkpoint read from the progress pipe (the newest of those waiting: they are cumulative)
+/// is [`reported`](Checkpoints::reported) at once, and [`persist`](Checkpoints::persist)ed — made
+/// the resume point of the next attempt or build — at once, unless the sink gives it a
+/// [`grace`](Checkpoints::grace) period. Then it is held (a newer checkpoint replaces it) and
+/// persisted when the period ends while the processor still runs, or when the attempt ends in
+/// failure (so a retry resumes from it); it is dropped when the attempt succeeds (its stage
+/// publishes, which voids any progress). A checkpoint with a grace period that comes after the
+/// processor exited is held until the attempt's outcome is known.
+///
+/// Holding never weakens exactly-once resume: the processor's output up to a checkpoint is
+/// durable before the checkpoint is sent, and whatever was persisted before stays valid, so a
+/// `kill -9` of `pipe` while a checkpoint is held resumes from the previous persisted one (or from
+/// zero) with the output truncated to it — as when it dies while waiting checkpoints are
+/// coalesced.
+pub trait Checkpoints {
+    /// How long `cp` may be held, counted from the attempt's start or its last persisted
+    /// checkpoint; zero: persist it at once.
+    fn grace(&self, _cp: &Checkpoint) -> Duration {
+        Duration::ZERO
+    }
+    /// The processor reported `cp` (count it, show it).
+    fn reported(&mut self, _cp: Checkpoint) {}
+    /// Makes `cp` the durable resume point; an error fails the attempt.
+    fn persist(&mut self, cp: Checkpoint) -> io::Result<()>;
+}
+
+/// A function persisting each checkpoint at once.
+impl<F: FnMut(Checkpoint) -> io::Result<()>> Checkpoints for F {
+    fn persist(&mut self, cp: Checkpoint) -> io::Result<()> {
+        self(cp)
+    }
+}
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -82,6 +134,7 @@ pub struct Outcome {
     pub interrupted: bool,
     /// A malformed checkpoint line or a failure to persist one: the attempt failed.
     pub protocol_error: Option<String>,
+    /// The last checkpoint persisted.
     pub last_checkpoint: Option<Checkpoint>,
     /// Highest resident memory of the process group the watchdog saw, in KiB.
     pub peak_group_rss_kb: u64,
@@ -231,13 +284,13 @@ fn quote(word: &OsStr) -> String {
 }
 
 /// Runs `inv` to completion. `interrupt` is polled; `on_spawn` learns the processor's pid (which
-/// is also its process group); `on_checkpoint` persists each checkpoint and its error fails the
-/// attempt.
+/// is also its process group); `checkpoints` takes the processor's checkpoints (an error
+/// persisting one fails the attempt).
 pub fn run(
     inv: &Invocation,
     interrupt: &AtomicBool,
     on_spawn: &mut dyn FnMut(u32),
-    on_checkpoint: &mut dyn FnMut(Checkpoint) -> io::Result<()>,
+    checkpoints: &mut dyn Checkpoints,
 ) -> io::Result<Outcome> {
     let prepared = prepare(inv)?;
     if let Some(dir) = inv.log.parent() {
@@ -341,10 +394,12 @@ pub fn run(
     let mut exit_seen_at: Option<Instant> = None;
     // A message taken from the channel while skipping past superseded checkpoints.
     let mut held: Option<Message> = None;
+    let mut grace = Grace::new(started);
     loop {
+        let wait = grace.wait(Instant::now(), exited.is_some());
         let received = match held.take() {
             Some(message) => Ok(message),
-            None => rx.recv_timeout(Duration::from_millis(20)),
+            None => rx.recv_timeout(wait),
         };
         match received {
             Ok(Message::Line(Ok(mut cp))) => {
@@ -370,13 +425,10 @@ pub fn run(
                     }
                 }
                 if outcome.protocol_error.is_none() {
-                    match on_checkpoint(cp) {
-                        Ok(()) => outcome.last_checkpoint = Some(cp),
-                        Err(err) => {
-                            outcome.protocol_error =
-                                Some(format!("could not persist a checkpoint: {err}"));
-                            let _ = rustix::process::kill_process_group(group, Signal::KILL);
-                        }
+                    checkpoints.reported(cp);
+                    let period = checkpoints.grace(&cp);
+                    if let Some(cp) = grace.arrived(cp, period, Instant::now(), exited.is_some()) {
+                        persist(checkpoints, cp, &mut outcome, group);
                     }
                 }
             }
@@ -429,6 +481,9 @@ pub fn run(
             break;
         }
         if exited.is_none() {
+            if let Some(cp) = grace.tick(Instant::now()) {
+                persist(checkpoints, cp, &mut outcome, group);
+            }
             if inv.timeout.is_some_and(|t| started.elapsed() >= t) && !outcome.timed_out {
                 outcome.timed_out = true;
                 let _ = rustix::process::kill_process_group(group, Signal::KILL);
@@ -462,11 +517,90 @@ pub fn run(
     outcome.user_ms = timeval_ms(usage.ru_utime);
     outcome.sys_ms = timeval_ms(usage.ru_stime);
     outcome.max_rss_kb = usage.ru_maxrss.max(0) as u64;
+    if let Some(cp) = grace.end(outcome.succeeded()) {
+        persist(checkpoints, cp, &mut outcome, group);
+    }
     if let Some(tmp) = &inv.sandbox.tmpdir {
         let _ = std::fs::remove_dir_all(tmp);
     }
     explain(inv, &mut outcome);
     Ok(outcome)
+}
+
+/// The holding of checkpoints (see [`Checkpoints`]), apart from the clock and the pipe. Each
+/// method returns the checkpoint to persist now, if any.
+#[derive(Debug)]
+struct Grace {
+    /// The attempt's start, or when the last checkpoint was persisted.
+    since: Instant,
+    /// The newest checkpoint reported and not persisted, and when its grace period ends.
+    pending: Option<(Checkpoint, Instant)>,
+}
+
+impl Grace {
+    fn new(started: Instant) -> Grace {
+        Grace {
+            since: started,
+            pending: None,
+        }
+    }
+
+    /// `cp`, which may be held for `period`, was reported at `now` (after the processor
+    /// `exited`, or while it runs).
+    fn arrived(
+        &mut self,
+        cp: Checkpoint,
+        period: Duration,
+        now: Instant,
+        exited: bool,
+    ) -> Option<Checkpoint> {
+        let ends = self.since + period;
+        if !period.is_zero() && (exited || now < ends) {
+            self.pending = Some((cp, ends));
+            return None;
+        }
+        // It supersedes whatever was held.
+        self.pending = None;
+        self.since = now;
+        Some(cp)
+    }
+
+    /// The clock says `now` while the processor runs: a grace period may have ended.
+    fn tick(&mut self, now: Instant) -> Option<Checkpoint> {
+        match self.pending {
+            Some((cp, ends)) if now >= ends => {
+                self.pending = None;
+                self.since = now;
+                Some(cp)
+            }
+            _ => None,
+        }
+    }
+
+    /// The attempt ended: what it held is kept if it failed, dropped if it succeeded.
+    fn end(&mut self, succeeded: bool) -> Option<Checkpoint> {
+        self.pending.take().map(|(cp, _)| cp).filter(|_| !succeeded)
+    }
+
+    /// How long to wait for the next message at `now`: until a held checkpoint's grace period
+    /// ends while the processor runs, and never longer than [`POLL`].
+    fn wait(&self, now: Instant, exited: bool) -> Duration {
+        match self.pending {
+            Some((_, ends)) if !exited => ends.saturating_duration_since(now).min(POLL),
+            _ => POLL,
+        }
+    }
+}
+
+/// Persists `cp`; a failure fails the attempt (a protocol error) and kills the processor's group.
+fn persist(checkpoints: &mut dyn Checkpoints, cp: Checkpoint, outcome: &mut Outcome, group: Pid) {
+    match checkpoints.persist(cp) {
+        Ok(()) => outcome.last_checkpoint = Some(cp),
+        Err(err) => {
+            outcome.protocol_error = Some(format!("could not persist a checkpoint: {err}"));
+            let _ = rustix::process::kill_process_group(group, Signal::KILL);
+        }
+    }
 }
 
 /// Completes the outcome from what the sandbox saw and says it in the attempt's log: a SIGSYS
@@ -741,4 +875,98 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cp(input_index: u64, line_offset: u64) -> Checkpoint {
+        Checkpoint {
+            input_index,
+            line_offset,
+            byte_offset: line_offset * 10,
+            output_bytes: line_offset * 10,
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+    const HOLD: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn a_checkpoint_without_grace_is_persisted_at_once() {
+        let t0 = Instant::now();
+        let mut g = Grace::new(t0);
+        assert_eq!(
+            g.arrived(cp(0, 1), Duration::ZERO, t0, false),
+            Some(cp(0, 1))
+        );
+        assert_eq!(
+            g.arrived(cp(0, 2), Duration::ZERO, t0 + MS, true),
+            Some(cp(0, 2))
+        );
+        assert_eq!(g.tick(t0 + 1000 * MS), None);
+        assert_eq!(g.end(false), None);
+        assert_eq!(g.wait(t0, false), POLL);
+    }
+
+    #[test]
+    fn a_held_checkpoint_is_persisted_when_its_grace_ends_while_the_processor_runs() {
+        let t0 = Instant::now();
+        let mut g = Grace::new(t0);
+        assert_eq!(g.wait(t0, false), POLL, "nothing held: the usual poll");
+        assert_eq!(g.arrived(cp(0, 1), HOLD, t0 + 10 * MS, false), None);
+        assert_eq!(g.arrived(cp(1, 2), HOLD, t0 + 20 * MS, false), None);
+        assert_eq!(
+            g.wait(t0 + 495 * MS, false),
+            5 * MS,
+            "woken when the grace ends"
+        );
+        assert_eq!(g.tick(t0 + 499 * MS), None);
+        assert_eq!(g.tick(t0 + 500 * MS), Some(cp(1, 2)), "the newest");
+        assert_eq!(g.tick(t0 + 600 * MS), None, "persisted once");
+        // The next period counts from that persist.
+        assert_eq!(g.arrived(cp(2, 3), HOLD, t0 + 700 * MS, false), None);
+        assert_eq!(g.tick(t0 + 999 * MS), None);
+        assert_eq!(g.tick(t0 + 1000 * MS), Some(cp(2, 3)));
+        // Once a period has passed since the last persist, at once.
+        assert_eq!(
+            g.arrived(cp(3, 4), HOLD, t0 + 1600 * MS, false),
+            Some(cp(3, 4))
+        );
+        assert_eq!(g.end(true), None);
+    }
+
+    #[test]
+    fn a_checkpoint_without_grace_supersedes_a_held_one() {
+        let t0 = Instant::now();
+        let mut g = Grace::new(t0);
+        assert_eq!(g.arrived(cp(0, 9), HOLD, t0 + MS, false), None);
+        assert_eq!(
+            g.arrived(cp(1, 5), Duration::ZERO, t0 + 2 * MS, false),
+            Some(cp(1, 5))
+        );
+        assert_eq!(g.tick(t0 + 1000 * MS), None);
+        assert_eq!(g.end(false), None);
+    }
+
+    #[test]
+    fn a_checkpoint_held_to_the_end_is_kept_by_a_failure_and_dropped_by_a_success() {
+        let t0 = Instant::now();
+        let mut failed = Grace::new(t0);
+        assert_eq!(failed.arrived(cp(2, 7), HOLD, t0 + MS, false), None);
+        assert_eq!(failed.end(false), Some(cp(2, 7)), "a retry resumes from it");
+        let mut succeeded = Grace::new(t0);
+        assert_eq!(succeeded.arrived(cp(2, 7), HOLD, t0 + MS, false), None);
+        assert_eq!(succeeded.end(true), None, "the stage publishes");
+    }
+
+    #[test]
+    fn after_the_processor_exited_held_checkpoints_wait_for_the_outcome() {
+        let t0 = Instant::now();
+        let mut g = Grace::new(t0);
+        assert_eq!(g.arrived(cp(0, 5), HOLD, t0 + 900 * MS, true), None);
+        assert_eq!(g.wait(t0 + 900 * MS, true), POLL);
+        assert_eq!(g.end(false), Some(cp(0, 5)));
+    }
 }

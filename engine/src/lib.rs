@@ -25,6 +25,7 @@ pub mod lock;
 pub mod marker;
 pub mod memo;
 pub mod plan;
+pub mod processes;
 pub mod procfs;
 pub mod prometheus;
 pub mod publish;

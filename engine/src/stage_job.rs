@@ -59,8 +59,19 @@ pub enum JobMessage {
     Event(Event),
     /// The stage record changed: write it.
     Record(StageRecord),
-    /// A processor started (its pid is also its process group).
-    Spawned { stage: String, pid: u32 },
+    /// A processor started (its pid is also its process group; with its start time, from
+    /// `/proc`, it names the process across time).
+    Spawned {
+        stage: String,
+        pid: u32,
+        start_time: u64,
+    },
+    /// A processor [`JobMessage::Spawned`] announced ended, and its process group was stopped.
+    Exited {
+        stage: String,
+        pid: u32,
+        start_time: u64,
+    },
     /// The stage is done.
     Done(usize, Box<JobResult>),
 }
@@ -177,17 +188,19 @@ impl StageJob {
     pub fn run(mut self, tx: &Sender<JobMessage>) {
         let started = Instant::now();
         let mut hashes = StatCache::default();
+        // Sizes of the inputs in `PIPELINE_INPUTS` order (`None`: unreadable).
+        let input_sizes: Vec<Option<u64>> = self
+            .inputs
+            .files
+            .values()
+            .map(|p| p.metadata().ok().map(|m| m.len()))
+            .collect();
         let mut metrics = StageMetrics {
-            input_bytes: self
-                .inputs
-                .files
-                .values()
-                .filter_map(|p| p.metadata().ok())
-                .map(|m| m.len())
-                .sum(),
+            input_bytes: input_sizes.iter().flatten().sum(),
             ..StageMetrics::default()
         };
-        let (status, attempts, retries) = match self.attempts(tx, &mut metrics, &mut hashes) {
+        let attempted = self.attempts(tx, &mut metrics, &mut hashes, &input_sizes);
+        let (status, attempts, retries) = match attempted {
             Ok(done) => done,
             Err(err) => {
                 self.record.error = Some(format!("pipe could not run the stage: {err}"));
@@ -223,6 +236,7 @@ impl StageJob {
         tx: &Sender<JobMessage>,
         metrics: &mut StageMetrics,
         hashes: &mut StatCache,
+        input_sizes: &[Option<u64>],
     ) -> io::Result<(StageStatus, u32, u32)> {
         let target = self.ws.publish_target(&self.stage);
         if self.resume.is_none() {
@@ -281,27 +295,15 @@ impl StageJob {
                     }));
                 }
                 let attempt_started = state::now_rfc3339();
-                let mut on_checkpoint = |cp: Checkpoint| -> io::Result<()> {
-                    let progress = Progress {
-                        stage: name.clone(),
-                        fingerprint: self.fingerprint.clone(),
-                        input_index: cp.input_index,
-                        line_offset: cp.line_offset,
-                        byte_offset: cp.byte_offset,
-                        output_bytes: cp.output_bytes,
-                        updated_at: state::now_rfc3339(),
-                    };
-                    atomic::write_json(&target.progress, &progress)?;
-                    lines_by_input.insert(cp.input_index, cp.line_offset);
-                    let _ = tx.send(JobMessage::Event(Event::Checkpoint {
-                        stage: name.clone(),
-                        input_index: cp.input_index,
-                        line_offset: cp.line_offset,
-                        byte_offset: cp.byte_offset,
-                    }));
-                    Ok(())
+                let mut checkpoints = StageCheckpoints {
+                    stage: &name,
+                    fingerprint: &self.fingerprint,
+                    progress: &target.progress,
+                    input_sizes,
+                    lines_by_input: &mut lines_by_input,
+                    tx,
                 };
-                let outcome = self.execute(&inv, Unit::Stage, tx, &mut on_checkpoint);
+                let outcome = self.execute(&inv, Unit::Stage, tx, &mut checkpoints);
                 for (&input, &lines) in &outcome.superseded_lines {
                     let seen = lines_by_input.entry(input).or_default();
                     *seen = (*seen).max(lines);
@@ -573,7 +575,7 @@ impl StageJob {
                 .join(format!("{}.item{n}.attempt{attempt}.log", self.stage.name));
             let inv = self.invocation(env, log.clone(), item_sandbox.clone());
             let unit = Unit::Item { index: n, batch };
-            let run = self.execute(&inv, unit, tx, &mut |_checkpoint| Ok(()));
+            let run = self.execute(&inv, unit, tx, &mut |_: Checkpoint| Ok(()));
             outcome.user_ms += run.user_ms;
             outcome.sys_ms += run.sys_ms;
             outcome.max_rss_kb = outcome
@@ -704,7 +706,8 @@ impl StageJob {
     }
 
     /// Stores the published outputs in the object store and records the action entry; a failure
-    /// only costs a future restore, so it is a warning.
+    /// only costs a future restore, so it is a warning, and so is a power cut losing them: they
+    /// are written without fsync (the marker, written durably before, is what counts).
     fn cache_outputs(
         &self,
         tx: &Sender<JobMessage>,
@@ -713,7 +716,7 @@ impl StageJob {
         hashes: &mut StatCache,
         record_action: bool,
     ) {
-        let store = Store::new(&self.ws.cache_dir());
+        let store = Store::new(&self.ws.cache_dir()).volatile();
         let result = (|| -> io::Result<()> {
             for output in &marker.outputs {
                 let path = target.output_dir.join(&output.path);
@@ -751,7 +754,7 @@ impl StageJob {
         inv: &Invocation,
         unit: Unit,
         tx: &Sender<JobMessage>,
-        on_checkpoint: &mut dyn FnMut(Checkpoint) -> io::Result<()>,
+        checkpoints: &mut dyn executor::Checkpoints,
     ) -> Outcome {
         let stage = &self.stage.name;
         if let Executor::Slurm(cluster) = &self.executor {
@@ -766,20 +769,38 @@ impl StageJob {
                 batch,
                 cpus,
             };
-            return cluster.run(work, &self.interrupt, on_checkpoint);
+            // The unit's progress file on the shared filesystem is what the engine reads: each
+            // checkpoint is persisted as it comes, without grace.
+            return cluster.run(work, &self.interrupt, &mut |cp| {
+                checkpoints.persist(cp)?;
+                checkpoints.reported(cp);
+                Ok(())
+            });
         }
-        executor::run(
+        let mut spawned = None;
+        let outcome = executor::run(
             inv,
             &self.interrupt,
             &mut |pid| {
+                // The child cannot have been reaped yet, so this pid is still its own.
+                let start_time = crate::procfs::stat(pid as i32).map_or(0, |s| s.start_time);
+                spawned = Some((pid, start_time));
                 let _ = tx.send(JobMessage::Spawned {
                     stage: stage.clone(),
                     pid,
+                    start_time,
                 });
             },
-            on_checkpoint,
-        )
-        .unwrap_or_else(|err| Outcome {
+            checkpoints,
+        );
+        if let Some((pid, start_time)) = spawned {
+            let _ = tx.send(JobMessage::Exited {
+                stage: stage.clone(),
+                pid,
+                start_time,
+            });
+        }
+        outcome.unwrap_or_else(|err| Outcome {
             protocol_error: Some(format!(
                 "cannot start the processor `{}`: {err}",
                 inv.argv[0].to_string_lossy()
@@ -886,6 +907,56 @@ impl StageJob {
             env.push(("PIPELINE_INPUTS".into(), list.into()));
         }
         Ok(env)
+    }
+}
+
+/// The checkpoints of one attempt of a whole stage: each is counted and shown as it is reported,
+/// and persisted in `state/progress_<stage>.json`: at once in the middle of an input (the
+/// processor sends those at the cadence the stage asked for), after a grace period at the end of
+/// an input ([`executor::PERSIST_GRACE`]; see [`executor::Checkpoints`]).
+struct StageCheckpoints<'a> {
+    stage: &'a str,
+    fingerprint: &'a str,
+    progress: &'a Path,
+    /// Sizes of the inputs, in `PIPELINE_INPUTS` order.
+    input_sizes: &'a [Option<u64>],
+    /// Input index → lines: the last line count reported per input (for the metrics).
+    lines_by_input: &'a mut BTreeMap<u64, u64>,
+    tx: &'a Sender<JobMessage>,
+}
+
+impl executor::Checkpoints for StageCheckpoints<'_> {
+    fn grace(&self, cp: &Checkpoint) -> Duration {
+        let index = usize::try_from(cp.input_index).unwrap_or(usize::MAX);
+        let ends_input = self.input_sizes.get(index) == Some(&Some(cp.byte_offset));
+        if ends_input {
+            executor::PERSIST_GRACE
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    fn reported(&mut self, cp: Checkpoint) {
+        self.lines_by_input.insert(cp.input_index, cp.line_offset);
+        let _ = self.tx.send(JobMessage::Event(Event::Checkpoint {
+            stage: self.stage.to_string(),
+            input_index: cp.input_index,
+            line_offset: cp.line_offset,
+            byte_offset: cp.byte_offset,
+        }));
+    }
+
+    fn persist(&mut self, cp: Checkpoint) -> io::Result<()> {
+        let progress = Progress {
+            stage: self.stage.to_string(),
+            fingerprint: self.fingerprint.to_string(),
+            input_index: cp.input_index,
+            line_offset: cp.line_offset,
+            byte_offset: cp.byte_offset,
+            output_bytes: cp.output_bytes,
+            updated_at: state::now_rfc3339(),
+        };
+        atomic::write_json(self.progress, &progress)
     }
 }
 

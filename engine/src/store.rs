@@ -39,6 +39,8 @@ pub struct ActionEntry {
 pub struct Store {
     objects: PathBuf,
     actions: PathBuf,
+    /// Whether writes are fsynced (see [`Store::volatile`]).
+    durable: bool,
 }
 
 /// Why an object could not be restored.
@@ -57,7 +59,18 @@ impl Store {
         Store {
             objects: cache_dir.join("objects-v1"),
             actions: cache_dir.join("actions-v1"),
+            durable: true,
         }
+    }
+
+    /// The same store, written without fsync: objects and entries still appear whole or not at
+    /// all (a rename), but a power cut may lose the latest. For what a durable marker already
+    /// covers (a published stage's outputs): losing its cache entry only costs a future restore
+    /// (the stage runs instead), and an entry whose object was lost is not used. A map stage's
+    /// items, which a build killed mid-stage restores from the cache, are stored durably.
+    pub fn volatile(mut self) -> Store {
+        self.durable = false;
+        self
     }
 
     /// Folders that may hold temporaries of interrupted writes (swept under the workspace lock).
@@ -96,7 +109,9 @@ impl Store {
         let _ = std::fs::remove_file(&tmp);
         if std::fs::hard_link(file, &tmp).is_err() {
             std::fs::copy(file, &tmp)?;
-            File::open(&tmp)?.sync_all()?;
+            if self.durable {
+                File::open(&tmp)?.sync_all()?;
+            }
         }
         if let Err(err) = std::fs::rename(&tmp, &object) {
             let _ = std::fs::remove_file(&tmp);
@@ -106,8 +121,9 @@ impl Store {
     }
 
     /// Makes the objects stored so far durable (one `syncfs`, not a folder fsync per object):
-    /// call before [`Store::put_action`] names them. An object lost anyway is only a restore
-    /// that does not happen: entries whose objects are missing or wrong are never used.
+    /// a durable store calls it before [`Store::put_action`] names them. An object lost anyway
+    /// is only a restore that does not happen: entries whose objects are missing or wrong are
+    /// never used.
     pub fn sync_objects(&self) -> io::Result<()> {
         atomic::sync_filesystem(&self.objects)
     }
@@ -135,8 +151,15 @@ impl Store {
 
     /// Records what `entry.fingerprint` produced.
     pub fn put_action(&self, entry: &ActionEntry) -> io::Result<()> {
-        self.sync_objects()?;
-        atomic::write_json(&self.action_path(&entry.fingerprint), entry)
+        let path = self.action_path(&entry.fingerprint);
+        if self.durable {
+            self.sync_objects()?;
+            return atomic::write_json(&path, entry);
+        }
+        let mut bytes = serde_json::to_vec_pretty(entry).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+        std::fs::create_dir_all(&self.actions)?;
+        atomic::replace_volatile(&path, &bytes)
     }
 
     /// The action entry of `fingerprint` if every object it names is present (content is checked
@@ -296,7 +319,24 @@ mod tests {
         store.put_action(&entry).unwrap();
         assert!(store.usable_action("fp").is_none(), "object not stored yet");
         store.put(&f, &blake(b"x")).unwrap();
-        assert_eq!(store.usable_action("fp"), Some(entry));
+        assert_eq!(store.usable_action("fp"), Some(entry.clone()));
         assert!(store.usable_action("other").is_none());
+
+        // Written without fsync, the same files (and a zero-length entry, which a power cut can
+        // leave of an entry never synced, is not usable).
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).volatile();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        store.put(&f, &blake(b"x")).unwrap();
+        store.put_action(&entry).unwrap();
+        assert_eq!(store.usable_action("fp"), Some(entry));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("actions-v1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("fp.json")]);
+        std::fs::write(store.action_path("fp"), b"").unwrap();
+        assert!(store.usable_action("fp").is_none());
     }
 }

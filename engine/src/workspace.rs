@@ -73,6 +73,12 @@ impl Workspace {
         self.state_dir().join("slurm_jobs.json")
     }
 
+    /// Processors started and ended by the running build (append-only, see [`crate::processes`]).
+    pub fn processes_log_file(&self) -> PathBuf {
+        self.state_dir().join("processes.jsonl")
+    }
+
+    /// The whole-file process map of earlier versions: read (and removed) by the next build.
     pub fn processes_file(&self) -> PathBuf {
         self.state_dir().join("processes.json")
     }

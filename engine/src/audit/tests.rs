@@ -58,10 +58,11 @@ fn forge(ws: &Workspace, at: u64, edit: impl Fn(&mut Value)) {
     }
     let seq = out.len() as u64;
     write_lines(ws, &out);
-    let mut head: HeadFile =
-        serde_json::from_slice(&std::fs::read(head_path(&ws.state_dir())).unwrap()).unwrap();
+    // The forger writes the head in the one-object form, which pipe still reads.
+    let (mut head, _) = read_head(&head_path(&ws.state_dir())).unwrap().unwrap();
     head.seq = seq;
     head.hash = prev;
+    head.pending = None;
     atomic::write_json(&head_path(&ws.state_dir()), &head).unwrap();
 }
 
@@ -264,13 +265,14 @@ fn a_crash_after_the_append_is_not_tampering_and_the_next_appender_repairs_the_h
     log_with(&ws, 2, None);
     {
         let lock = held(&ws);
-        let log = Log::open(&ws, None, &lock, None).unwrap();
+        let mut log = Log::open(&ws, None, &lock, None).unwrap();
         let record = log.next_record("run.end", None, json!({}));
         let next = Head {
             seq: 3,
             hash: record["hash"].as_str().unwrap().into(),
         };
-        log.write_head(log.head(), Some(&next)).unwrap();
+        let committed = log.head().clone();
+        log.write_head(&committed, Some(&next)).unwrap();
         log.write_line(&record).unwrap();
         // crash: the head is never committed
     }
@@ -291,13 +293,14 @@ fn a_torn_append_is_removed_only_when_the_head_announced_it() {
     log_with(&ws, 2, None);
     {
         let lock = held(&ws);
-        let log = Log::open(&ws, None, &lock, None).unwrap();
+        let mut log = Log::open(&ws, None, &lock, None).unwrap();
         let record = log.next_record("run.end", None, json!({}));
         let next = Head {
             seq: 3,
             hash: record["hash"].as_str().unwrap().into(),
         };
-        log.write_head(log.head(), Some(&next)).unwrap();
+        let committed = log.head().clone();
+        log.write_head(&committed, Some(&next)).unwrap();
         let mut f = OpenOptions::new()
             .append(true)
             .open(log_path(&ws.state_dir()))
@@ -399,4 +402,143 @@ fn a_line_must_be_the_canonical_bytes_not_just_the_same_content() {
     let bad = check(&ws, None, None).unwrap_err();
     assert_eq!(bad.seq, Some(2), "{bad}");
     assert!(bad.reason.contains("canonical form"), "{bad}");
+}
+
+/// The raw bytes of `state/audit.head`.
+fn head_bytes(ws: &Workspace) -> Vec<u8> {
+    std::fs::read(head_path(&ws.state_dir())).unwrap()
+}
+
+fn set_head_bytes(ws: &Workspace, bytes: &[u8]) {
+    std::fs::write(head_path(&ws.state_dir()), bytes).unwrap();
+}
+
+#[test]
+fn the_head_is_two_identical_intact_copies_updated_in_place() {
+    let (_dir, ws) = workspace();
+    let head = log_with(&ws, 3, None);
+    let path = head_path(&ws.state_dir());
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&path);
+    let bytes = head_bytes(&ws);
+    assert_eq!(bytes.len(), 2 * HEAD_COPY_SIZE);
+    let (first, second) = bytes.split_at(HEAD_COPY_SIZE);
+    assert_eq!(first, second, "at rest both copies hold the current head");
+    let text = std::str::from_utf8(first).unwrap();
+    assert!(text.starts_with('{') && text.ends_with(" \n"), "{text:?}");
+    let (read, layout) = read_head(&path).unwrap().unwrap();
+    assert_eq!((read.seq, read.hash, read.pending), (3, head.hash, None));
+    // Record 1 created the file (two head writes), records 2 and 3 updated it twice each.
+    assert_eq!(
+        layout,
+        HeadLayout::Copies {
+            generation: 6,
+            damaged: false
+        }
+    );
+    log_with(&ws, 2, None);
+    assert_eq!(inode(&path), before, "updated in place: no new inode");
+    assert!(check(&ws, None, None).unwrap().notes.is_empty());
+}
+
+#[test]
+fn a_torn_copy_leaves_the_other_and_the_log_verifiable() {
+    let (_dir, ws) = workspace();
+    let head = log_with(&ws, 2, None);
+    let intact = head_bytes(&ws);
+    for copy in 0..2 {
+        let mut bytes = intact.clone();
+        // A write torn at a sector boundary: the copy's first sector is garbage.
+        bytes[copy * HEAD_COPY_SIZE..copy * HEAD_COPY_SIZE + 512].fill(b'x');
+        set_head_bytes(&ws, &bytes);
+        let ok = check(&ws, None, None).unwrap();
+        assert_eq!(ok.head.as_ref().map(|h| h.seq), Some(2));
+        assert_eq!(ok.notes.len(), 1, "{:?}", ok.notes);
+        assert!(ok.notes[0].contains("two copies"), "{:?}", ok.notes);
+        // The next appender uses the intact copy and rewrites both.
+        let lock = held(&ws);
+        let mut log = Log::open(&ws, None, &lock, None).unwrap();
+        assert_eq!(log.head(), &head);
+        drop(lock);
+        log.append("x", None, json!({})).unwrap();
+        let bytes = head_bytes(&ws);
+        assert_eq!(bytes[..HEAD_COPY_SIZE], bytes[HEAD_COPY_SIZE..]);
+        assert!(check(&ws, None, None).unwrap().notes.is_empty());
+        // Back to two records for the next round.
+        let mut lines = lines(&ws);
+        lines.pop();
+        write_lines(&ws, &lines);
+        set_head_bytes(&ws, &intact);
+    }
+    // Both copies damaged: no head, and the log cannot be vouched for.
+    let mut bytes = intact.clone();
+    bytes[100] ^= 1;
+    bytes[HEAD_COPY_SIZE + 100] ^= 1;
+    set_head_bytes(&ws, &bytes);
+    let bad = check(&ws, None, None).unwrap_err();
+    assert!(bad.reason.contains("neither copy is intact"), "{bad}");
+    let lock = held(&ws);
+    assert!(matches!(
+        Log::open(&ws, None, &lock, None),
+        Err(AuditError::Mismatch(_))
+    ));
+}
+
+#[test]
+fn a_crash_between_the_two_copies_keeps_the_newer_one() {
+    let (_dir, ws) = workspace();
+    log_with(&ws, 2, None);
+    let old = head_bytes(&ws);
+    let record3;
+    {
+        let lock = held(&ws);
+        let mut log = Log::open(&ws, None, &lock, None).unwrap();
+        record3 = log.next_record("run.end", None, json!({}));
+        let next = Head {
+            seq: 3,
+            hash: record3["hash"].as_str().unwrap().into(),
+        };
+        let committed = log.head().clone();
+        log.write_head(&committed, Some(&next)).unwrap();
+    }
+    // The intent reached the first copy only; the second still holds the old head.
+    let mut bytes = head_bytes(&ws);
+    bytes[HEAD_COPY_SIZE..].copy_from_slice(&old[HEAD_COPY_SIZE..]);
+    set_head_bytes(&ws, &bytes);
+    let (head, layout) = read_head(&head_path(&ws.state_dir())).unwrap().unwrap();
+    assert_eq!(head.pending.map(|p| p.seq), Some(3));
+    assert!(matches!(layout, HeadLayout::Copies { damaged: true, .. }));
+    // The record itself was appended before the crash: the intent names it, so it is no tampering.
+    {
+        let lock = held(&ws);
+        let log = Log::open(&ws, None, &lock, None).unwrap();
+        log.write_line(&record3).unwrap();
+    }
+    let ok = check(&ws, None, None).unwrap();
+    assert_eq!((ok.records, ok.notes.len()), (3, 2), "{:?}", ok.notes);
+    let lock = held(&ws);
+    let log = Log::open(&ws, None, &lock, None).unwrap();
+    assert_eq!(log.head().seq, 3, "rolled forward");
+    assert!(check(&ws, None, None).unwrap().notes.is_empty());
+}
+
+#[test]
+fn a_head_in_the_one_object_form_of_earlier_versions_is_read_and_converted() {
+    let (_dir, ws) = workspace();
+    let head = log_with(&ws, 2, None);
+    let old = HeadFile {
+        version: HEAD_VERSION,
+        seq: head.seq,
+        hash: head.hash.clone(),
+        hmac: None,
+        pending: None,
+    };
+    atomic::write_json(&head_path(&ws.state_dir()), &old).unwrap();
+    let (read, layout) = read_head(&head_path(&ws.state_dir())).unwrap().unwrap();
+    assert_eq!((read, layout), (old, HeadLayout::Whole));
+    assert!(check(&ws, None, None).unwrap().notes.is_empty());
+    log_with(&ws, 1, None);
+    let (read, layout) = read_head(&head_path(&ws.state_dir())).unwrap().unwrap();
+    assert_eq!(read.seq, 3);
+    assert!(matches!(layout, HeadLayout::Copies { damaged: false, .. }));
 }
