@@ -99,7 +99,10 @@ pub fn sync_filesystem(path: &Path) -> io::Result<()> {
         match File::open(at) {
             Ok(file) => break file,
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                at = at.parent().filter(|p| !p.as_os_str().is_empty()).ok_or(err)?;
+                at = at
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .ok_or(err)?;
             }
             Err(err) => return Err(err),
         }

@@ -272,6 +272,64 @@ mod tests {
     }
 
     #[test]
+    fn skip_lines_wait_for_the_next_other_line_and_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run_r1.jsonl");
+        let log = RunLog::new(path.clone(), "r1");
+        log.open().unwrap();
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        let planned = |stage: &str| Event::StagePlanned {
+            stage: stage.into(),
+            summary: "skip (unchanged)".into(),
+            decision: crate::plan::Decision::Skip,
+        };
+        let skipped = |stage: &str| Event::StageFinished {
+            stage: stage.into(),
+            status: StageStatus::Skipped,
+            duration_ms: 0,
+            reason: "unchanged".into(),
+        };
+        for stage in ["a", "b"] {
+            assert_eq!(log.record(&planned(stage)), None);
+            assert_eq!(log.record(&skipped(stage)), None);
+        }
+        assert_eq!(lines(), 0, "skip lines are held");
+        log.record(&Event::Warning {
+            message: "w".into(),
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        let order: Vec<(String, String)> = text
+            .lines()
+            .map(|l| {
+                let obj = parse(l);
+                let stage = obj.get("stage").and_then(|s| s.as_str()).unwrap_or("");
+                (
+                    obj["event"].as_str().unwrap().to_string(),
+                    stage.to_string(),
+                )
+            })
+            .collect();
+        let expect = |e: &str, s: &str| (e.to_string(), s.to_string());
+        assert_eq!(
+            order,
+            vec![
+                expect("stagePlanned", "a"),
+                expect("stageFinished", "a"),
+                expect("stagePlanned", "b"),
+                expect("stageFinished", "b"),
+                expect("warning", ""),
+            ]
+        );
+        // Held lines also go out when the log is closed, and when it is dropped.
+        log.record(&skipped("c"));
+        log.close().unwrap();
+        assert_eq!(lines(), 6);
+        log.record(&skipped("d"));
+        drop(log);
+        assert_eq!(lines(), 7);
+    }
+
+    #[test]
     fn a_log_that_cannot_be_written_warns_once() {
         let dir = tempfile::tempdir().unwrap();
         let log = RunLog::new(dir.path().join("run_r1.jsonl"), "r1");
