@@ -548,6 +548,9 @@ struct Syncer {
     /// batching never lets the work a kill would lose grow past a few checkpoints' worth.
     sent: u64,
     reported: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Checkpoints sent and reported (counts).
+    sent_jobs: u64,
+    reported_jobs: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// One message per batch the syncer thread finished (wakes a sender waiting on the backlog).
     acks: std::sync::mpsc::Receiver<()>,
 }
@@ -560,6 +563,8 @@ impl Syncer {
         let (ack_tx, acks) = std::sync::mpsc::channel::<()>();
         let reported = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reported_by_thread = reported.clone();
+        let reported_jobs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reported_jobs_by_thread = reported_jobs.clone();
         let handle = std::thread::spawn(move || {
             let mut progress = progress;
             while let Ok(first) = rx.recv() {
@@ -576,6 +581,7 @@ impl Syncer {
                 }
                 sync_batch(&batch, &staging_root)?;
                 let weight: u64 = batch.iter().map(|j| j.weight).sum();
+                let count = batch.len() as u64;
                 for job in batch {
                     if let Some(progress) = &mut progress {
                         progress
@@ -597,6 +603,7 @@ impl Syncer {
                     }
                 }
                 reported_by_thread.fetch_add(weight, std::sync::atomic::Ordering::SeqCst);
+                reported_jobs_by_thread.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
                 let _ = ack_tx.send(());
             }
             Ok(())
@@ -606,6 +613,8 @@ impl Syncer {
             handle: Some(handle),
             sent: 0,
             reported,
+            sent_jobs: 0,
+            reported_jobs,
             acks,
         }
     }
@@ -618,9 +627,15 @@ impl Syncer {
             return self.finish();
         }
         self.sent += weight;
-        // Wait for the syncer while the unreported backlog is over its bound (each finished batch
-        // sends an ack; a dead syncer drops its end and `finish` reports why).
-        while self.sent - self.reported.load(std::sync::atomic::Ordering::SeqCst) > MAX_BACKLOG {
+        self.sent_jobs += 1;
+        // Wait for the syncer while more than MIN_BACKLOG_JOBS checkpoints are unreported and
+        // they cover more than MAX_BACKLOG of input: big checkpoints overlap their sync with the
+        // work as before, tiny ones queue up into one group commit (each finished batch sends an
+        // ack; a dead syncer drops its end and `finish` reports why).
+        use std::sync::atomic::Ordering::SeqCst;
+        while self.sent_jobs - self.reported_jobs.load(SeqCst) > MIN_BACKLOG_JOBS
+            && self.sent - self.reported.load(SeqCst) > MAX_BACKLOG
+        {
             if self.acks.recv().is_err() {
                 return self.finish();
             }
@@ -716,25 +731,31 @@ const SYNC_QUEUE: usize = 64;
 /// of the checkpoint being synced (a few checkpoints of a big file; many of tiny files).
 const MAX_BACKLOG: u64 = 16 << 10;
 
+/// Unreported checkpoints always allowed whatever their size (a big checkpoint's fsync overlaps
+/// the work on the next ones).
+const MIN_BACKLOG_JOBS: u64 = 3;
+
 /// The least weight of one checkpoint, so a backlog of tiny files is bounded in count as well.
 const MIN_JOB_WEIGHT: u64 = 256;
 
 /// Makes the outputs of `batch` durable up to each job's checkpoint, and the folders of new
-/// outputs: alone, with fdatasync of the output and fsync of its folders; several at once, with
-/// one `syncfs` of the staging root's filesystem (data, inodes and folder entries alike).
+/// outputs: checkpoints of one output file, with fdatasync of it and fsync of its folders;
+/// several output files at once, with one `syncfs` of the staging root's filesystem (data, inodes
+/// and folder entries alike).
 fn sync_batch(batch: &[SyncJob], staging_root: &Path) -> Result<(), ProcessorError> {
-    if let [job] = batch {
-        job.file
+    let last = batch.last().expect("a batch is never empty");
+    if batch.iter().all(|j| j.output == last.output) {
+        // One output file (a big input's checkpoints): its own fdatasync covers them all.
+        last.file
             .sync_data()
-            .map_err(ProcessorError::io("syncing output", &job.output))?;
+            .map_err(ProcessorError::io("syncing output", &last.output))?;
         crate::failpoint::hit("sdk.after-output-fsync");
-        if job.sync_dirs {
-            sync_dirs_up_to(&job.output, staging_root)?;
+        if batch.iter().any(|j| j.sync_dirs) {
+            sync_dirs_up_to(&last.output, staging_root)?;
             crate::failpoint::hit("sdk.after-dir-fsync");
         }
         return Ok(());
     }
-    let last = batch.last().expect("a batch is never empty");
     rustix::fs::syncfs(&last.file).map_err(|e| {
         ProcessorError::io("syncing the outputs' filesystem", &last.output)(e.into())
     })?;
