@@ -146,9 +146,9 @@ pub fn build(
     // Temporaries of pipe's own atomic writes, and publish journals, exist only if a holder died
     // mid-write: a clean previous exit spares the walks over `state/` (every run's logs), the
     // output cache (one file per fingerprint) and every output folder (10,000 stages: 10,000
-    // folders). Interrupted publishes are completed below
-    // when the previous holder died, and otherwise when their stage is planned (a publish that
-    // failed with an I/O error leaves its journal behind a clean exit).
+    // folders). Interrupted publishes are completed below when the previous holder died, and
+    // otherwise when their stage is decided in full (a publish that failed with an I/O error
+    // leaves its journal behind a clean exit).
     let died = _lock.previous_holder_died();
     if died {
         ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;

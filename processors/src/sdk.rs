@@ -544,8 +544,9 @@ struct SyncJob {
 struct Syncer {
     tx: Option<std::sync::mpsc::SyncSender<SyncJob>>,
     handle: Option<std::thread::JoinHandle<Result<(), ProcessorError>>>,
-    /// Weight of the checkpoints sent and not yet reported: at most [`MAX_BACKLOG`], so that
-    /// batching never lets the work a kill would lose grow past a few checkpoints' worth.
+    /// Weight of the checkpoints sent and not yet reported: beyond [`MIN_BACKLOG_JOBS`]
+    /// checkpoints at most [`MAX_BACKLOG`], so that batching never lets the work a kill would
+    /// lose grow past a few checkpoints' worth.
     sent: u64,
     reported: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Checkpoints sent and reported (counts).
@@ -569,9 +570,10 @@ impl Syncer {
             let mut progress = progress;
             while let Ok(first) = rx.recv() {
                 // Group commit: checkpoints that queued up while the last sync ran are made
-                // durable together by one `syncfs` (every output lives under the staging root,
-                // on one filesystem), instead of one fdatasync plus folder fsyncs each. A copy of
-                // 10,000 small files makes a few hundred syncs instead of ~30,000.
+                // durable together (`sync_batch`): one fdatasync for checkpoints of one output
+                // file, one `syncfs` for several (every output lives under the staging root, on
+                // one filesystem). A copy of 10,000 small files makes a few hundred syncs
+                // instead of ~30,000.
                 let mut batch = vec![first];
                 while batch.len() < SYNC_QUEUE {
                     match rx.try_recv() {
