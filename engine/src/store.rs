@@ -124,7 +124,7 @@ impl Store {
     /// a durable store calls it before [`Store::put_action`] names them. An object lost anyway
     /// is only a restore that does not happen: entries whose objects are missing or wrong are
     /// never used.
-    pub fn sync_objects(&self) -> io::Result<()> {
+    fn sync_objects(&self) -> io::Result<()> {
         atomic::sync_filesystem(&self.objects)
     }
 
