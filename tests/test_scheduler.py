@@ -229,3 +229,46 @@ def test_a_new_build_stops_what_a_killed_build_left_running(tmp_path):
                     os.kill(int(pid_file.read_text()), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+INSPECTOR = '''
+import json, os, resource, stat
+out = os.environ["PIPELINE_OUTPUT_DIR"]
+fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+seen = {
+    "addressSpace": list(resource.getrlimit(resource.RLIMIT_AS)),
+    "stdin": os.read(0, 16).decode(),
+    "stdinIsNull": os.path.realpath("/proc/self/fd/0") == "/dev/null",
+    "fd3IsPipe": stat.S_ISFIFO(os.fstat(3).st_mode),
+    "fds": fds,
+    "affinity": sorted(os.sched_getaffinity(0)),
+}
+with open(os.path.join(out, "seen.json"), "w") as f:
+    json.dump(seen, f)
+'''
+
+
+def test_the_processor_starts_with_its_limits_and_only_its_descriptors(tmp_path):
+    """The helper, not a fork hook, sets these up: check what the processor actually gets."""
+    root = project(tmp_path, [], {"cpus": len(os.sched_getaffinity(0))})
+    (root / "inspect.py").write_text(INSPECTOR)
+    spec = json.loads((root / "Pipefile.json").read_text())
+    spec["stages"] = [{
+        "name": "inspect",
+        "processor": {"command": ["python3", "inspect.py"], "version": "1"},
+        "inputs": ["input"],
+        "outputDir": "out",
+        "resources": {"cpus": 1, "virtualMemoryMb": 700},
+    }]
+    (root / "Pipefile.json").write_text(json.dumps(spec))
+    result = build(root)
+    assert result.returncode == 0, result.stderr.decode()
+    seen = json.loads((root / "out" / "seen.json").read_text())
+    assert seen["addressSpace"] == [700 << 20, 700 << 20]
+    assert seen["stdin"] == "" and seen["stdinIsNull"], seen
+    assert seen["fd3IsPipe"], "the progress pipe is fd 3"
+    # stdio, the progress pipe and the descriptor listing /proc/self/fd itself: no report channel
+    # (fd 4), nothing else of the engine's.
+    assert len(seen["fds"]) == 5 and seen["fds"][:4] == [0, 1, 2, 3], seen["fds"]
+    if len(os.sched_getaffinity(0)) > 1:
+        assert len(seen["affinity"]) == 1, seen

@@ -7,7 +7,9 @@
 //! stdin closed and stdout/stderr appended to a log file, an environment cut to an allowlist
 //! ([`crate::sandbox::env`]), the write end of a progress pipe as fd 3 (`PIPELINE_PROGRESS_FD=3`)
 //! and the report channel of the helper as fd 4 (close-on-exec in the helper, so the processor
-//! never sees it).
+//! never sees it). The helper is started with `posix_spawn` and sets these up itself (see
+//! [`crate::sandbox::helper`]): a fork of the engine would copy its page tables, a cost that grows
+//! with the build.
 //!
 //! Four threads: a reader turns checkpoint lines into messages; a waiter reaps the child with
 //! `wait4` to get its resource usage; a supervisor reads the helper's report (which layers it
@@ -20,7 +22,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -37,7 +39,7 @@ use crate::sandbox::{self, channel, seccomp, Layers, Policy, Violation};
 use rustix::process::{Pid, Signal};
 
 /// The fd number the progress pipe has in the child.
-pub const PROGRESS_FD: i32 = 3;
+pub const PROGRESS_FD: i32 = helper::PROGRESS_FD;
 /// The fd number the helper's report channel has in the child.
 pub const REPORT_FD: i32 = helper::REPORT_FD;
 /// Above this size the helper's spec goes to a file next to the log instead of the command line.
@@ -196,8 +198,8 @@ pub struct Prepared {
     pub spec_file: Option<(PathBuf, String)>,
 }
 
-/// What `inv` executes: `pipe __exec --report-fd 4 --spec-json SPEC -- ARGV...` and its
-/// environment.
+/// What `inv` executes: `pipe __exec --channel-stdin [--cpus LIST] [--address-space BYTES]
+/// --spec-json SPEC -- ARGV...` and its environment (`run` adds `--parent-pid`).
 pub fn prepare(inv: &Invocation) -> io::Result<Prepared> {
     let policy = &inv.sandbox;
     if policy.exe.as_os_str().is_empty() {
@@ -216,11 +218,15 @@ pub fn prepare(inv: &Invocation) -> io::Result<Prepared> {
         }
     }
     let json = serde_json::to_string(&spec).map_err(io::Error::other)?;
-    let mut args: Vec<OsString> = vec![
-        helper::SUBCOMMAND.into(),
-        "--report-fd".into(),
-        REPORT_FD.to_string().into(),
-    ];
+    let mut args: Vec<OsString> = vec![helper::SUBCOMMAND.into(), "--channel-stdin".into()];
+    if let Some(cores) = &inv.cpu_set {
+        let list: Vec<String> = cores.iter().map(ToString::to_string).collect();
+        args.extend(["--cpus".into(), list.join(",").into()]);
+    }
+    if let Some(mb) = inv.virtual_memory_mb {
+        let bytes = mb.saturating_mul(1024 * 1024);
+        args.extend(["--address-space".into(), bytes.to_string().into()]);
+    }
     let mut spec_file = None;
     if json.len() > MAX_SPEC_ARG {
         let path = inv.log.with_extension("sandbox.json");
@@ -306,64 +312,36 @@ pub fn run(
         .create(true)
         .append(true)
         .open(&inv.log)?;
-    // Both descriptors the child gets are moved above 4 first, so that moving them to 3 and 4
-    // in the child can never overwrite one with the other.
+    // The helper is started with posix_spawn (no hook between fork and exec, so no copy of
+    // this process's page tables, whose size grows with the build): it gets the report channel
+    // as stdin, and the progress pipe's write end in a message queued on the channel before it
+    // starts. Setting up the rest (fd numbers, parent-death signal, affinity, address-space
+    // limit) is the helper's first job.
     let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let writer = above_report_fd(writer)?;
     let (report, helper_end) = channel::pair()?;
-    let helper_end = above_report_fd(helper_end)?;
+    channel::send(
+        report.as_fd(),
+        helper::PROGRESS_MESSAGE,
+        Some(writer.as_fd()),
+    )?;
+    drop(writer);
     let (wake_reader, wake_writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let mut command = Command::new(&prepared.program);
+    let (subcommand, rest) = prepared.args.split_at(1);
     command
-        .args(&prepared.args)
+        .args(subcommand)
+        .args(["--parent-pid".to_string(), std::process::id().to_string()])
+        .args(rest)
         .env_clear()
         .envs(prepared.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&inv.cwd)
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(helper_end))
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    let parent = std::process::id() as libc::pid_t;
-    let progress_fd = writer.as_raw_fd();
-    let report_fd = helper_end.as_raw_fd();
-    // Prepared before fork: the child may only make syscalls on ready-made values.
-    let affinity = inv.cpu_set.as_ref().map(|cores| cpu_set_of(cores));
-    let address_space = inv.virtual_memory_mb.map(|mb| libc::rlimit {
-        rlim_cur: mb.saturating_mul(1024 * 1024),
-        rlim_max: mb.saturating_mul(1024 * 1024),
-    });
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe syscalls
-    // (prctl, getppid, dup2, sched_setaffinity, setrlimit) on values prepared before the fork; it
-    // allocates nothing and takes no locks.
-    unsafe {
-        command.pre_exec(move || {
-            if let Some(set) = &affinity {
-                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(limit) = &address_space {
-                if libc::setrlimit(libc::RLIMIT_AS, limit) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(io::Error::other("pipe exited before the processor started"));
-            }
-            // dup2 leaves the new descriptors open across exec.
-            if libc::dup2(progress_fd, PROGRESS_FD) < 0 || libc::dup2(report_fd, REPORT_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let started = Instant::now();
     let child = command.spawn()?;
-    drop(writer);
-    drop(helper_end);
+    drop(command); // its copy of the channel's helper end
     let pid = child.id() as libc::pid_t;
     drop(child); // reaped below with wait4, which also reports resource usage
     on_spawn(pid as u32);
@@ -638,14 +616,6 @@ fn explain(inv: &Invocation, outcome: &mut Outcome) {
     }
 }
 
-/// `fd` moved to a number above [`REPORT_FD`] (close-on-exec); the original is closed.
-fn above_report_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
-    if fd.as_raw_fd() > REPORT_FD {
-        return Ok(fd);
-    }
-    Ok(rustix::io::fcntl_dupfd_cloexec(&fd, REPORT_FD + 1)?)
-}
-
 /// Creates `dir` empty and private (mode 0700), removing what an earlier attempt left.
 fn fresh_private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -846,16 +816,6 @@ fn wait4(pid: libc::pid_t) -> (i32, libc::rusage) {
 }
 
 /// A `cpu_set_t` holding `cores`.
-fn cpu_set_of(cores: &[usize]) -> libc::cpu_set_t {
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &core in cores.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
-        // SAFETY: `core` is below CPU_SETSIZE, so the bit lies inside `set`.
-        unsafe { libc::CPU_SET(core, &mut set) };
-    }
-    set
-}
-
 fn timeval_ms(tv: libc::timeval) -> u64 {
     (tv.tv_sec.max(0) as u64) * 1000 + (tv.tv_usec.max(0) as u64) / 1000
 }

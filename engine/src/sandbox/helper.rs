@@ -1,15 +1,23 @@
 //! The re-exec helper, `pipe __exec`: the engine starts every processor attempt as
 //!
 //! ```text
-//! pipe __exec --report-fd 4 --spec-json '{...}' -- ARGV...
+//! pipe __exec --channel-stdin --parent-pid PID [--cpus 0,1] [--address-space BYTES] \
+//!     --spec-json '{...}' -- ARGV...
 //! ```
 //!
 //! and this ordinary, single-threaded process (no async-signal-safety limits, unlike a `pre_exec`
 //! hook in the multi-threaded engine) confines itself and then *becomes* the processor with
 //! `execve`: same pid, same process group (set by the engine), same stdio and progress pipe (fd 3).
 //!
-//! (CPU affinity and the address-space limit are set by the engine between fork and exec; they
-//! carry over.) In order: close every inherited descriptor above 4; enter a new network namespace;
+//! The engine starts the helper with `posix_spawn` (no hook between fork and exec), which costs
+//! the same whatever the engine's size: a `fork` copies the engine's page tables, and a map stage
+//! of 100,000 items spent a third of its time there. So everything a hook used to do is done
+//! here, first thing: the report channel arrives as stdin and the engine's first message on it
+//! carries the progress pipe, which goes to fd 3 (the channel to fd 4, stdin back to `/dev/null`);
+//! then the parent-death signal is armed and the engine checked to be still there; then CPU
+//! affinity and the address-space limit are set.
+//!
+//! Then, in order: close every inherited descriptor above 4; enter a new network namespace;
 //! re-arm the parent-death signal (a user namespace clears it) and check the engine is still
 //! there; restrict itself with Landlock; install the socket
 //! filter (with a user-notification listener when the engine gave it a report channel); send the
@@ -18,11 +26,11 @@
 //! `execve` exits 127.
 //!
 //! `--probe` applies each layer to itself in turn and prints what works as JSON (the engine's
-//! [`super::Probe`]). Run by hand (as `--sandbox-debug` prints it), without the engine's channel
-//! on fd 4, the filter kills a network attempt with SIGSYS instead of notifying.
+//! [`super::Probe`]). Run by hand (as `--sandbox-debug` prints it), stdin is no socket, so there
+//! is no channel: the filter kills a network attempt with SIGSYS instead of notifying.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 
 use serde::{Deserialize, Serialize};
@@ -31,8 +39,12 @@ use super::{channel, filesystem, netns, seccomp, HelperSpec, LayerProbe, Layers,
 
 /// The hidden subcommand.
 pub const SUBCOMMAND: &str = "__exec";
-/// The descriptor the report channel has in the helper.
+/// The descriptor the progress pipe has in the helper and the processor.
+pub const PROGRESS_FD: i32 = 3;
+/// The descriptor the report channel has in the helper (close-on-exec: the processor never has it).
 pub const REPORT_FD: i32 = 4;
+/// What the engine's one message to the helper says; the progress pipe rides along with it.
+pub const PROGRESS_MESSAGE: &[u8] = b"progress";
 /// Exit code when the sandbox could not be set up (the processor never started).
 pub const EXIT_SETUP_FAILED: u8 = 126;
 /// Exit code when the processor could not be executed.
@@ -54,7 +66,14 @@ pub struct Report {
 
 /// Parsed arguments.
 struct Args {
-    report_fd: Option<i32>,
+    /// The report channel is stdin, and brings the progress pipe.
+    channel_stdin: bool,
+    /// The engine: the helper dies with it, and refuses to start without it.
+    parent: Option<i32>,
+    /// Cores to pin to.
+    cpus: Option<Vec<usize>>,
+    /// `RLIMIT_AS`, bytes.
+    address_space: Option<u64>,
     spec: Option<String>,
     probe: bool,
     argv: Vec<OsString>,
@@ -62,7 +81,10 @@ struct Args {
 
 fn parse(args: &[OsString]) -> Result<Args, String> {
     let mut parsed = Args {
-        report_fd: None,
+        channel_stdin: false,
+        parent: None,
+        cpus: None,
+        address_space: None,
         spec: None,
         probe: false,
         argv: Vec::new(),
@@ -76,9 +98,22 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
                 .ok_or_else(|| format!("`{name}` needs a value"))
         };
         match arg.to_str() {
-            Some("--report-fd") => {
-                let v = value("--report-fd")?;
-                parsed.report_fd = Some(v.parse().map_err(|_| format!("bad --report-fd `{v}`"))?);
+            Some("--channel-stdin") => parsed.channel_stdin = true,
+            Some("--parent-pid") => {
+                let v = value("--parent-pid")?;
+                parsed.parent = Some(v.parse().map_err(|_| format!("bad --parent-pid `{v}`"))?);
+            }
+            Some("--cpus") => {
+                let v = value("--cpus")?;
+                let cores: Result<Vec<usize>, _> = v.split(',').map(str::parse).collect();
+                parsed.cpus = Some(cores.map_err(|_| format!("bad --cpus `{v}`"))?);
+            }
+            Some("--address-space") => {
+                let v = value("--address-space")?;
+                parsed.address_space = Some(
+                    v.parse()
+                        .map_err(|_| format!("bad --address-space `{v}`"))?,
+                );
             }
             Some("--spec-json") => parsed.spec = Some(value("--spec-json")?),
             Some("--spec-file") => {
@@ -105,7 +140,7 @@ pub fn main(args: &[OsString]) -> u8 {
         Ok(a) => a,
         Err(e) => {
             eprintln!(
-                "pipe {SUBCOMMAND}: {e}\nusage: pipe {SUBCOMMAND} [--report-fd N] (--spec-json JSON | --spec-file FILE) -- PROGRAM [ARGS...] | pipe {SUBCOMMAND} --probe"
+                "pipe {SUBCOMMAND}: {e}\nusage: pipe {SUBCOMMAND} [--channel-stdin] [--parent-pid PID] [--cpus LIST] [--address-space BYTES] (--spec-json JSON | --spec-file FILE) -- PROGRAM [ARGS...] | pipe {SUBCOMMAND} --probe"
             );
             return 2;
         }
@@ -118,17 +153,15 @@ pub fn main(args: &[OsString]) -> u8 {
         );
         return 0;
     }
+    let channel = match args.channel_stdin.then(take_channel).flatten() {
+        Some(Ok(channel)) => Some(channel),
+        Some(Err(message)) => {
+            eprintln!("pipe: the offline sandbox could not be set up: {message}");
+            return EXIT_SETUP_FAILED;
+        }
+        None => None,
+    };
     close_inherited_descriptors();
-    let channel = args
-        .report_fd
-        .filter(|fd| channel::is_socket(*fd))
-        .map(|fd| {
-            // SAFETY: the engine handed this descriptor to us for exactly this use; nothing else in
-            // this process refers to it.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            let _ = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC);
-            owned
-        });
     let send = |report: &Report, fd: Option<&OwnedFd>| {
         if let Some(ch) = &channel {
             let bytes = serde_json::to_vec(report).expect("the report serialises");
@@ -146,6 +179,9 @@ pub fn main(args: &[OsString]) -> u8 {
         );
         EXIT_SETUP_FAILED
     };
+    if let Err(message) = start_as_the_engine_asked(&args) {
+        return fail(message);
+    }
     let Some(program) = args.argv.first() else {
         return fail("no processor to run (nothing after `--`)".into());
     };
@@ -202,6 +238,91 @@ fn builtin_of(argv: &[OsString]) -> Option<String> {
     }
     let me = std::env::current_exe().ok()?;
     (std::path::Path::new(program) == me).then(|| name.to_string_lossy().into_owned())
+}
+
+/// Takes the report channel from stdin (`None`: stdin is no socket, as when a person runs the
+/// helper by hand) and the progress pipe from the engine's message on it: the pipe goes to
+/// [`PROGRESS_FD`], the channel to [`REPORT_FD`] (close-on-exec), stdin back to `/dev/null`.
+fn take_channel() -> Option<Result<OwnedFd, String>> {
+    if !channel::is_socket(0) {
+        return None;
+    }
+    Some((|| {
+        let stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        // The engine sent this before it spawned the helper: it is already queued.
+        let progress = match channel::recv(stdin.as_fd(), &mut buf) {
+            Ok(Some((n, Some(fd)))) if &buf[..n] == PROGRESS_MESSAGE => fd,
+            Ok(_) => return Err("the engine's channel brought no progress pipe".to_string()),
+            Err(e) => return Err(format!("cannot read the engine's channel: {e}")),
+        };
+        let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        // Each source is first copied above every target, so that no move can overwrite a
+        // source still to be moved (the pipe may well have arrived as fd 3, /dev/null as fd 4).
+        let high = |fd: BorrowedFd<'_>| {
+            rustix::io::fcntl_dupfd_cloexec(fd, REPORT_FD + 1)
+                .map_err(|e| format!("cannot move the engine's descriptors: {e}"))
+        };
+        let (progress_high, channel, null_high) = (
+            high(progress.as_fd())?,
+            high(stdin.as_fd())?,
+            high(null.as_fd())?,
+        );
+        // Closed now: dropped after the moves, they would close what was moved onto them.
+        drop((progress, null));
+        let (progress, null) = (progress_high, null_high);
+        // SAFETY: dup2 only duplicates descriptors. The targets are the numbers the protocol
+        // gives the pipe, the channel and stdin; the sources are all above them, and nothing in
+        // this single-threaded process uses fds 0, 3 or 4 meanwhile.
+        let moved = unsafe {
+            libc::dup2(progress.as_raw_fd(), PROGRESS_FD) >= 0
+                && libc::dup2(channel.as_raw_fd(), REPORT_FD) >= 0
+                && libc::dup2(null.as_raw_fd(), 0) >= 0
+        };
+        if !moved {
+            return Err(format!(
+                "cannot move the engine's descriptors: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: REPORT_FD was just made a duplicate of the channel; nothing else owns it.
+        let channel = unsafe { OwnedFd::from_raw_fd(REPORT_FD) };
+        rustix::io::fcntl_setfd(&channel, rustix::io::FdFlags::CLOEXEC)
+            .map_err(|e| format!("cannot mark the channel close-on-exec: {e}"))?;
+        Ok(channel)
+    })())
+}
+
+/// What a hook between fork and exec would have done: die with the engine (and refuse to start
+/// when it is already gone), pin to the stage's cores, cap the address space.
+fn start_as_the_engine_asked(args: &Args) -> Result<(), String> {
+    if let Some(parent) = args.parent {
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+            .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+        if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(parent) {
+            return Err("pipe exited before the processor started".into());
+        }
+    }
+    if let Some(cores) = &args.cpus {
+        let mut set = rustix::thread::CpuSet::new();
+        for &core in cores
+            .iter()
+            .filter(|&&c| c < rustix::thread::CpuSet::MAX_CPU)
+        {
+            set.set(core);
+        }
+        rustix::thread::sched_setaffinity(None, &set)
+            .map_err(|e| format!("cannot pin to cores {cores:?}: {e}"))?;
+    }
+    if let Some(bytes) = args.address_space {
+        let limit = rustix::process::Rlimit {
+            current: Some(bytes),
+            maximum: Some(bytes),
+        };
+        rustix::process::setrlimit(rustix::process::Resource::As, limit)
+            .map_err(|e| format!("cannot limit the address space to {bytes} bytes: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Closes every descriptor above the report channel: nothing the engine's parent leaked (a
