@@ -83,12 +83,12 @@ pub fn head_path(state_dir: &Path) -> PathBuf {
 pub fn canonical_bytes(record: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     match record {
-        Value::Object(map) => {
-            let mut without = map.clone();
-            without.remove("hash");
-            without.remove("hmac");
-            write_canonical(&Value::Object(without), &mut out);
-        }
+        // Written without `hash` and `hmac`, in place: a copy of the record would double the
+        // memory a record of a big map stage (every output listed) takes.
+        Value::Object(map) => write_object(
+            map.iter().filter(|(k, _)| *k != "hash" && *k != "hmac"),
+            &mut out,
+        ),
         other => write_canonical(other, &mut out),
     }
     out
@@ -97,20 +97,7 @@ pub fn canonical_bytes(record: &Value) -> Vec<u8> {
 /// Compact JSON with object keys sorted at every level (independent of serde_json's map order).
 fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, key).expect("a string serialises");
-                out.push(b':');
-                write_canonical(&map[key], out);
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => write_object(map.iter(), out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -123,6 +110,22 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
         }
         scalar => serde_json::to_writer(&mut *out, scalar).expect("a scalar serialises"),
     }
+}
+
+/// An object of these members, keys sorted.
+fn write_object<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
+    let mut members: Vec<(&String, &Value)> = members.collect();
+    members.sort_by_key(|(key, _)| *key);
+    out.push(b'{');
+    for (i, (key, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key).expect("a string serialises");
+        out.push(b':');
+        write_canonical(value, out);
+    }
+    out.push(b'}');
 }
 
 fn to_hex(bytes: &[u8]) -> String {

@@ -62,6 +62,15 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// A map stage's item plans, taken out (the decision keeps its summary). They are the one
+    /// part of a plan that grows with the stage's inputs: they go to the job, not into copies.
+    pub fn take_items(&mut self) -> Option<Vec<ItemPlan>> {
+        match self {
+            Decision::Map { items, .. } => Some(std::mem::take(items)),
+            _ => None,
+        }
+    }
+
     /// Whether the stage's processor will run.
     pub fn runs(&self) -> bool {
         !matches!(self, Decision::Skip)
@@ -126,7 +135,6 @@ pub struct ItemPlan {
     /// Root-relative input path.
     pub input: String,
     pub fingerprint: String,
-    pub ingredients: Ingredients,
     pub action: ItemAction,
 }
 
@@ -188,8 +196,7 @@ fn map_decision(
     };
     let mut items = Vec::new();
     for input in ingredients.inputs.keys() {
-        let item = item_ingredients(ingredients, input);
-        let fingerprint = item.key();
+        let fingerprint = item_ingredients(ingredients, input).key();
         let previous = marker.and_then(|m| m.items.get(input));
         let action = match previous {
             Some(entry) if entry.fingerprint == fingerprint && intact(&entry.outputs, cache) => {
@@ -207,7 +214,6 @@ fn map_decision(
         items.push(ItemPlan {
             input: input.clone(),
             fingerprint,
-            ingredients: item,
             action,
         });
     }

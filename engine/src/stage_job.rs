@@ -120,23 +120,22 @@ pub struct StageJob {
 }
 
 impl StageJob {
-    /// Builds the job for a stage the planner decided to run or resume.
+    /// Builds the job for a stage the planner decided to run or resume (a map stage's item plans
+    /// are `map_items`, taken out of the plan's decision).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: &Spec,
         ws: &Workspace,
         index: usize,
-        plan: &plan::StagePlan,
+        plan: plan::StagePlan,
+        map_items: Option<Vec<ItemPlan>>,
         run_id: &str,
         exe: &Path,
         interrupt: &Arc<AtomicBool>,
         reason: String,
     ) -> StageJob {
         let stage = spec.stages[index].clone();
-        let fingerprint = plan
-            .fingerprint
-            .clone()
-            .expect("a decided stage has a fingerprint");
+        let fingerprint = plan.fingerprint.expect("a decided stage has a fingerprint");
         let resume = match &plan.decision {
             plan::Decision::Resume { checkpoint, .. } => Some(*checkpoint),
             _ => None,
@@ -164,9 +163,9 @@ impl StageJob {
             exe: exe.to_path_buf(),
             interrupt: Arc::clone(interrupt),
             fingerprint,
-            ingredients: plan.ingredients.clone().expect("decided"),
-            inputs: plan.inputs.clone().expect("decided"),
-            previous: plan.marker.clone(),
+            ingredients: plan.ingredients.expect("decided"),
+            inputs: plan.inputs.expect("decided"),
+            previous: plan.marker,
             resume,
             restore_from: match &plan.decision {
                 plan::Decision::Restore { from_run, .. } => Some(from_run.clone()),
@@ -176,10 +175,7 @@ impl StageJob {
             cores: Vec::new(),
             sandbox: crate::sandbox::Policy::default(),
             items: BTreeMap::new(),
-            map_items: match &plan.decision {
-                plan::Decision::Map { items, .. } => Some(items.clone()),
-                _ => None,
-            },
+            map_items,
             executor: Executor::Local,
         }
     }
