@@ -185,8 +185,11 @@ fn complete(target: &Target, journal: &Journal, cache: &mut StatCache) -> io::Re
     failpoint::hit("publish.after-staging-removed");
     atomic::write_json(&target.marker, &journal.marker)?;
     failpoint::hit("publish.after-marker");
+    // The journal's removal is not synced: if a power cut undoes it, the next build finds the
+    // journal beside the marker it names and completes it again (the outputs are in place with
+    // their recorded hashes), which is the state a kill right after the marker leaves (the crash
+    // sweep's `publish.after-marker`). One folder sync fewer per stage.
     atomic::remove_if_exists(&target.journal)?;
-    atomic::sync_dir(out)?;
     Ok(journal.marker.clone())
 }
 
