@@ -257,8 +257,9 @@ pub fn prepare(inv: &Invocation) -> io::Result<Prepared> {
 }
 
 /// The exact command an attempt runs, as a shell line a person can paste to reproduce it (fd 3,
-/// the progress pipe, stands in as `3>/dev/null`; without the engine on fd 4 the helper kills a
-/// network attempt with SIGSYS instead of reporting it).
+/// the progress pipe, stands in as `3>/dev/null`; stdin is then no socket, so there is no report
+/// channel and the helper kills a network attempt with SIGSYS instead of reporting it; the
+/// engine's `--parent-pid` is left out).
 pub fn command_line(inv: &Invocation) -> io::Result<String> {
     let prepared = prepare(inv)?;
     let mut words = vec!["cd".to_string(), quote(inv.cwd.as_os_str()), "&&".into()];
