@@ -11,7 +11,7 @@
 //!
 //! The engine starts the helper with `posix_spawn` (no hook between fork and exec), which costs
 //! the same whatever the engine's size: a `fork` copies the engine's page tables, and a map stage
-//! of 100,000 items spent a third of its time there. So everything a hook used to do is done
+//! of 20,000 items spent a third of its time there. So everything a hook used to do is done
 //! here, first thing: the report channel arrives as stdin and the engine's first message on it
 //! carries the progress pipe, which goes to fd 3 (the channel to fd 4, stdin back to `/dev/null`);
 //! then the parent-death signal is armed and the engine checked to be still there; then CPU
