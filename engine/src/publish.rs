@@ -80,7 +80,7 @@ pub fn publish(
     };
     atomic::write_json(&target.journal, &journal)?;
     failpoint::hit("publish.after-journal");
-    complete(target, &journal, cache)
+    complete(target, journal, cache)
 }
 
 /// What [`recover`] found.
@@ -103,7 +103,7 @@ pub fn recover(target: &Target, cache: &mut StatCache) -> io::Result<Recovery> {
         Err(err) => return Err(err),
     };
     let outcome = match serde_json::from_slice::<Journal>(&bytes) {
-        Ok(journal) => match complete(target, &journal, cache) {
+        Ok(journal) => match complete(target, journal, cache) {
             Ok(_) => return Ok(Recovery::Completed),
             Err(err) if err.kind() == io::ErrorKind::InvalidData => err.to_string(),
             Err(err) => return Err(err),
@@ -117,7 +117,7 @@ pub fn recover(target: &Target, cache: &mut StatCache) -> io::Result<Recovery> {
 }
 
 /// Steps after the journal: idempotent, so a crash anywhere in them can be followed by a rerun.
-fn complete(target: &Target, journal: &Journal, cache: &mut StatCache) -> io::Result<Marker> {
+fn complete(target: &Target, journal: Journal, cache: &mut StatCache) -> io::Result<Marker> {
     let out = &target.output_dir;
     if atomic::remove_if_exists(&target.progress)? {
         failpoint::hit("publish.after-progress-removed");
@@ -190,7 +190,7 @@ fn complete(target: &Target, journal: &Journal, cache: &mut StatCache) -> io::Re
     // their recorded hashes), which is the state a kill right after the marker leaves (the crash
     // sweep's `publish.after-marker`). One folder sync fewer per stage.
     atomic::remove_if_exists(&target.journal)?;
-    Ok(journal.marker.clone())
+    Ok(journal.marker)
 }
 
 /// Every regular file under `staging`, relative and `/`-separated, sorted.
