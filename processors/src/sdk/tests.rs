@@ -410,7 +410,7 @@ fn line_checkpoints_across_many_buffers_land_on_their_lines() {
     assert_eq!(summary.unwrap().lines, line_count);
     assert_eq!(fx.output("big.txt"), text.to_uppercase().as_bytes());
     let mut expected: Vec<u64> = (1..=line_count / 7919).map(|i| i * 7919).collect();
-    if line_count % 7919 != 0 {
+    if !line_count.is_multiple_of(7919) {
         expected.push(line_count);
     }
     let offsets: Vec<u64> = cps.iter().map(|c| c.line_offset).collect();
