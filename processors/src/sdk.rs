@@ -14,6 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::checkpoint::{Cadence, Checkpoint};
@@ -379,7 +380,9 @@ impl Runner {
                 ..Checkpoint::START
             };
         let mut source = File::open(input).map_err(ProcessorError::io("opening input", input))?;
-        let mut sink = open_output(output, &start, resuming, input, &mut source)?;
+        // Shared with the syncer thread, which fsyncs it for each checkpoint while this thread
+        // writes on (one descriptor: no `dup` per checkpoint).
+        let sink = Arc::new(open_output(output, &start, resuming, input, &mut source)?);
         let mut pos = Position {
             at: start,
             lines_since: 0,
@@ -388,28 +391,46 @@ impl Runner {
             dir_synced: resuming,
             unterminated: false,
         };
+        // The bytes read and not yet consumed are `buf[begin..filled]`. They move to the front of
+        // the buffer only when more must be read behind them, and only when they hold no whole
+        // line — a partial line, a few bytes — so a chunk cut short by a line-count checkpoint
+        // costs no copy of the rest of the buffer.
+        let mut begin = 0usize;
         let mut filled = 0usize;
         let mut eof = false;
+        let mut want_more = false;
         loop {
-            if !eof && filled < self.buf.len() {
-                let n = read_retrying(&mut source, &mut self.buf[filled..])
-                    .map_err(ProcessorError::io("reading input", input))?;
-                eof = n == 0;
-                filled += n;
-                if !eof
-                    && filled < self.buf.len()
-                    && memchr::memrchr(b'\n', &self.buf[..filled]).is_none()
-                {
-                    continue;
+            if !eof
+                && (want_more
+                    || begin == filled
+                    || memchr::memrchr(b'\n', &self.buf[begin..filled]).is_none())
+            {
+                want_more = false;
+                if begin > 0 {
+                    self.buf.copy_within(begin..filled, 0);
+                    filled -= begin;
+                    begin = 0;
+                }
+                if filled < self.buf.len() {
+                    let n = read_retrying(&mut source, &mut self.buf[filled..])
+                        .map_err(ProcessorError::io("reading input", input))?;
+                    eof = n == 0;
+                    filled += n;
+                    if !eof
+                        && filled < self.buf.len()
+                        && memchr::memrchr(b'\n', &self.buf[..filled]).is_none()
+                    {
+                        continue;
+                    }
                 }
             }
-            if filled == 0 {
+            if filled == begin {
                 break;
             }
-            let end = self.chunk_end(filled, eof, &pos);
+            let (end, lines_to_end) = self.chunk_end(begin, filled, eof, &pos);
             let last = eof && end == filled;
             let step = transform
-                .apply(&mut self.buf[..end], last, &mut self.out)
+                .apply(&mut self.buf[begin..end], last, &mut self.out)
                 .map_err(|err| ProcessorError::Data {
                     path: input.to_path_buf(),
                     offset: pos.at.byte_offset + err.offset_in_chunk as u64,
@@ -423,16 +444,21 @@ impl Runner {
                         message: "the input ends inside a character".into(),
                     });
                 }
+                want_more = true;
                 continue;
             }
-            let consumed = &self.buf[..step.consumed];
-            let lines = memchr::memchr_iter(b'\n', consumed).count() as u64;
+            let consumed = &self.buf[begin..begin + step.consumed];
+            let lines = match lines_to_end {
+                Some(lines) if begin + step.consumed == end => lines,
+                _ => memchr::memchr_iter(b'\n', consumed).count() as u64,
+            };
             let on_boundary = consumed.last() == Some(&b'\n');
             let written = match step.emit {
                 Emit::Chunk => consumed,
                 Emit::Buffer => &self.out[..],
             };
-            sink.write_all(written)
+            (&*sink)
+                .write_all(written)
                 .map_err(ProcessorError::io("writing output", output))?;
             crate::failpoint::hit("sdk.after-output-write");
             pos.at.output_bytes += written.len() as u64;
@@ -446,8 +472,7 @@ impl Runner {
             self.lines_this_attempt += lines;
             self.untallied += lines;
             self.out.clear();
-            self.buf.copy_within(step.consumed..filled, 0);
-            filled -= step.consumed;
+            begin += step.consumed;
             if let Some(Fault::CrashAfterLines(n)) = self.fault {
                 if self.lines_this_attempt >= n {
                     crate::failpoint::crash_now();
@@ -467,14 +492,22 @@ impl Runner {
         self.checkpoint(&sink, output, &mut pos)
     }
 
-    /// Where the next chunk ends: at the last newline read, but early enough that a line-count
-    /// checkpoint or an injected fault falls exactly on its line.
-    fn chunk_end(&self, filled: usize, eof: bool, pos: &Position) -> usize {
-        let data = &self.buf[..filled];
+    /// Where the next chunk of `buf[begin..filled]` ends: at the last newline read, but early
+    /// enough that a line-count checkpoint or an injected fault falls exactly on its line. When
+    /// it was cut there, also the number of lines up to the end (the budget), so they are not
+    /// counted twice.
+    fn chunk_end(
+        &self,
+        begin: usize,
+        filled: usize,
+        eof: bool,
+        pos: &Position,
+    ) -> (usize, Option<u64>) {
+        let data = &self.buf[begin..filled];
         let mut end = if eof {
-            filled
+            data.len()
         } else {
-            memchr::memrchr(b'\n', data).map_or(filled, |i| i + 1)
+            memchr::memrchr(b'\n', data).map_or(data.len(), |i| i + 1)
         };
         let mut budget = u64::MAX;
         if let Some(every) = self.cadence.every_lines {
@@ -483,12 +516,14 @@ impl Runner {
         if let Some(Fault::CrashAfterLines(n)) = self.fault {
             budget = budget.min(n.saturating_sub(self.lines_this_attempt).max(1));
         }
+        let mut lines = None;
         if budget != u64::MAX {
-            if let Some(nth) = memchr::memchr_iter(b'\n', &data[..end]).nth((budget - 1) as usize) {
-                end = nth + 1;
+            if let Some(nth_end) = nth_line_end(&data[..end], budget) {
+                end = nth_end;
+                lines = Some(budget);
             }
         }
-        end
+        (begin + end, lines)
     }
 
     fn checkpoint_due(&self, pos: &Position) -> bool {
@@ -499,19 +534,17 @@ impl Runner {
                 .is_some_and(|s| pos.since.elapsed().as_secs_f64() >= s)
     }
 
-    /// Takes a checkpoint at `pos`: hands the output (a second descriptor of it) to the syncer
+    /// Takes a checkpoint at `pos`: hands the output (shared, not duplicated) to the syncer
     /// thread, which fsyncs it and only then reports `pos`, while this thread goes on
     /// processing. The fsync overlaps the work instead of stalling it.
     fn checkpoint(
         &mut self,
-        sink: &File,
+        sink: &Arc<File>,
         output: &Path,
         pos: &mut Position,
     ) -> Result<(), ProcessorError> {
         let job = SyncJob {
-            file: sink
-                .try_clone()
-                .map_err(ProcessorError::io("duplicating output", output))?,
+            file: Arc::clone(sink),
             output: output.to_path_buf(),
             checkpoint: pos.at,
             sync_dirs: !pos.dir_synced,
@@ -530,7 +563,7 @@ impl Runner {
 
 /// One checkpoint for the syncer thread.
 struct SyncJob {
-    file: File,
+    file: Arc<File>,
     output: PathBuf,
     checkpoint: Checkpoint,
     sync_dirs: bool,
@@ -715,6 +748,26 @@ fn open_output(
         .seek(SeekFrom::Start(start.byte_offset))
         .map_err(ProcessorError::io("seeking input", input))?;
     Ok(sink)
+}
+
+/// The offset just past the `n`-th newline of `data` (`n` ≥ 1), if it has that many. Newlines
+/// are counted a block at a time (memchr's vectorised count) and only the block holding the
+/// `n`-th is walked newline by newline: finding the 10,000th line costs a count, not 10,000
+/// searches.
+fn nth_line_end(data: &[u8], n: u64) -> Option<usize> {
+    const BLOCK: usize = 16 << 10;
+    let mut left = n;
+    let mut at = 0;
+    for block in data.chunks(BLOCK) {
+        let count = memchr::memchr_iter(b'\n', block).count() as u64;
+        if count >= left {
+            let nth = memchr::memchr_iter(b'\n', block).nth((left - 1) as usize)?;
+            return Some(at + nth + 1);
+        }
+        left -= count;
+        at += block.len();
+    }
+    None
 }
 
 fn read_retrying(source: &mut File, buf: &mut [u8]) -> io::Result<usize> {

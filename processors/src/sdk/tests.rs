@@ -345,3 +345,83 @@ fn transient_io_errors_exit_75() {
     };
     assert_eq!(err.exit_code(), 1);
 }
+
+#[test]
+fn nth_line_end_finds_the_nth_newline_across_count_blocks() {
+    let mut rng: u64 = 7;
+    let mut data = Vec::new();
+    for _ in 0..60_000 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        data.extend(std::iter::repeat_n(b'x', (rng >> 58) as usize));
+        data.push(b'\n');
+    }
+    let ends: Vec<usize> = data
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i + 1)
+        .collect();
+    for n in [
+        1, 2, 3, 500, 4095, 4096, 4097, 10_000, 33_333, 59_999, 60_000,
+    ] {
+        assert_eq!(nth_line_end(&data, n as u64), Some(ends[n - 1]), "n = {n}");
+    }
+    assert_eq!(nth_line_end(&data, 60_001), None);
+    assert_eq!(nth_line_end(b"no newline", 1), None);
+    assert_eq!(nth_line_end(b"", 1), None);
+}
+
+/// Several read buffers' worth of lines of varied length (some with characters whose
+/// upper-casing changes length), checkpointed every 7,919 lines: chunks cut short by the line
+/// budget leave the rest of the buffer to the next chunk, which must not lose, repeat or
+/// misplace a byte, and every checkpoint must land exactly on its line.
+#[test]
+fn line_checkpoints_across_many_buffers_land_on_their_lines() {
+    let mut rng: u64 = 11;
+    let mut text = String::new();
+    let words = ["alpha", "ΐota", "straße", "ﬁne", "ıi", "жук", "x"];
+    let mut line_count = 0u64;
+    while text.len() < 3 * CHUNK_BYTES + 12_345 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        for w in 0..(rng >> 60) {
+            text.push_str(words[((rng >> (20 + 3 * w)) % words.len() as u64) as usize]);
+            text.push(' ');
+        }
+        text.push('\n');
+        line_count += 1;
+    }
+    let data = text.as_bytes();
+    let fx = Fixture::new(&[("big.txt", data)]);
+    let mut vars = fx.vars();
+    vars.insert(
+        "PIPELINE_CHECKPOINT".into(),
+        r#"{"everyLines": 7919}"#.into(),
+    );
+    let (summary, cps) = fx.run_with(
+        vars,
+        &mut Upper {
+            mode: Mode::Unicode,
+        },
+    );
+    assert_eq!(summary.unwrap().lines, line_count);
+    assert_eq!(fx.output("big.txt"), text.to_uppercase().as_bytes());
+    let mut expected: Vec<u64> = (1..=line_count / 7919).map(|i| i * 7919).collect();
+    if !line_count.is_multiple_of(7919) {
+        expected.push(line_count);
+    }
+    let offsets: Vec<u64> = cps.iter().map(|c| c.line_offset).collect();
+    assert_eq!(offsets, expected);
+    for cp in &cps {
+        let consumed = &data[..cp.byte_offset as usize];
+        assert_eq!(
+            memchr::memchr_iter(b'\n', consumed).count() as u64,
+            cp.line_offset
+        );
+        let upper = String::from_utf8(consumed.to_vec()).unwrap().to_uppercase();
+        assert_eq!(cp.output_bytes, upper.len() as u64);
+    }
+}
