@@ -187,46 +187,43 @@ fn upper_chars(
 /// the block's ASCII letters after it are upper-cased too, which doing again changes nothing).
 #[cfg(target_arch = "x86_64")]
 fn blocks(text: &mut [u8], mut i: usize, pairs: &[u16; 2048]) -> usize {
-    use std::arch::x86_64::*;
+    use safe_arch::*;
+    let a_minus_1 = set_splat_i8_m128i(b'a' as i8 - 1);
+    let z_plus_1 = set_splat_i8_m128i(b'z' as i8 + 1);
+    let case_bit = set_splat_i8_m128i(0x20);
+    let last_two_byte_lead = set_splat_i8_m128i(0xDFu8 as i8);
+    let last_continuation = set_splat_i8_m128i(0xBFu8 as i8);
+    let zero = zeroed_m128i();
     while i + BLOCK <= text.len() {
         let block = &mut text[i..i + BLOCK];
-        let p = block.as_mut_ptr();
-        // SAFETY: SSE2 is part of the x86_64 baseline, so these intrinsics are always available;
-        // every load and store is an unaligned access of 16 bytes at offsets 0, 16, 32 and 48 of
-        // `block`, which is 64 bytes long and borrowed mutably here.
-        let leads = unsafe {
-            let a_minus_1 = _mm_set1_epi8(b'a' as i8 - 1);
-            let z_plus_1 = _mm_set1_epi8(b'z' as i8 + 1);
-            let case_bit = _mm_set1_epi8(0x20);
-            let last_two_byte_lead = _mm_set1_epi8(0xDFu8 as i8);
-            let last_continuation = _mm_set1_epi8(0xBFu8 as i8);
-            let zero = _mm_setzero_si128();
-            let mut longer = 0u32;
-            let mut leads = 0u64;
-            for k in 0..4 {
-                let q = p.add(16 * k) as *mut __m128i;
-                let v = _mm_loadu_si128(q);
-                // Bytes above 0xDF start 3- or 4-byte characters: this block is not ours.
-                let above_df = _mm_subs_epu8(v, last_two_byte_lead);
-                longer |= (_mm_movemask_epi8(_mm_cmpeq_epi8(above_df, zero)) ^ 0xFFFF) as u32;
-                // Bytes above 0xBF (and not above 0xDF) are lead bytes of 2-byte characters.
-                let above_bf = _mm_subs_epu8(v, last_continuation);
-                let lead = _mm_movemask_epi8(_mm_cmpeq_epi8(above_bf, zero)) ^ 0xFFFF;
-                leads |= (lead as u64) << (16 * k);
-                // ASCII a-z (signed compare: bytes from 0x80 are negative and never match).
-                let lower =
-                    _mm_and_si128(_mm_cmpgt_epi8(v, a_minus_1), _mm_cmplt_epi8(v, z_plus_1));
-                if longer == 0 {
-                    _mm_storeu_si128(q, _mm_sub_epi8(v, _mm_and_si128(lower, case_bit)));
-                }
+        // SSE2 (the x86_64 baseline) through `safe_arch`: loads and stores of 16-byte arrays, no
+        // raw pointers.
+        let mut longer = 0u32;
+        let mut leads = 0u64;
+        for (k, part) in block.chunks_exact_mut(16).enumerate() {
+            let part: &mut [u8; 16] = part.try_into().expect("16-byte parts");
+            let v = load_unaligned_m128i(part);
+            // Bytes above 0xDF start 3- or 4-byte characters: this block is not ours.
+            let above_df = sub_saturating_u8_m128i(v, last_two_byte_lead);
+            longer |= (move_mask_i8_m128i(cmp_eq_mask_i8_m128i(above_df, zero)) ^ 0xFFFF) as u32;
+            // Bytes above 0xBF (and not above 0xDF) are lead bytes of 2-byte characters.
+            let above_bf = sub_saturating_u8_m128i(v, last_continuation);
+            let lead = move_mask_i8_m128i(cmp_eq_mask_i8_m128i(above_bf, zero)) ^ 0xFFFF;
+            leads |= (lead as u64) << (16 * k);
+            // ASCII a-z (signed compare: bytes from 0x80 are negative and never match).
+            let lower = bitand_m128i(
+                cmp_gt_mask_i8_m128i(v, a_minus_1),
+                cmp_lt_mask_i8_m128i(v, z_plus_1),
+            );
+            if longer == 0 {
+                store_unaligned_m128i(part, sub_i8_m128i(v, bitand_m128i(lower, case_bit)));
             }
-            if longer != 0 {
-                // Stores above happened only for the 16-byte parts before the first longer
-                // character; upper-casing ASCII again is harmless.
-                return i;
-            }
-            leads
-        };
+        }
+        if longer != 0 {
+            // Stores above happened only for the 16-byte parts before the first longer
+            // character; upper-casing ASCII again is harmless.
+            return i;
+        }
         // A lead byte in the last position: its character ends in the next block.
         let (mut leads, len) = if leads >> 63 == 1 {
             (leads & !(1 << 63), BLOCK - 1)
