@@ -79,6 +79,49 @@ fn lines(count: usize, width: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The next value of a seeded linear congruential generator (deterministic test data).
+fn next_random(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *state
+}
+
+/// Runs unicode `upper` over `data` as the one input `big.txt`, checkpointing every `every`
+/// lines; returns the fixture, the summary and the checkpoints.
+fn upper_every_lines(
+    data: &[u8],
+    every: u64,
+) -> (Fixture, Result<Summary, ProcessorError>, Vec<Checkpoint>) {
+    let fx = Fixture::new(&[("big.txt", data)]);
+    let mut vars = fx.vars();
+    vars.insert(
+        "PIPELINE_CHECKPOINT".into(),
+        format!(r#"{{"everyLines": {every}}}"#),
+    );
+    let (summary, cps) = fx.run_with(
+        vars,
+        &mut Upper {
+            mode: Mode::Unicode,
+        },
+    );
+    (fx, summary, cps)
+}
+
+/// Every checkpoint of `upper` over `data` counts the lines and output bytes of exactly the
+/// input before its byte offset.
+fn assert_checkpoints_match_input(data: &[u8], cps: &[Checkpoint]) {
+    for cp in cps {
+        let consumed = &data[..cp.byte_offset as usize];
+        assert_eq!(
+            memchr::memchr_iter(b'\n', consumed).count() as u64,
+            cp.line_offset
+        );
+        let upper = String::from_utf8(consumed.to_vec()).unwrap().to_uppercase();
+        assert_eq!(cp.output_bytes, upper.len() as u64);
+    }
+}
+
 #[test]
 fn copies_inputs_to_mirrored_paths_with_a_final_checkpoint_each() {
     let fx = Fixture::new(&[("a.txt", b"one\ntwo\n"), ("sub/b.txt", b"three")]);
@@ -110,32 +153,13 @@ fn copies_inputs_to_mirrored_paths_with_a_final_checkpoint_each() {
 #[test]
 fn every_lines_cadence_checkpoints_exactly_on_its_lines() {
     let data = lines(1000, 6);
-    let fx = Fixture::new(&[("big.txt", &data)]);
-    let mut vars = fx.vars();
-    vars.insert(
-        "PIPELINE_CHECKPOINT".into(),
-        r#"{"everyLines": 100}"#.into(),
-    );
-    let (summary, cps) = fx.run_with(
-        vars,
-        &mut Upper {
-            mode: Mode::Unicode,
-        },
-    );
+    let (_fx, summary, cps) = upper_every_lines(&data, 100);
     summary.unwrap();
     let offsets: Vec<u64> = cps.iter().map(|c| c.line_offset).collect();
     let mut expected: Vec<u64> = (1..=10).map(|i| i * 100).collect();
     expected.push(1000); // the final checkpoint of the input
     assert_eq!(offsets, expected);
-    for cp in &cps {
-        let consumed = &data[..cp.byte_offset as usize];
-        assert_eq!(
-            memchr::memchr_iter(b'\n', consumed).count() as u64,
-            cp.line_offset
-        );
-        let expected_out = String::from_utf8(consumed.to_vec()).unwrap().to_uppercase();
-        assert_eq!(cp.output_bytes, expected_out.len() as u64);
-    }
+    assert_checkpoints_match_input(&data, &cps);
 }
 
 /// The exactly-once property: from any checkpoint, with any garbage after `outputBytes` (writes
@@ -351,10 +375,8 @@ fn nth_line_end_finds_the_nth_newline_across_count_blocks() {
     let mut rng: u64 = 7;
     let mut data = Vec::new();
     for _ in 0..60_000 {
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        data.extend(std::iter::repeat_n(b'x', (rng >> 58) as usize));
+        let r = next_random(&mut rng);
+        data.extend(std::iter::repeat_n(b'x', (r >> 58) as usize));
         data.push(b'\n');
     }
     let ends: Vec<usize> = data
@@ -384,29 +406,16 @@ fn line_checkpoints_across_many_buffers_land_on_their_lines() {
     let words = ["alpha", "ΐota", "straße", "ﬁne", "ıi", "жук", "x"];
     let mut line_count = 0u64;
     while text.len() < 3 * CHUNK_BYTES + 12_345 {
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        for w in 0..(rng >> 60) {
-            text.push_str(words[((rng >> (20 + 3 * w)) % words.len() as u64) as usize]);
+        let r = next_random(&mut rng);
+        for w in 0..(r >> 60) {
+            text.push_str(words[((r >> (20 + 3 * w)) % words.len() as u64) as usize]);
             text.push(' ');
         }
         text.push('\n');
         line_count += 1;
     }
     let data = text.as_bytes();
-    let fx = Fixture::new(&[("big.txt", data)]);
-    let mut vars = fx.vars();
-    vars.insert(
-        "PIPELINE_CHECKPOINT".into(),
-        r#"{"everyLines": 7919}"#.into(),
-    );
-    let (summary, cps) = fx.run_with(
-        vars,
-        &mut Upper {
-            mode: Mode::Unicode,
-        },
-    );
+    let (fx, summary, cps) = upper_every_lines(data, 7919);
     assert_eq!(summary.unwrap().lines, line_count);
     assert_eq!(fx.output("big.txt"), text.to_uppercase().as_bytes());
     let mut expected: Vec<u64> = (1..=line_count / 7919).map(|i| i * 7919).collect();
@@ -415,13 +424,5 @@ fn line_checkpoints_across_many_buffers_land_on_their_lines() {
     }
     let offsets: Vec<u64> = cps.iter().map(|c| c.line_offset).collect();
     assert_eq!(offsets, expected);
-    for cp in &cps {
-        let consumed = &data[..cp.byte_offset as usize];
-        assert_eq!(
-            memchr::memchr_iter(b'\n', consumed).count() as u64,
-            cp.line_offset
-        );
-        let upper = String::from_utf8(consumed.to_vec()).unwrap().to_uppercase();
-        assert_eq!(cp.output_bytes, upper.len() as u64);
-    }
+    assert_checkpoints_match_input(data, &cps);
 }
