@@ -5,7 +5,8 @@
 //! offset: silently replacing bytes would corrupt the user's data. ASCII mode maps `a-z` only and
 //! passes every other byte through, like `tr a-z A-Z`.
 //!
-//! Both modes transform pure-ASCII chunks in place (the common case, and the fast one).
+//! Both modes transform in place: ASCII mode always, unicode mode whenever every character's
+//! upper-casing is as long as the character (nearly all text; see [`upper_utf8`]).
 
 use crate::sdk::{ChunkTransform, DataError, Emit, Step};
 
