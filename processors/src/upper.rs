@@ -6,7 +6,7 @@
 //! passes every other byte through, like `tr a-z A-Z`.
 //!
 //! Both modes transform in place: ASCII mode always, unicode mode whenever every character's
-//! upper-casing is as long as the character (nearly all text; see [`upper_utf8`]).
+//! upper-casing is as long as the character (nearly all text; see `upper_utf8`).
 
 use crate::sdk::{ChunkTransform, DataError, Emit, Step};
 
