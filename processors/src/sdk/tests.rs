@@ -52,8 +52,19 @@ impl Fixture {
     /// every checkpoint line received.
     fn run_with<T: ChunkTransform>(
         &self,
+        vars: HashMap<String, String>,
+        transform: &mut T,
+    ) -> (Result<Summary, ProcessorError>, Vec<Checkpoint>) {
+        self.run_writing(vars, transform, None)
+    }
+
+    /// [`Fixture::run_with`], writing on a writer thread (`Some(true)`), on the calling thread
+    /// (`Some(false)`) or as [`run`] decides from the CPUs available (`None`).
+    fn run_writing<T: ChunkTransform>(
+        &self,
         mut vars: HashMap<String, String>,
         transform: &mut T,
+        threaded: Option<bool>,
     ) -> (Result<Summary, ProcessorError>, Vec<Checkpoint>) {
         let (reader, writer) = rustix::pipe::pipe().unwrap();
         vars.insert(
@@ -67,7 +78,10 @@ impl Fixture {
             text
         });
         let mut ctx = Context::from_vars(|k| vars.get(k).cloned()).unwrap();
-        let result = run(&mut ctx, transform);
+        let result = match threaded {
+            None => run(&mut ctx, transform),
+            Some(threaded) => run_writing(&mut ctx, transform, threaded),
+        };
         drop(ctx);
         let text = lines.join().unwrap();
         let checkpoints = text
@@ -535,9 +549,21 @@ fn varied_text(size: usize, seed: u64, hash_every: u64) -> Vec<u8> {
 #[test]
 fn output_spanning_many_buffers_is_the_transformed_input() {
     let data = varied_text(6 * POOL_BUFFERS * CHUNK_BYTES + 4321, 5, 50);
-    let fx = Fixture::new(&[("big.txt", &data)]);
-    let mut transform = MixedUpper { buffered_chunks: 0 };
-    let (summary, cps) = fx.run_with(fx.vars(), &mut transform);
+    for threaded in [true, false] {
+        let fx = Fixture::new(&[("big.txt", &data)]);
+        let mut transform = MixedUpper { buffered_chunks: 0 };
+        let (summary, cps) = fx.run_writing(fx.vars(), &mut transform, Some(threaded));
+        assert_transformed_whole(&data, &fx, summary, &cps, &transform);
+    }
+}
+
+fn assert_transformed_whole(
+    data: &[u8],
+    fx: &Fixture,
+    summary: Result<Summary, ProcessorError>,
+    cps: &[Checkpoint],
+    transform: &MixedUpper,
+) {
     let summary = summary.unwrap();
     assert!(transform.buffered_chunks > 0, "no chunk went through `out`");
     let expected = data.to_ascii_uppercase();
@@ -546,7 +572,7 @@ fn output_spanning_many_buffers_is_the_transformed_input() {
     assert_eq!(summary.output_bytes, data.len() as u64);
     assert_eq!(
         summary.lines,
-        memchr::memchr_iter(b'\n', &data).count() as u64
+        memchr::memchr_iter(b'\n', data).count() as u64
     );
     assert_eq!(
         cps.last().map(|c| (c.byte_offset, c.output_bytes)),
@@ -561,22 +587,28 @@ fn output_spanning_many_buffers_is_the_transformed_input() {
 #[test]
 fn checkpoints_over_many_buffers_count_exactly_the_output_before_them() {
     let data = varied_text(4 * POOL_BUFFERS * CHUNK_BYTES, 9, 1);
-    let fx = Fixture::new(&[("big.txt", &data)]);
-    let mut vars = fx.vars();
-    vars.insert(
-        "PIPELINE_CHECKPOINT".into(),
-        r#"{"everyLines": 997}"#.into(),
-    );
-    let (summary, cps) = fx.run_with(vars, &mut MarkLineEnds);
-    summary.unwrap();
+    for threaded in [true, false] {
+        let fx = Fixture::new(&[("big.txt", &data)]);
+        let mut vars = fx.vars();
+        vars.insert(
+            "PIPELINE_CHECKPOINT".into(),
+            r#"{"everyLines": 997}"#.into(),
+        );
+        let (summary, cps) = fx.run_writing(vars, &mut MarkLineEnds, Some(threaded));
+        summary.unwrap();
+        assert_marked_with_exact_checkpoints(&data, &fx, &cps);
+    }
+}
+
+fn assert_marked_with_exact_checkpoints(data: &[u8], fx: &Fixture, cps: &[Checkpoint]) {
     let output = fx.output("big.txt");
-    assert!(output == mark_line_ends(&data), "output differs");
-    let line_count = memchr::memchr_iter(b'\n', &data).count() as u64;
+    assert!(output == mark_line_ends(data), "output differs");
+    let line_count = memchr::memchr_iter(b'\n', data).count() as u64;
     assert_eq!(cps.len() as u64, line_count.div_ceil(997));
     for (i, cp) in cps.iter().enumerate() {
         let line = ((i as u64 + 1) * 997).min(line_count);
         assert_eq!(cp.line_offset, line);
-        assert_eq!(nth_line_end(&data, line), Some(cp.byte_offset as usize));
+        assert_eq!(nth_line_end(data, line), Some(cp.byte_offset as usize));
         assert_eq!(cp.output_bytes, cp.byte_offset + cp.line_offset);
         let prefix = &output[..cp.output_bytes as usize];
         assert!(
@@ -670,24 +702,31 @@ fn many_small_inputs_rotate_through_the_buffers() {
 /// A write that fails on the writer thread (ENOSPC from /dev/full, the output's target) ends the
 /// run with the writer's error — what failed and on which output, exit code 1 as before — not a
 /// channel error, even though the reading thread had many buffers of input left; and no
-/// checkpoint is reported for output that was never written.
+/// checkpoint is reported for output that was never written. The same without a writer thread
+/// (one CPU): nothing is written or reported after the failed write.
 #[test]
 fn a_write_error_on_the_writer_thread_is_the_runs_error() {
     let data = varied_text(8 * CHUNK_BYTES, 3, 1000);
-    let fx = Fixture::new(&[("big.txt", &data)]);
-    let output = fx.dir.path().join("out/big.txt");
-    std::os::unix::fs::symlink("/dev/full", &output).unwrap();
-    let mut vars = fx.vars();
-    vars.insert(
-        "PIPELINE_CHECKPOINT".into(),
-        r#"{"everyLines": 100}"#.into(),
-    );
-    let (result, cps) = fx.run_with(vars, &mut Upper { mode: Mode::Ascii });
+    for threaded in [true, false] {
+        let fx = Fixture::new(&[("big.txt", &data)]);
+        let output = fx.dir.path().join("out/big.txt");
+        std::os::unix::fs::symlink("/dev/full", &output).unwrap();
+        let mut vars = fx.vars();
+        vars.insert(
+            "PIPELINE_CHECKPOINT".into(),
+            r#"{"everyLines": 100}"#.into(),
+        );
+        let (result, cps) = fx.run_writing(vars, &mut Upper { mode: Mode::Ascii }, Some(threaded));
+        assert_enospc_on(&output, result, &cps);
+    }
+}
+
+fn assert_enospc_on(output: &Path, result: Result<Summary, ProcessorError>, cps: &[Checkpoint]) {
     let err = result.unwrap_err();
     match &err {
         ProcessorError::Io { what, path, source } => {
             assert_eq!(*what, "writing output");
-            assert_eq!(path, &output);
+            assert_eq!(path, output);
             assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
         }
         other => panic!("expected the writer's I/O error, got {other:?}"),
