@@ -58,13 +58,13 @@ impl Fixture {
         self.run_writing(vars, transform, None)
     }
 
-    /// [`Fixture::run_with`], writing on a writer thread (`Some(true)`), on the calling thread
-    /// (`Some(false)`) or as [`run`] decides from the CPUs available (`None`).
+    /// [`Fixture::run_with`], writing as `writing` says, or as [`run`] decides from the CPUs
+    /// available (`None`).
     fn run_writing<T: ChunkTransform>(
         &self,
         mut vars: HashMap<String, String>,
         transform: &mut T,
-        threaded: Option<bool>,
+        writing: Option<Writing>,
     ) -> (Result<Summary, ProcessorError>, Vec<Checkpoint>) {
         let (reader, writer) = rustix::pipe::pipe().unwrap();
         vars.insert(
@@ -78,9 +78,9 @@ impl Fixture {
             text
         });
         let mut ctx = Context::from_vars(|k| vars.get(k).cloned()).unwrap();
-        let result = match threaded {
+        let result = match writing {
             None => run(&mut ctx, transform),
-            Some(threaded) => run_writing(&mut ctx, transform, threaded),
+            Some(writing) => run_writing(&mut ctx, transform, writing),
         };
         drop(ctx);
         let text = lines.join().unwrap();
@@ -549,10 +549,10 @@ fn varied_text(size: usize, seed: u64, hash_every: u64) -> Vec<u8> {
 #[test]
 fn output_spanning_many_buffers_is_the_transformed_input() {
     let data = varied_text(6 * POOL_BUFFERS * CHUNK_BYTES + 4321, 5, 50);
-    for threaded in [true, false] {
+    for writing in [Writing::Thread, Writing::Here, Writing::Adaptive] {
         let fx = Fixture::new(&[("big.txt", &data)]);
         let mut transform = MixedUpper { buffered_chunks: 0 };
-        let (summary, cps) = fx.run_writing(fx.vars(), &mut transform, Some(threaded));
+        let (summary, cps) = fx.run_writing(fx.vars(), &mut transform, Some(writing));
         assert_transformed_whole(&data, &fx, summary, &cps, &transform);
     }
 }
@@ -587,14 +587,14 @@ fn assert_transformed_whole(
 #[test]
 fn checkpoints_over_many_buffers_count_exactly_the_output_before_them() {
     let data = varied_text(4 * POOL_BUFFERS * CHUNK_BYTES, 9, 1);
-    for threaded in [true, false] {
+    for writing in [Writing::Thread, Writing::Here, Writing::Adaptive] {
         let fx = Fixture::new(&[("big.txt", &data)]);
         let mut vars = fx.vars();
         vars.insert(
             "PIPELINE_CHECKPOINT".into(),
             r#"{"everyLines": 997}"#.into(),
         );
-        let (summary, cps) = fx.run_writing(vars, &mut MarkLineEnds, Some(threaded));
+        let (summary, cps) = fx.run_writing(vars, &mut MarkLineEnds, Some(writing));
         summary.unwrap();
         assert_marked_with_exact_checkpoints(&data, &fx, &cps);
     }
@@ -707,7 +707,7 @@ fn many_small_inputs_rotate_through_the_buffers() {
 #[test]
 fn a_write_error_on_the_writer_thread_is_the_runs_error() {
     let data = varied_text(8 * CHUNK_BYTES, 3, 1000);
-    for threaded in [true, false] {
+    for writing in [Writing::Thread, Writing::Here, Writing::Adaptive] {
         let fx = Fixture::new(&[("big.txt", &data)]);
         let output = fx.dir.path().join("out/big.txt");
         std::os::unix::fs::symlink("/dev/full", &output).unwrap();
@@ -716,7 +716,7 @@ fn a_write_error_on_the_writer_thread_is_the_runs_error() {
             "PIPELINE_CHECKPOINT".into(),
             r#"{"everyLines": 100}"#.into(),
         );
-        let (result, cps) = fx.run_writing(vars, &mut Upper { mode: Mode::Ascii }, Some(threaded));
+        let (result, cps) = fx.run_writing(vars, &mut Upper { mode: Mode::Ascii }, Some(writing));
         assert_enospc_on(&output, result, &cps);
     }
 }
@@ -733,4 +733,63 @@ fn assert_enospc_on(output: &Path, result: Result<Summary, ProcessorError>, cps:
     }
     assert_eq!(err.exit_code(), 1);
     assert!(cps.is_empty(), "checkpoints reported: {cps:?}");
+}
+
+#[test]
+fn a_writer_thread_starts_only_for_checkpoints_far_apart() {
+    // Too early to tell.
+    assert!(!writer_thread_pays(THREAD_AFTER_BYTES - 1, 0));
+    // The default cadence (64 MiB): no checkpoint yet after 4 MiB.
+    assert!(writer_thread_pays(THREAD_AFTER_BYTES, 0));
+    // Every ~2 MiB and more: yes; every ~0.5 MiB: no.
+    assert!(writer_thread_pays(8 << 20, 4));
+    assert!(!writer_thread_pays(8 << 20, 16));
+    // Many small inputs: one final checkpoint each.
+    assert!(!writer_thread_pays(100 << 20, 10_000));
+}
+
+/// Adaptive writing over an input whose checkpoints (every 3 MiB) make the writer thread start
+/// in the middle: the batches written on the calling thread and those written by the writer
+/// thread after it make one exact output, every checkpoint counts exactly the output before it,
+/// and a resume from a checkpoint after the switch gives the same output.
+#[test]
+fn switching_to_the_writer_thread_mid_input_keeps_output_and_checkpoints_exact() {
+    let data = varied_text(24 << 20, 17, 1);
+    assert!(writer_thread_pays(THREAD_AFTER_BYTES, 1) && 3 << 20 < THREAD_AFTER_BYTES);
+    let fx = Fixture::new(&[("big.txt", &data)]);
+    let mut vars = fx.vars();
+    vars.insert(
+        "PIPELINE_CHECKPOINT".into(),
+        format!(r#"{{"everyBytes": {}}}"#, 3 << 20),
+    );
+    let (summary, cps) = fx.run_writing(vars.clone(), &mut MarkLineEnds, Some(Writing::Adaptive));
+    summary.unwrap();
+    let golden = fx.output("big.txt");
+    assert!(golden == mark_line_ends(&data), "output differs");
+    assert!(cps.len() >= 6, "{} checkpoints", cps.len());
+    for cp in &cps {
+        let before = &data[..cp.byte_offset as usize];
+        assert_eq!(
+            cp.line_offset,
+            memchr::memchr_iter(b'\n', before).count() as u64
+        );
+        assert_eq!(cp.output_bytes, cp.byte_offset + cp.line_offset);
+        assert!(golden[..cp.output_bytes as usize] == mark_line_ends(before));
+    }
+    let late = cps[cps.len() - 2];
+    assert!(late.byte_offset > THREAD_AFTER_BYTES);
+    let path = fx.dir.path().join("out/big.txt");
+    let mut damaged = golden[..late.output_bytes as usize].to_vec();
+    damaged.extend_from_slice(b"GARBAGE NOT YET DURABLE\n");
+    std::fs::write(&path, damaged).unwrap();
+    vars.insert(
+        "PIPELINE_RESUME".into(),
+        serde_json::to_string(&late).unwrap(),
+    );
+    let (summary, _) = fx.run_writing(vars, &mut MarkLineEnds, Some(Writing::Adaptive));
+    summary.unwrap();
+    assert!(
+        fx.output("big.txt") == golden,
+        "resume from {late:?} differs"
+    );
 }
