@@ -14,9 +14,13 @@
 //! covers is written, to the syncer thread, which fsyncs the output and only then writes one JSON
 //! line on the progress pipe. So reading and transforming one buffer overlaps writing the one
 //! before, and both overlap the fsyncs. A few buffers rotate between the threads (no allocation
-//! per chunk): memory use is constant whatever the input size. With one CPU available (the
-//! engine's affinity for a one-CPU stage), a writer thread could overlap nothing, so the calling
-//! thread writes each buffer itself, through the same code and in the same order.
+//! per chunk): memory use is constant whatever the input size.
+//!
+//! The writer thread starts only when it pays: with more than one CPU available (the engine's
+//! affinity for a one-CPU stage leaves one) and once the first 4 MiB show checkpoints at least
+//! 2 MiB apart (with checkpoints closer together the fsyncs bound the run, and a writer thread
+//! slowed them down). Until then the calling thread writes each buffer itself, through the same
+//! code and in the same order.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
