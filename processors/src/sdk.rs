@@ -489,18 +489,25 @@ impl Runner {
             {
                 want_more = false;
                 if begin > 0 {
-                    let sink = Arc::clone(batch.sink.as_ref().expect("a batch names its output"));
-                    let mut next = self.writer.take(&sink, &batch.output)?;
-                    let rest = filled - begin;
-                    next.buf[..rest].copy_from_slice(&batch.buf[begin..filled]);
-                    filled = rest;
-                    begin = 0;
                     if self.writer.adaptive
                         && writer_thread_pays(self.summary.input_bytes, self.summary.checkpoints)
                     {
                         self.writer.go_threaded();
                     }
-                    self.writer.send(std::mem::replace(batch, next))?;
+                    let rest = filled - begin;
+                    if self.writer.writes_here() {
+                        // Everything before `begin` is written already: the rest moves to the
+                        // front of this same buffer.
+                        batch.buf.copy_within(begin..filled, 0);
+                    } else {
+                        let sink =
+                            Arc::clone(batch.sink.as_ref().expect("a batch names its output"));
+                        let mut next = self.writer.take(&sink, &batch.output)?;
+                        next.buf[..rest].copy_from_slice(&batch.buf[begin..filled]);
+                        self.writer.send(std::mem::replace(batch, next))?;
+                    }
+                    filled = rest;
+                    begin = 0;
                 }
                 if filled < batch.buf.len() {
                     let n = read_retrying(source, &mut batch.buf[filled..])
@@ -583,6 +590,9 @@ impl Runner {
             if on_boundary && self.checkpoint_due(pos) {
                 self.checkpoint(batch, pos);
             }
+            // Without a writer thread, each chunk is written and its checkpoint handed over at
+            // once, as the single-threaded loop always did.
+            self.writer.write_here(batch)?;
             pos.unterminated = !on_boundary;
         }
         // A last line without a newline is a line too (as in the Python SDK).
@@ -791,18 +801,39 @@ impl Writer {
         self.spare_outs.pop().unwrap_or_default()
     }
 
+    /// Whether this thread writes (no writer thread, or not yet).
+    fn writes_here(&self) -> bool {
+        self.inline.is_some()
+    }
+
+    /// Without a writer thread, writes what `batch` queued so far and hands over its checkpoints,
+    /// leaving the buffer in place; with one, does nothing (the batch goes to it when full).
+    fn write_here(&mut self, batch: &mut Batch) -> Result<(), ProcessorError> {
+        let Some(syncer) = &mut self.inline else {
+            return Ok(());
+        };
+        if let Err(err) = write_batch(batch, syncer) {
+            // As when the writer thread ends: what was handed to the syncer is still made
+            // durable and reported; nothing is written or handed over after this.
+            let _ = self.inline.take().map(|mut syncer| syncer.finish());
+            self.pending = None;
+            self.work = None;
+            return Err(err);
+        }
+        for mut out in batch.outs.drain(..) {
+            if self.spare_outs.len() < SPARE_OUTS {
+                out.clear();
+                self.spare_outs.push(out);
+            }
+        }
+        Ok(())
+    }
+
     /// Queues `batch` for the writer thread (or, without one, writes it); if the writer already
     /// failed, returns its error.
     fn send(&mut self, mut batch: Batch) -> Result<(), ProcessorError> {
-        if let Some(syncer) = &mut self.inline {
-            if let Err(err) = write_batch(&mut batch, syncer) {
-                // As when the writer thread ends: what was handed to the syncer is still made
-                // durable and reported; nothing is written or handed over after this.
-                let _ = self.inline.take().map(|mut syncer| syncer.finish());
-                self.pending = None;
-                self.work = None;
-                return Err(err);
-            }
+        if self.writes_here() {
+            self.write_here(&mut batch)?;
             self.outstanding += 1;
             let batch = self.recycle(batch);
             self.free.push(batch);
