@@ -8,7 +8,9 @@
 //! The loop reads each input in 1 MiB chunks, hands the transform the part that ends on a line
 //! boundary, writes the result to the mirrored output file, and takes a checkpoint (fsync output,
 //! then one JSON line on the progress pipe) when the cadence says so and the position is on a line
-//! boundary. Memory use is constant whatever the input size.
+//! boundary. The cadence counts across inputs: the checkpoint at the end of an input waits for
+//! the next one the cadence asks for (or the last input's), so one sync covers many small inputs.
+//! Memory use is constant whatever the input size.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -262,6 +264,9 @@ pub struct Summary {
     pub input_bytes: u64,
     pub output_bytes: u64,
     pub checkpoints: u64,
+    /// Checkpoints handed to the syncer thread, each with the end-of-input checkpoints deferred
+    /// before it (a group commit may still merge several into one sync).
+    pub sync_requests: u64,
 }
 
 /// Reads the environment, runs `transform` over every input and returns the process exit code,
@@ -318,6 +323,13 @@ pub fn run<T: ChunkTransform>(
         lines_this_attempt: 0,
         buf: vec![0; CHUNK_BYTES],
         out: Vec::new(),
+        since: Since {
+            lines: 0,
+            bytes: 0,
+            at: Instant::now(),
+            files: 0,
+        },
+        deferred: Vec::new(),
     };
     let result = (|| {
         for index in first..ctx.inputs.len() {
@@ -331,7 +343,8 @@ pub fn run<T: ChunkTransform>(
             };
             let input = ctx.inputs[index].clone();
             let output = ctx.output_path(&input)?;
-            runner.process_input(&input, &output, position, transform)?;
+            let last = index + 1 == ctx.inputs.len();
+            runner.process_input(&input, &output, position, last, transform)?;
         }
         Ok(runner.summary)
     })();
@@ -353,14 +366,26 @@ struct Runner {
     lines_this_attempt: u64,
     buf: Vec<u8>,
     out: Vec<u8>,
+    /// What has happened since the last checkpoint sent to the syncer, across inputs.
+    since: Since,
+    /// Checkpoints at the end of inputs that are waiting for the next due checkpoint (each with
+    /// its line tally): a stage of many small inputs syncs once per cadence, not once per input.
+    deferred: Vec<(Checkpoint, u64)>,
 }
 
-/// Where the current input stands, and what has happened since the last checkpoint.
+/// Input consumed since the last checkpoint sent to the syncer; the cadence counts it across
+/// input boundaries.
+struct Since {
+    lines: u64,
+    bytes: u64,
+    at: Instant,
+    /// Output files written to since then, the current one included.
+    files: u32,
+}
+
+/// Where the current input stands.
 struct Position {
     at: Checkpoint,
-    lines_since: u64,
-    bytes_since: u64,
-    since: Instant,
     dir_synced: bool,
     /// The bytes consumed so far end inside a line.
     unterminated: bool,
@@ -372,6 +397,7 @@ impl Runner {
         input: &Path,
         output: &Path,
         start: Checkpoint,
+        last_input: bool,
         transform: &mut T,
     ) -> Result<(), ProcessorError> {
         let resuming = start
@@ -385,12 +411,10 @@ impl Runner {
         let sink = Arc::new(open_output(output, &start, resuming, input, &mut source)?);
         let mut pos = Position {
             at: start,
-            lines_since: 0,
-            bytes_since: 0,
-            since: Instant::now(),
             dir_synced: resuming,
             unterminated: false,
         };
+        self.since.files += 1;
         // The bytes read and not yet consumed are `buf[begin..filled]`. They move to the front of
         // the buffer only when more must be read behind them, and only when they hold no whole
         // line — a partial line, a few bytes — so a chunk cut short by a line-count checkpoint
@@ -427,7 +451,7 @@ impl Runner {
             if filled == begin {
                 break;
             }
-            let (end, lines_to_end) = self.chunk_end(begin, filled, eof, &pos);
+            let (end, lines_to_end) = self.chunk_end(begin, filled, eof);
             let last = eof && end == filled;
             let step = transform
                 .apply(&mut self.buf[begin..end], last, &mut self.out)
@@ -464,8 +488,8 @@ impl Runner {
             pos.at.output_bytes += written.len() as u64;
             pos.at.byte_offset += step.consumed as u64;
             pos.at.line_offset += lines;
-            pos.lines_since += lines;
-            pos.bytes_since += step.consumed as u64;
+            self.since.lines += lines;
+            self.since.bytes += step.consumed as u64;
             self.summary.lines += lines;
             self.summary.input_bytes += step.consumed as u64;
             self.summary.output_bytes += written.len() as u64;
@@ -478,7 +502,7 @@ impl Runner {
                     crate::failpoint::crash_now();
                 }
             }
-            if on_boundary && self.checkpoint_due(&pos) {
+            if on_boundary && self.checkpoint_due() {
                 self.checkpoint(&sink, output, &mut pos)?;
             }
             pos.unterminated = !on_boundary;
@@ -489,20 +513,24 @@ impl Runner {
             self.summary.lines += 1;
             pos.unterminated = false;
         }
-        self.checkpoint(&sink, output, &mut pos)
+        // The checkpoint at the end of an input is always reported, but it waits for the next
+        // one the cadence asks for (or the last input's): one sync then covers every input
+        // finished in between.
+        if last_input || self.checkpoint_due() || self.deferred.len() >= MAX_DEFERRED {
+            self.checkpoint(&sink, output, &mut pos)
+        } else {
+            self.deferred
+                .push((pos.at, std::mem::take(&mut self.untallied)));
+            self.summary.checkpoints += 1;
+            Ok(())
+        }
     }
 
     /// Where the next chunk of `buf[begin..filled]` ends: at the last newline read, but early
     /// enough that a line-count checkpoint or an injected fault falls exactly on its line. When
     /// it was cut there, also the number of lines up to the end (the budget), so they are not
     /// counted twice.
-    fn chunk_end(
-        &self,
-        begin: usize,
-        filled: usize,
-        eof: bool,
-        pos: &Position,
-    ) -> (usize, Option<u64>) {
+    fn chunk_end(&self, begin: usize, filled: usize, eof: bool) -> (usize, Option<u64>) {
         let data = &self.buf[begin..filled];
         let mut end = if eof {
             data.len()
@@ -511,7 +539,7 @@ impl Runner {
         };
         let mut budget = u64::MAX;
         if let Some(every) = self.cadence.every_lines {
-            budget = budget.min(every.saturating_sub(pos.lines_since).max(1));
+            budget = budget.min(every.saturating_sub(self.since.lines).max(1));
         }
         if let Some(Fault::CrashAfterLines(n)) = self.fault {
             budget = budget.min(n.saturating_sub(self.lines_this_attempt).max(1));
@@ -526,50 +554,61 @@ impl Runner {
         (begin + end, lines)
     }
 
-    fn checkpoint_due(&self, pos: &Position) -> bool {
+    fn checkpoint_due(&self) -> bool {
         let c = &self.cadence;
-        c.every_lines.is_some_and(|n| pos.lines_since >= n)
-            || c.every_bytes.is_some_and(|n| pos.bytes_since >= n)
+        c.every_lines.is_some_and(|n| self.since.lines >= n)
+            || c.every_bytes.is_some_and(|n| self.since.bytes >= n)
             || c.every_seconds
-                .is_some_and(|s| pos.since.elapsed().as_secs_f64() >= s)
+                .is_some_and(|s| self.since.at.elapsed().as_secs_f64() >= s)
     }
 
     /// Takes a checkpoint at `pos`: hands the output (shared, not duplicated) to the syncer
-    /// thread, which fsyncs it and only then reports `pos`, while this thread goes on
-    /// processing. The fsync overlaps the work instead of stalling it.
+    /// thread, which makes it durable and only then reports the deferred end-of-input checkpoints
+    /// and `pos`, in order, while this thread goes on processing. The sync overlaps the work
+    /// instead of stalling it.
     fn checkpoint(
         &mut self,
         sink: &Arc<File>,
         output: &Path,
         pos: &mut Position,
     ) -> Result<(), ProcessorError> {
+        let mut checkpoints = std::mem::take(&mut self.deferred);
+        checkpoints.push((pos.at, std::mem::take(&mut self.untallied)));
         let job = SyncJob {
             file: Arc::clone(sink),
             output: output.to_path_buf(),
-            checkpoint: pos.at,
+            checkpoints,
             sync_dirs: !pos.dir_synced,
-            tally: std::mem::take(&mut self.untallied),
-            weight: pos.bytes_since.max(MIN_JOB_WEIGHT),
+            spans_files: self.since.files > 1,
+            weight: self.since.bytes.max(MIN_JOB_WEIGHT),
         };
         pos.dir_synced = true;
         self.syncer.send(job)?;
         self.summary.checkpoints += 1;
-        pos.lines_since = 0;
-        pos.bytes_since = 0;
-        pos.since = Instant::now();
+        self.summary.sync_requests += 1;
+        self.since = Since {
+            lines: 0,
+            bytes: 0,
+            at: Instant::now(),
+            files: 1,
+        };
         Ok(())
     }
 }
 
-/// One checkpoint for the syncer thread.
+/// One due checkpoint for the syncer thread, with the end-of-input checkpoints deferred before
+/// it.
 struct SyncJob {
     file: Arc<File>,
     output: PathBuf,
-    checkpoint: Checkpoint,
+    /// The checkpoints to report once durable, in order, each with its line tally; the last is
+    /// the one at `output`'s current end.
+    checkpoints: Vec<(Checkpoint, u64)>,
     sync_dirs: bool,
-    tally: u64,
-    /// Input bytes this checkpoint covers (at least [`MIN_JOB_WEIGHT`]): what a crash before it
-    /// is reported would make the next attempt redo.
+    /// Other output files were written since the previous job: only a `syncfs` covers them all.
+    spans_files: bool,
+    /// Input bytes this job covers (at least [`MIN_JOB_WEIGHT`]): what a crash before it is
+    /// reported would make the next attempt redo.
     weight: u64,
 }
 
@@ -617,10 +656,10 @@ impl Syncer {
                 sync_batch(&batch, &staging_root)?;
                 let weight: u64 = batch.iter().map(|j| j.weight).sum();
                 let count = batch.len() as u64;
-                for job in batch {
+                for (checkpoint, lines) in batch.into_iter().flat_map(|job| job.checkpoints) {
                     if let Some(progress) = &mut progress {
                         progress
-                            .write_all(job.checkpoint.to_line().as_bytes())
+                            .write_all(checkpoint.to_line().as_bytes())
                             .map_err(ProcessorError::io(
                                 "writing a checkpoint to",
                                 Path::new("PIPELINE_PROGRESS_FD"),
@@ -633,7 +672,7 @@ impl Syncer {
                             .append(true)
                             .open(tally)
                             .map_err(ProcessorError::io("opening the line tally", tally))?;
-                        writeln!(file, "{}", job.tally)
+                        writeln!(file, "{lines}")
                             .map_err(ProcessorError::io("writing the line tally", tally))?;
                     }
                 }
@@ -793,13 +832,17 @@ const MIN_BACKLOG_JOBS: u64 = 3;
 /// The least weight of one checkpoint, so a backlog of tiny files is bounded in count as well.
 const MIN_JOB_WEIGHT: u64 = 256;
 
+/// End-of-input checkpoints that may wait for the next due one (memory stays bounded when the
+/// cadence sets no threshold); reaching it takes a checkpoint.
+const MAX_DEFERRED: usize = 4096;
+
 /// Makes the outputs of `batch` durable up to each job's checkpoint, and the folders of new
 /// outputs: checkpoints of one output file, with fdatasync of it and fsync of its folders;
 /// several output files at once, with one `syncfs` of the staging root's filesystem (data, inodes
 /// and folder entries alike).
 fn sync_batch(batch: &[SyncJob], staging_root: &Path) -> Result<(), ProcessorError> {
     let last = batch.last().expect("a batch is never empty");
-    if batch.iter().all(|j| j.output == last.output) {
+    if !needs_syncfs(batch) {
         // One output file (a big input's checkpoints): its own fdatasync covers them all.
         last.file
             .sync_data()
@@ -819,6 +862,15 @@ fn sync_batch(batch: &[SyncJob], staging_root: &Path) -> Result<(), ProcessorErr
         crate::failpoint::hit("sdk.after-dir-fsync");
     }
     Ok(())
+}
+
+/// Whether `batch` covers more than one output file (several jobs' outputs, or a job that
+/// follows deferred end-of-input checkpoints): then only a `syncfs` makes all of them durable.
+fn needs_syncfs(batch: &[SyncJob]) -> bool {
+    let last = batch.last().expect("a batch is never empty");
+    batch
+        .iter()
+        .any(|j| j.spans_files || j.output != last.output)
 }
 
 /// fsyncs every folder from `output`'s parent up to `root`, so a newly created output file (and
