@@ -52,19 +52,38 @@ impl Fixture {
     /// every checkpoint line received.
     fn run_with<T: ChunkTransform>(
         &self,
+        vars: HashMap<String, String>,
+        transform: &mut T,
+    ) -> (Result<Summary, ProcessorError>, Vec<Checkpoint>) {
+        self.run_writing(vars, transform, None)
+    }
+
+    /// [`Fixture::run_with`], writing as `writing` says, or as [`run`] decides from the CPUs
+    /// available (`None`).
+    fn run_writing<T: ChunkTransform>(
+        &self,
         mut vars: HashMap<String, String>,
         transform: &mut T,
+        writing: Option<Writing>,
     ) -> (Result<Summary, ProcessorError>, Vec<Checkpoint>) {
         let (reader, writer) = rustix::pipe::pipe().unwrap();
         vars.insert(
             "PIPELINE_PROGRESS_FD".into(),
             writer.into_raw_fd().to_string(),
         );
+        // Read as the engine does, while the run goes on: a pipe holds only 64 KiB of lines.
+        let lines = std::thread::spawn(move || {
+            let mut text = String::new();
+            File::from(reader).read_to_string(&mut text).unwrap();
+            text
+        });
         let mut ctx = Context::from_vars(|k| vars.get(k).cloned()).unwrap();
-        let result = run(&mut ctx, transform);
+        let result = match writing {
+            None => run(&mut ctx, transform),
+            Some(writing) => run_writing(&mut ctx, transform, writing),
+        };
         drop(ctx);
-        let mut text = String::new();
-        File::from(reader).read_to_string(&mut text).unwrap();
+        let text = lines.join().unwrap();
         let checkpoints = text
             .lines()
             .map(|l| Checkpoint::parse(l).unwrap())
@@ -109,16 +128,19 @@ fn upper_every_lines(
 }
 
 /// Every checkpoint of `upper` over `data` counts the lines and output bytes of exactly the
-/// input before its byte offset.
+/// input before its byte offset. (Upper-casing maps each character on its own, so the input
+/// between two checkpoints is upper-cased alone: linear in the input, however many checkpoints.)
 fn assert_checkpoints_match_input(data: &[u8], cps: &[Checkpoint]) {
+    let (mut at, mut lines, mut output) = (0usize, 0u64, 0u64);
     for cp in cps {
-        let consumed = &data[..cp.byte_offset as usize];
-        assert_eq!(
-            memchr::memchr_iter(b'\n', consumed).count() as u64,
-            cp.line_offset
-        );
-        let upper = String::from_utf8(consumed.to_vec()).unwrap().to_uppercase();
-        assert_eq!(cp.output_bytes, upper.len() as u64);
+        let next = cp.byte_offset as usize;
+        assert!(next >= at, "checkpoint {cp:?} goes back from byte {at}");
+        let segment = &data[at..next];
+        lines += memchr::memchr_iter(b'\n', segment).count() as u64;
+        output += std::str::from_utf8(segment).unwrap().to_uppercase().len() as u64;
+        at = next;
+        assert_eq!(cp.line_offset, lines, "{cp:?}");
+        assert_eq!(cp.output_bytes, output, "{cp:?}");
     }
 }
 
@@ -536,4 +558,349 @@ fn line_checkpoints_across_many_buffers_land_on_their_lines() {
     let offsets: Vec<u64> = cps.iter().map(|c| c.line_offset).collect();
     assert_eq!(offsets, expected);
     assert_checkpoints_match_input(data, &cps);
+}
+
+/// Upper-cases ASCII letters, in place for most chunks but through `out` for chunks holding a
+/// `#` (so both emissions mix within one read buffer), and checks that `out` is empty at every
+/// call, as the trait promises. The output does not depend on how the input was cut into chunks.
+struct MixedUpper {
+    buffered_chunks: u64,
+}
+
+impl ChunkTransform for MixedUpper {
+    fn apply(
+        &mut self,
+        chunk: &mut [u8],
+        _eof: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<Step, DataError> {
+        assert!(out.is_empty(), "`out` holds {} stale bytes", out.len());
+        chunk.make_ascii_uppercase();
+        let emit = if chunk.contains(&b'#') {
+            self.buffered_chunks += 1;
+            out.extend_from_slice(chunk);
+            // What is left in the chunk must not be what gets written (newlines stay: lines are
+            // counted in the chunk after the transform ran).
+            for b in chunk.iter_mut().filter(|b| **b != b'\n') {
+                *b = b'?';
+            }
+            Emit::Buffer
+        } else {
+            Emit::Chunk
+        };
+        Ok(Step {
+            consumed: chunk.len(),
+            emit,
+        })
+    }
+}
+
+/// Writes `!` before every newline (through `out`): the output grows by one byte per line, so a
+/// checkpoint's `outputBytes` must be its `byteOffset` plus its `lineOffset`.
+struct MarkLineEnds;
+
+impl ChunkTransform for MarkLineEnds {
+    fn apply(
+        &mut self,
+        chunk: &mut [u8],
+        _eof: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<Step, DataError> {
+        assert!(out.is_empty(), "`out` holds {} stale bytes", out.len());
+        for &b in chunk.iter() {
+            if b == b'\n' {
+                out.push(b'!');
+            }
+            out.push(b);
+        }
+        Ok(Step {
+            consumed: chunk.len(),
+            emit: Emit::Buffer,
+        })
+    }
+}
+
+fn mark_line_ends(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &b in data {
+        if b == b'\n' {
+            out.push(b'!');
+        }
+        out.push(b);
+    }
+    out
+}
+
+/// Seeded text of about `size` bytes: mostly short lines of mixed width, and now and then a line
+/// longer than a read buffer (up to 2.5 buffers), so lines cross buffer edges at every kind of
+/// offset. `hash_every`: one line in that many holds a `#`.
+fn varied_text(size: usize, seed: u64, hash_every: u64) -> Vec<u8> {
+    let mut rng = seed;
+    let mut data = Vec::with_capacity(size + 3 * CHUNK_BYTES);
+    while data.len() < size {
+        let r = next_random(&mut rng);
+        let len = match r % 1000 {
+            0 => CHUNK_BYTES + (r >> 20) as usize % (3 * CHUNK_BYTES / 2),
+            1..=9 => (r >> 20) as usize % 100_000,
+            _ => (r >> 20) as usize % 120,
+        };
+        let letter = b'a' + (r >> 8) as u8 % 26;
+        data.extend(std::iter::repeat_n(letter, len));
+        if (r >> 40).is_multiple_of(hash_every) {
+            data.push(b'#');
+        }
+        data.push(b'\n');
+    }
+    data
+}
+
+/// Many read buffers of lines of every length (some longer than a buffer), with the default
+/// cadence: the output is the transformed input byte for byte, whether chunks were written from
+/// the read buffer or from `out`.
+#[test]
+fn output_spanning_many_buffers_is_the_transformed_input() {
+    let data = varied_text(6 * POOL_BUFFERS * CHUNK_BYTES + 4321, 5, 50);
+    for writing in [Writing::Thread, Writing::Here, Writing::Adaptive] {
+        let fx = Fixture::new(&[("big.txt", &data)]);
+        let mut transform = MixedUpper { buffered_chunks: 0 };
+        let (summary, cps) = fx.run_writing(fx.vars(), &mut transform, Some(writing));
+        assert_transformed_whole(&data, &fx, summary, &cps, &transform);
+    }
+}
+
+fn assert_transformed_whole(
+    data: &[u8],
+    fx: &Fixture,
+    summary: Result<Summary, ProcessorError>,
+    cps: &[Checkpoint],
+    transform: &MixedUpper,
+) {
+    let summary = summary.unwrap();
+    assert!(transform.buffered_chunks > 0, "no chunk went through `out`");
+    let expected = data.to_ascii_uppercase();
+    assert!(fx.output("big.txt") == expected, "output differs");
+    assert_eq!(summary.input_bytes, data.len() as u64);
+    assert_eq!(summary.output_bytes, data.len() as u64);
+    assert_eq!(
+        summary.lines,
+        memchr::memchr_iter(b'\n', data).count() as u64
+    );
+    assert_eq!(
+        cps.last().map(|c| (c.byte_offset, c.output_bytes)),
+        Some((data.len() as u64, data.len() as u64))
+    );
+}
+
+/// Checkpoints every 997 lines over many buffers, long lines included, with a transform whose
+/// output is longer than its input and always in `out`: each checkpoint's `outputBytes` counts
+/// exactly the output of the input before its `byteOffset`, and that prefix of the output file
+/// is exactly that output.
+#[test]
+fn checkpoints_over_many_buffers_count_exactly_the_output_before_them() {
+    let data = varied_text(4 * POOL_BUFFERS * CHUNK_BYTES, 9, 1);
+    for writing in [Writing::Thread, Writing::Here, Writing::Adaptive] {
+        let fx = Fixture::new(&[("big.txt", &data)]);
+        let mut vars = fx.vars();
+        vars.insert(
+            "PIPELINE_CHECKPOINT".into(),
+            r#"{"everyLines": 997}"#.into(),
+        );
+        let (summary, cps) = fx.run_writing(vars, &mut MarkLineEnds, Some(writing));
+        summary.unwrap();
+        assert_marked_with_exact_checkpoints(&data, &fx, &cps);
+    }
+}
+
+fn assert_marked_with_exact_checkpoints(data: &[u8], fx: &Fixture, cps: &[Checkpoint]) {
+    let output = fx.output("big.txt");
+    assert!(output == mark_line_ends(data), "output differs");
+    let line_count = memchr::memchr_iter(b'\n', data).count() as u64;
+    assert_eq!(cps.len() as u64, line_count.div_ceil(997));
+    for (i, cp) in cps.iter().enumerate() {
+        let line = ((i as u64 + 1) * 997).min(line_count);
+        assert_eq!(cp.line_offset, line);
+        assert_eq!(nth_line_end(data, line), Some(cp.byte_offset as usize));
+        assert_eq!(cp.output_bytes, cp.byte_offset + cp.line_offset);
+        let prefix = &output[..cp.output_bytes as usize];
+        assert!(
+            prefix == mark_line_ends(&data[..cp.byte_offset as usize]),
+            "output before {cp:?} differs"
+        );
+    }
+}
+
+/// Unicode `upper` over several buffers of short lines whose characters sometimes change length,
+/// checkpointed every 97 lines (many small chunks per buffer, some written from `out`): the output
+/// and every checkpoint agree with `str::to_uppercase`.
+#[test]
+fn unicode_upper_over_many_buffers_with_frequent_checkpoints() {
+    let mut rng: u64 = 23;
+    let words = ["ΐota", "straße", "жук", "ﬁne", "ıi", "plain", "x"];
+    let mut text = String::new();
+    while text.len() < POOL_BUFFERS * CHUNK_BYTES + 777 {
+        let r = next_random(&mut rng);
+        for w in 0..(r >> 61) + 1 {
+            text.push_str(words[((r >> (16 + 3 * w)) % words.len() as u64) as usize]);
+        }
+        text.push('\n');
+    }
+    let (fx, summary, cps) = upper_every_lines(text.as_bytes(), 97);
+    summary.unwrap();
+    assert!(fx.output("big.txt") == text.to_uppercase().as_bytes());
+    assert!(cps.len() > 1000, "{} checkpoints", cps.len());
+    assert_checkpoints_match_input(text.as_bytes(), &cps);
+}
+
+/// A resume from checkpoints in the middle of a many-buffer input (garbage after `outputBytes`)
+/// gives the uninterrupted output.
+#[test]
+fn resume_in_the_middle_of_a_many_buffer_input_gives_identical_output() {
+    let data = varied_text(3 * POOL_BUFFERS * CHUNK_BYTES, 31, 40);
+    let fx = Fixture::new(&[("big.txt", &data)]);
+    let mut vars = fx.vars();
+    vars.insert(
+        "PIPELINE_CHECKPOINT".into(),
+        r#"{"everyLines": 499}"#.into(),
+    );
+    let (summary, cps) = fx.run_with(vars.clone(), &mut MarkLineEnds);
+    summary.unwrap();
+    let golden = fx.output("big.txt");
+    assert!(cps.len() >= 4, "{} checkpoints", cps.len());
+    let path = fx.dir.path().join("out/big.txt");
+    for cp in cps.iter().step_by(cps.len() / 4) {
+        let mut damaged = golden[..cp.output_bytes as usize].to_vec();
+        damaged.extend_from_slice(b"GARBAGE NOT YET DURABLE\n");
+        std::fs::write(&path, damaged).unwrap();
+        let mut resume_vars = vars.clone();
+        resume_vars.insert("PIPELINE_RESUME".into(), serde_json::to_string(cp).unwrap());
+        let (summary, _) = fx.run_with(resume_vars, &mut MarkLineEnds);
+        summary.unwrap();
+        assert!(fx.output("big.txt") == golden, "resume from {cp:?} differs");
+    }
+}
+
+/// More inputs than read buffers, an empty one among them: each gets its own output and one
+/// checkpoint, in input order.
+#[test]
+fn many_small_inputs_rotate_through_the_buffers() {
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            let body = if i == 17 { Vec::new() } else { lines(i + 1, 3) };
+            (format!("f{i:02}.txt"), body)
+        })
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let fx = Fixture::new(&refs);
+    let (summary, cps) = fx.run_with(
+        fx.vars(),
+        &mut Upper {
+            mode: Mode::Unicode,
+        },
+    );
+    summary.unwrap();
+    for (name, body) in &files {
+        let expected = String::from_utf8(body.clone()).unwrap().to_uppercase();
+        assert_eq!(fx.output(name), expected.as_bytes(), "{name}");
+    }
+    let indexes: Vec<u64> = cps.iter().map(|c| c.input_index).collect();
+    assert_eq!(indexes, (0..40).collect::<Vec<u64>>());
+    assert_eq!(cps[17].byte_offset, 0);
+}
+
+/// A write that fails on the writer thread (ENOSPC from /dev/full, the output's target) ends the
+/// run with the writer's error — what failed and on which output, exit code 1 as before — not a
+/// channel error, even though the reading thread had many buffers of input left; and no
+/// checkpoint is reported for output that was never written. The same without a writer thread
+/// (one CPU): nothing is written or reported after the failed write.
+#[test]
+fn a_write_error_on_the_writer_thread_is_the_runs_error() {
+    let data = varied_text(8 * CHUNK_BYTES, 3, 1000);
+    for writing in [Writing::Thread, Writing::Here, Writing::Adaptive] {
+        let fx = Fixture::new(&[("big.txt", &data)]);
+        let output = fx.dir.path().join("out/big.txt");
+        std::os::unix::fs::symlink("/dev/full", &output).unwrap();
+        let mut vars = fx.vars();
+        vars.insert(
+            "PIPELINE_CHECKPOINT".into(),
+            r#"{"everyLines": 100}"#.into(),
+        );
+        let (result, cps) = fx.run_writing(vars, &mut Upper { mode: Mode::Ascii }, Some(writing));
+        assert_enospc_on(&output, result, &cps);
+    }
+}
+
+fn assert_enospc_on(output: &Path, result: Result<Summary, ProcessorError>, cps: &[Checkpoint]) {
+    let err = result.unwrap_err();
+    match &err {
+        ProcessorError::Io { what, path, source } => {
+            assert_eq!(*what, "writing output");
+            assert_eq!(path, output);
+            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
+        }
+        other => panic!("expected the writer's I/O error, got {other:?}"),
+    }
+    assert_eq!(err.exit_code(), 1);
+    assert!(cps.is_empty(), "checkpoints reported: {cps:?}");
+}
+
+#[test]
+fn a_writer_thread_starts_only_for_checkpoints_far_apart() {
+    // Too early to tell.
+    assert!(!writer_thread_pays(THREAD_AFTER_BYTES - 1, 0));
+    // The default cadence (64 MiB): no checkpoint yet after 4 MiB.
+    assert!(writer_thread_pays(THREAD_AFTER_BYTES, 0));
+    // Every ~2 MiB and more: yes; every ~0.5 MiB: no.
+    assert!(writer_thread_pays(8 << 20, 4));
+    assert!(!writer_thread_pays(8 << 20, 16));
+    // Many small inputs: one final checkpoint each.
+    assert!(!writer_thread_pays(100 << 20, 10_000));
+}
+
+/// Adaptive writing over an input whose checkpoints (every 3 MiB) make the writer thread start
+/// in the middle: the batches written on the calling thread and those written by the writer
+/// thread after it make one exact output, every checkpoint counts exactly the output before it,
+/// and a resume from a checkpoint after the switch gives the same output.
+#[test]
+fn switching_to_the_writer_thread_mid_input_keeps_output_and_checkpoints_exact() {
+    let data = varied_text(24 << 20, 17, 1);
+    assert!(writer_thread_pays(THREAD_AFTER_BYTES, 1) && 3 << 20 < THREAD_AFTER_BYTES);
+    let fx = Fixture::new(&[("big.txt", &data)]);
+    let mut vars = fx.vars();
+    vars.insert(
+        "PIPELINE_CHECKPOINT".into(),
+        format!(r#"{{"everyBytes": {}}}"#, 3 << 20),
+    );
+    let (summary, cps) = fx.run_writing(vars.clone(), &mut MarkLineEnds, Some(Writing::Adaptive));
+    summary.unwrap();
+    let golden = fx.output("big.txt");
+    assert!(golden == mark_line_ends(&data), "output differs");
+    assert!(cps.len() >= 6, "{} checkpoints", cps.len());
+    for cp in &cps {
+        let before = &data[..cp.byte_offset as usize];
+        assert_eq!(
+            cp.line_offset,
+            memchr::memchr_iter(b'\n', before).count() as u64
+        );
+        assert_eq!(cp.output_bytes, cp.byte_offset + cp.line_offset);
+        assert!(golden[..cp.output_bytes as usize] == mark_line_ends(before));
+    }
+    let late = cps[cps.len() - 2];
+    assert!(late.byte_offset > THREAD_AFTER_BYTES);
+    let path = fx.dir.path().join("out/big.txt");
+    let mut damaged = golden[..late.output_bytes as usize].to_vec();
+    damaged.extend_from_slice(b"GARBAGE NOT YET DURABLE\n");
+    std::fs::write(&path, damaged).unwrap();
+    vars.insert(
+        "PIPELINE_RESUME".into(),
+        serde_json::to_string(&late).unwrap(),
+    );
+    let (summary, _) = fx.run_writing(vars, &mut MarkLineEnds, Some(Writing::Adaptive));
+    summary.unwrap();
+    assert!(
+        fx.output("big.txt") == golden,
+        "resume from {late:?} differs"
+    );
 }
