@@ -572,3 +572,27 @@ def test_lines_count_every_input_even_when_checkpoints_arrive_in_bursts(make_pro
     project = make_project(spec, files=files)
     project.ok("build", "--run-id", "burst")
     assert project.metrics("burst")["stages"]["up"]["lines"] == 302
+
+
+def test_a_copy_of_many_small_files_makes_one_sync(make_project, tmp_path):
+    """The Rust SDK sends each small input's final checkpoint with the next one the cadence asks
+    for: copying 50 small files at the default cadence makes one sync, after which all 50
+    checkpoints are reported. `sdk.after-output-fsync:2` would kill the processor at a second
+    sync; it never fires. The same failpoint at `:1` does (the count is real)."""
+    files = {f"input/d{i:02d}/f.txt": f"line {i}\n" for i in range(50)}
+    spec = {
+        "version": 1,
+        "stages": [{"name": "cp", "processor": {"builtin": "copy", "version": "1"}, "inputs": ["input"], "outputDir": "out"}],
+    }
+    fired = tmp_path / "fired.txt"
+    project = make_project(spec, files=files)
+    project.ok("build", "--run-id", "once", env={"PIPE_FAILPOINT": "sdk.after-output-fsync:2", "PIPE_FAILPOINT_FIRED": str(fired)})
+    assert not fired.exists(), fired.read_text()
+    for i in range(50):
+        assert (project.root / f"out/d{i:02d}/f.txt").read_text() == f"line {i}\n"
+    assert project.metrics("once")["stages"]["cp"]["lines"] == 50, "every input's checkpoint was still reported"
+
+    other = make_project(spec, files=files, name="other")
+    failed = other.run("build", env={"PIPE_FAILPOINT": "sdk.after-output-fsync:1", "PIPE_FAILPOINT_FIRED": str(fired)})
+    assert failed.returncode != 0
+    assert fired.read_text().splitlines() == ["sdk.after-output-fsync:1"]

@@ -21,6 +21,9 @@
 //! 2 MiB apart (with checkpoints closer together the fsyncs bound the run, and a writer thread
 //! slowed them down). Until then the calling thread writes each buffer itself, through the same
 //! code and in the same order.
+//!
+//! The cadence counts across inputs: the checkpoint at the end of an input waits for the next one
+//! the cadence asks for (or the last input's), so one sync covers many small inputs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -274,6 +277,9 @@ pub struct Summary {
     pub input_bytes: u64,
     pub output_bytes: u64,
     pub checkpoints: u64,
+    /// Checkpoints handed to the syncer thread, each with the end-of-input checkpoints deferred
+    /// before it (a group commit may still merge several into one sync).
+    pub sync_requests: u64,
 }
 
 /// Reads the environment, runs `transform` over every input and returns the process exit code,
@@ -378,6 +384,13 @@ fn run_writing<T: ChunkTransform>(
         summary: Summary::default(),
         lines_this_attempt: 0,
         out: Vec::new(),
+        since: Since {
+            lines: 0,
+            bytes: 0,
+            at: Instant::now(),
+            files: 0,
+        },
+        deferred: Vec::new(),
     };
     let result = (|| {
         for index in first..ctx.inputs.len() {
@@ -391,7 +404,8 @@ fn run_writing<T: ChunkTransform>(
             };
             let input = ctx.inputs[index].clone();
             let output = ctx.output_path(&input)?;
-            runner.process_input(&input, &output, position, transform)?;
+            let last = index + 1 == ctx.inputs.len();
+            runner.process_input(&input, &output, position, last, transform)?;
         }
         Ok(runner.summary)
     })();
@@ -415,14 +429,26 @@ struct Runner {
     /// The transform's `out` buffer: empty at every call; after an [`Emit::Buffer`] it goes to the
     /// writer thread with its batch and a recycled one takes its place.
     out: Vec<u8>,
+    /// What has happened since the last checkpoint sent to the syncer, across inputs.
+    since: Since,
+    /// Checkpoints at the end of inputs that are waiting for the next due checkpoint (each with
+    /// its line tally): a stage of many small inputs syncs once per cadence, not once per input.
+    deferred: Vec<(Checkpoint, u64)>,
 }
 
-/// Where the current input stands, and what has happened since the last checkpoint.
+/// Input consumed since the last checkpoint sent to the syncer; the cadence counts it across
+/// input boundaries.
+struct Since {
+    lines: u64,
+    bytes: u64,
+    at: Instant,
+    /// Output files written to since then, the current one included.
+    files: u32,
+}
+
+/// Where the current input stands.
 struct Position {
     at: Checkpoint,
-    lines_since: u64,
-    bytes_since: u64,
-    since: Instant,
     dir_synced: bool,
     /// The bytes consumed so far end inside a line.
     unterminated: bool,
@@ -434,6 +460,7 @@ impl Runner {
         input: &Path,
         output: &Path,
         start: Checkpoint,
+        last_input: bool,
         transform: &mut T,
     ) -> Result<(), ProcessorError> {
         let resuming = start
@@ -447,14 +474,19 @@ impl Runner {
         let sink = Arc::new(open_output(output, &start, resuming, input, &mut source)?);
         let mut pos = Position {
             at: start,
-            lines_since: 0,
-            bytes_since: 0,
-            since: Instant::now(),
             dir_synced: resuming,
             unterminated: false,
         };
+        self.since.files += 1;
         let mut batch = self.writer.take(&sink, output)?;
-        let streamed = self.stream(&mut source, input, &mut pos, transform, &mut batch);
+        let streamed = self.stream(
+            &mut source,
+            input,
+            &mut pos,
+            last_input,
+            transform,
+            &mut batch,
+        );
         // Whatever happened, the writes and checkpoints queued before it go to the writer thread:
         // an error leaves the same durable progress as if this thread had written them itself.
         let sent = self.writer.send(batch);
@@ -469,6 +501,7 @@ impl Runner {
         source: &mut File,
         input: &Path,
         pos: &mut Position,
+        last_input: bool,
         transform: &mut T,
         batch: &mut Batch,
     ) -> Result<(), ProcessorError> {
@@ -525,7 +558,7 @@ impl Runner {
             if filled == begin {
                 break;
             }
-            let (len, lines_to_end) = self.chunk_len(&batch.buf[begin..filled], eof, pos);
+            let (len, lines_to_end) = self.chunk_len(&batch.buf[begin..filled], eof);
             let end = begin + len;
             let last = eof && end == filled;
             let step = transform
@@ -570,8 +603,8 @@ impl Runner {
             pos.at.output_bytes += written;
             pos.at.byte_offset += step.consumed as u64;
             pos.at.line_offset += lines;
-            pos.lines_since += lines;
-            pos.bytes_since += step.consumed as u64;
+            self.since.lines += lines;
+            self.since.bytes += step.consumed as u64;
             self.summary.lines += lines;
             self.summary.input_bytes += step.consumed as u64;
             self.summary.output_bytes += written;
@@ -587,7 +620,7 @@ impl Runner {
                     crate::failpoint::crash_now();
                 }
             }
-            if on_boundary && self.checkpoint_due(pos) {
+            if on_boundary && self.checkpoint_due() {
                 self.checkpoint(batch, pos);
             }
             // Without a writer thread, each chunk is written and its checkpoint handed over at
@@ -601,7 +634,16 @@ impl Runner {
             self.summary.lines += 1;
             pos.unterminated = false;
         }
-        self.checkpoint(batch, pos);
+        // The checkpoint at the end of an input is always reported, but it waits for the next
+        // one the cadence asks for (or the last input's): one sync then covers every input
+        // finished in between.
+        if last_input || self.checkpoint_due() || self.deferred.len() >= MAX_DEFERRED {
+            self.checkpoint(batch, pos);
+        } else {
+            self.deferred
+                .push((pos.at, std::mem::take(&mut self.untallied)));
+            self.summary.checkpoints += 1;
+        }
         Ok(())
     }
 
@@ -609,7 +651,7 @@ impl Runner {
     /// read, but short enough that a line-count checkpoint or an injected fault falls exactly on
     /// its line. When it was cut there, also the number of lines up to the end (the budget), so
     /// they are not counted twice.
-    fn chunk_len(&self, data: &[u8], eof: bool, pos: &Position) -> (usize, Option<u64>) {
+    fn chunk_len(&self, data: &[u8], eof: bool) -> (usize, Option<u64>) {
         let mut end = if eof {
             data.len()
         } else {
@@ -617,7 +659,7 @@ impl Runner {
         };
         let mut budget = u64::MAX;
         if let Some(every) = self.cadence.every_lines {
-            budget = budget.min(every.saturating_sub(pos.lines_since).max(1));
+            budget = budget.min(every.saturating_sub(self.since.lines).max(1));
         }
         if let Some(Fault::CrashAfterLines(n)) = self.fault {
             budget = budget.min(n.saturating_sub(self.lines_this_attempt).max(1));
@@ -632,33 +674,40 @@ impl Runner {
         (end, lines)
     }
 
-    fn checkpoint_due(&self, pos: &Position) -> bool {
+    fn checkpoint_due(&self) -> bool {
         let c = &self.cadence;
-        c.every_lines.is_some_and(|n| pos.lines_since >= n)
-            || c.every_bytes.is_some_and(|n| pos.bytes_since >= n)
+        c.every_lines.is_some_and(|n| self.since.lines >= n)
+            || c.every_bytes.is_some_and(|n| self.since.bytes >= n)
             || c.every_seconds
-                .is_some_and(|s| pos.since.elapsed().as_secs_f64() >= s)
+                .is_some_and(|s| self.since.at.elapsed().as_secs_f64() >= s)
     }
 
     /// Takes a checkpoint at `pos`: queues it in `batch` after the writes it covers. The writer
     /// thread hands it to the syncer thread once they are written; the syncer fsyncs the output
-    /// (shared, not duplicated) and only then reports `pos`. This thread goes on processing: the
-    /// write and the fsync overlap the work instead of stalling it.
+    /// (shared, not duplicated) and only then reports the end-of-input checkpoints deferred
+    /// before it and `pos`, in order. This thread goes on processing: the write and the fsync
+    /// overlap the work instead of stalling it.
     fn checkpoint(&mut self, batch: &mut Batch, pos: &mut Position) {
+        let mut checkpoints = std::mem::take(&mut self.deferred);
+        checkpoints.push((pos.at, std::mem::take(&mut self.untallied)));
         let job = SyncJob {
             file: Arc::clone(batch.sink.as_ref().expect("a batch names its output")),
             output: batch.output.clone(),
-            checkpoint: pos.at,
+            checkpoints,
             sync_dirs: !pos.dir_synced,
-            tally: std::mem::take(&mut self.untallied),
-            weight: pos.bytes_since.max(MIN_JOB_WEIGHT),
+            spans_files: self.since.files > 1,
+            weight: self.since.bytes.max(MIN_JOB_WEIGHT),
         };
         pos.dir_synced = true;
         batch.ops.push(Op::Checkpoint(job));
         self.summary.checkpoints += 1;
-        pos.lines_since = 0;
-        pos.bytes_since = 0;
-        pos.since = Instant::now();
+        self.summary.sync_requests += 1;
+        self.since = Since {
+            lines: 0,
+            bytes: 0,
+            at: Instant::now(),
+            files: 1,
+        };
     }
 }
 
@@ -929,16 +978,31 @@ fn write_batch(batch: &mut Batch, syncer: &mut Syncer) -> Result<(), ProcessorEr
     Ok(())
 }
 
-/// One checkpoint for the syncer thread.
+/// One due checkpoint for the syncer thread, with the end-of-input checkpoints deferred before
+/// it.
 struct SyncJob {
     file: Arc<File>,
     output: PathBuf,
-    checkpoint: Checkpoint,
+    /// The checkpoints to report once durable, in order, each with its line tally; the last is
+    /// the one at `output`'s current end.
+    checkpoints: Vec<(Checkpoint, u64)>,
     sync_dirs: bool,
-    tally: u64,
-    /// Input bytes this checkpoint covers (at least [`MIN_JOB_WEIGHT`]): what a crash before it
-    /// is reported would make the next attempt redo.
+    /// Other output files were written since the previous job: only a `syncfs` covers them all.
+    spans_files: bool,
+    /// Input bytes this job covers (at least [`MIN_JOB_WEIGHT`]): what a crash before it is
+    /// reported would make the next attempt redo.
     weight: u64,
+}
+
+impl SyncJob {
+    /// The checkpoint at `output`'s current end.
+    fn last(&self) -> &Checkpoint {
+        &self
+            .checkpoints
+            .last()
+            .expect("a job has its own checkpoint")
+            .0
+    }
 }
 
 /// The thread that makes outputs durable and reports checkpoints, in order.
@@ -985,10 +1049,10 @@ impl Syncer {
                 sync_batch(&batch, &staging_root)?;
                 let weight: u64 = batch.iter().map(|j| j.weight).sum();
                 let count = batch.len() as u64;
-                for job in batch {
+                for (checkpoint, lines) in batch.into_iter().flat_map(|job| job.checkpoints) {
                     if let Some(progress) = &mut progress {
                         progress
-                            .write_all(job.checkpoint.to_line().as_bytes())
+                            .write_all(checkpoint.to_line().as_bytes())
                             .map_err(ProcessorError::io(
                                 "writing a checkpoint to",
                                 Path::new("PIPELINE_PROGRESS_FD"),
@@ -1001,7 +1065,7 @@ impl Syncer {
                             .append(true)
                             .open(tally)
                             .map_err(ProcessorError::io("opening the line tally", tally))?;
-                        writeln!(file, "{}", job.tally)
+                        writeln!(file, "{lines}")
                             .map_err(ProcessorError::io("writing the line tally", tally))?;
                     }
                 }
@@ -1030,9 +1094,9 @@ impl Syncer {
         // checkpoint the file ends exactly at the checkpoint's `outputBytes`.
         debug_assert_eq!(
             job.file.metadata().map(|m| m.len()).ok(),
-            Some(job.checkpoint.output_bytes),
+            Some(job.last().output_bytes),
             "checkpoint {:?} handed to the syncer before its output was written",
-            job.checkpoint
+            job.last()
         );
         let weight = job.weight;
         let sent = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
@@ -1173,13 +1237,17 @@ const MIN_BACKLOG_JOBS: u64 = 3;
 /// The least weight of one checkpoint, so a backlog of tiny files is bounded in count as well.
 const MIN_JOB_WEIGHT: u64 = 256;
 
+/// End-of-input checkpoints that may wait for the next due one (memory stays bounded when the
+/// cadence sets no threshold); reaching it takes a checkpoint.
+const MAX_DEFERRED: usize = 4096;
+
 /// Makes the outputs of `batch` durable up to each job's checkpoint, and the folders of new
 /// outputs: checkpoints of one output file, with fdatasync of it and fsync of its folders;
 /// several output files at once, with one `syncfs` of the staging root's filesystem (data, inodes
 /// and folder entries alike).
 fn sync_batch(batch: &[SyncJob], staging_root: &Path) -> Result<(), ProcessorError> {
     let last = batch.last().expect("a batch is never empty");
-    if batch.iter().all(|j| j.output == last.output) {
+    if !needs_syncfs(batch) {
         // One output file (a big input's checkpoints): its own fdatasync covers them all.
         last.file
             .sync_data()
@@ -1199,6 +1267,15 @@ fn sync_batch(batch: &[SyncJob], staging_root: &Path) -> Result<(), ProcessorErr
         crate::failpoint::hit("sdk.after-dir-fsync");
     }
     Ok(())
+}
+
+/// Whether `batch` covers more than one output file (several jobs' outputs, or a job that
+/// follows deferred end-of-input checkpoints): then only a `syncfs` makes all of them durable.
+fn needs_syncfs(batch: &[SyncJob]) -> bool {
+    let last = batch.last().expect("a batch is never empty");
+    batch
+        .iter()
+        .any(|j| j.spans_files || j.output != last.output)
 }
 
 /// fsyncs every folder from `output`'s parent up to `root`, so a newly created output file (and

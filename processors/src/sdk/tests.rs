@@ -172,6 +172,117 @@ fn copies_inputs_to_mirrored_paths_with_a_final_checkpoint_each() {
     );
 }
 
+/// `count` inputs `f0000.txt`… of `lines` short lines each.
+fn small_inputs(count: usize, lines: usize) -> (Fixture, Vec<Vec<u8>>) {
+    let names: Vec<String> = (0..count).map(|i| format!("f{i:04}.txt")).collect();
+    let data: Vec<Vec<u8>> = (0..count)
+        .map(|i| {
+            (0..lines)
+                .flat_map(|l| format!("{i}.{l}\n").into_bytes())
+                .collect()
+        })
+        .collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&data)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    (Fixture::new(&files), data)
+}
+
+#[test]
+fn many_small_inputs_report_every_input_after_one_sync() {
+    let (fx, data) = small_inputs(200, 1);
+    let (summary, cps) = fx.run_with(fx.vars(), &mut Upper { mode: Mode::Ascii });
+    let summary = summary.unwrap();
+    // The default cadence (64 MiB / 5 s) is never due: only the last input's checkpoint asks
+    // for a sync, and the 199 before it are reported with it, in order.
+    assert_eq!(summary.sync_requests, 1);
+    assert_eq!(summary.checkpoints, 200);
+    let expected: Vec<Checkpoint> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Checkpoint {
+            input_index: i as u64,
+            line_offset: 1,
+            byte_offset: d.len() as u64,
+            output_bytes: d.len() as u64,
+        })
+        .collect();
+    assert_eq!(cps, expected);
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(fx.output(&format!("f{i:04}.txt")), d.to_ascii_uppercase());
+    }
+}
+
+#[test]
+fn the_line_cadence_counts_across_inputs() {
+    let (fx, _) = small_inputs(3, 3);
+    let mut vars = fx.vars();
+    vars.insert("PIPELINE_CHECKPOINT".into(), r#"{"everyLines": 4}"#.into());
+    let (summary, cps) = fx.run_with(vars, &mut Upper { mode: Mode::Ascii });
+    let summary = summary.unwrap();
+    let at: Vec<(u64, u64)> = cps.iter().map(|c| (c.input_index, c.line_offset)).collect();
+    // Input 0 ends after 3 lines (deferred); the 4th line is input 1's first (due: synced with
+    // input 0's); input 1's end is deferred again; input 2's 2nd line is the next 4th; then the
+    // last input's end.
+    assert_eq!(at, vec![(0, 3), (1, 1), (1, 3), (2, 2), (2, 3)]);
+    assert_eq!(summary.sync_requests, 3);
+    assert!(cps
+        .iter()
+        .all(|c| c.byte_offset == 4 * c.line_offset && c.output_bytes == c.byte_offset));
+}
+
+#[test]
+fn resuming_from_a_deferred_end_of_input_redoes_only_the_inputs_after_it() {
+    let (fx, data) = small_inputs(4, 2);
+    let (first, cps) = fx.run_with(fx.vars(), &mut Upper { mode: Mode::Ascii });
+    first.unwrap();
+    let at_end_of_1 = cps[1];
+    assert_eq!(
+        (at_end_of_1.input_index, at_end_of_1.byte_offset),
+        (1, data[1].len() as u64)
+    );
+    // Outputs 2 and 3 torn (as a kill before their sync would leave them), 0 and 1 intact.
+    std::fs::write(fx.dir.path().join("out/f0002.txt"), b"TORN").unwrap();
+    std::fs::remove_file(fx.dir.path().join("out/f0003.txt")).unwrap();
+    let mut vars = fx.vars();
+    vars.insert(
+        "PIPELINE_RESUME".into(),
+        at_end_of_1.to_line().trim_end().to_string(),
+    );
+    let (resumed, cps) = fx.run_with(vars, &mut Upper { mode: Mode::Ascii });
+    let resumed = resumed.unwrap();
+    assert_eq!(resumed.lines, 4, "only inputs 2 and 3 are processed again");
+    // Input 1 is resumed at its end: nothing left of it but its final checkpoint again.
+    assert_eq!(cps[0], at_end_of_1);
+    assert_eq!(
+        cps.iter().map(|c| c.input_index).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(fx.output(&format!("f{i:04}.txt")), d.to_ascii_uppercase());
+    }
+}
+
+#[test]
+fn a_sync_covering_several_outputs_is_a_syncfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = Arc::new(File::create(dir.path().join("a")).unwrap());
+    let job = |output: &str, spans_files: bool| SyncJob {
+        file: file.clone(),
+        output: PathBuf::from(output),
+        checkpoints: vec![(Checkpoint::START, 0)],
+        sync_dirs: false,
+        spans_files,
+        weight: MIN_JOB_WEIGHT,
+    };
+    assert!(!needs_syncfs(&[job("a", false), job("a", false)]));
+    assert!(needs_syncfs(&[job("a", false), job("b", false)]));
+    // One job, one output, but deferred end-of-input checkpoints of other files before it.
+    assert!(needs_syncfs(&[job("a", true)]));
+}
+
 #[test]
 fn every_lines_cadence_checkpoints_exactly_on_its_lines() {
     let data = lines(1000, 6);
