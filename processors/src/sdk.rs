@@ -925,13 +925,7 @@ impl Writer {
             return syncer.finish();
         }
         self.work = None;
-        match self.handle.take().map(|h| h.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(ProcessorError::Usage(
-                "the output writer thread panicked".into(),
-            )),
-            None => Ok(()),
-        }
+        join(self.handle.take(), "the output writer thread")
     }
 }
 
@@ -1123,13 +1117,20 @@ impl Syncer {
     /// Waits until every queued checkpoint is durable and reported.
     fn finish(&mut self) -> Result<(), ProcessorError> {
         self.tx = None;
-        match self.handle.take().map(|h| h.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(ProcessorError::Usage(
-                "the checkpoint thread panicked".into(),
-            )),
-            None => Ok(()),
-        }
+        join(self.handle.take(), "the checkpoint thread")
+    }
+}
+
+/// Waits for `thread` (if it was started) and returns its result; its panic becomes an error
+/// naming `what`.
+fn join(
+    thread: Option<std::thread::JoinHandle<Result<(), ProcessorError>>>,
+    what: &str,
+) -> Result<(), ProcessorError> {
+    match thread.map(|h| h.join()) {
+        Some(Ok(result)) => result,
+        Some(Err(_)) => Err(ProcessorError::Usage(format!("{what} panicked"))),
+        None => Ok(()),
     }
 }
 
