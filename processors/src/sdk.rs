@@ -835,14 +835,19 @@ impl Writer {
     /// A batch back from the writer thread, emptied for reuse.
     fn recycle(&mut self, mut batch: Batch) -> Batch {
         self.outstanding -= 1;
+        self.keep_spare_outs(&mut batch);
+        batch.sink = None;
+        batch
+    }
+
+    /// Takes the written `out` buffers of `batch` back for reuse (up to [`SPARE_OUTS`]).
+    fn keep_spare_outs(&mut self, batch: &mut Batch) {
         for mut out in batch.outs.drain(..) {
             if self.spare_outs.len() < SPARE_OUTS {
                 out.clear();
                 self.spare_outs.push(out);
             }
         }
-        batch.sink = None;
-        batch
     }
 
     /// An empty `out` buffer for the transform, reused when one is spare.
@@ -869,12 +874,7 @@ impl Writer {
             self.work = None;
             return Err(err);
         }
-        for mut out in batch.outs.drain(..) {
-            if self.spare_outs.len() < SPARE_OUTS {
-                out.clear();
-                self.spare_outs.push(out);
-            }
-        }
+        self.keep_spare_outs(batch);
         Ok(())
     }
 
@@ -883,8 +883,7 @@ impl Writer {
     fn send(&mut self, mut batch: Batch) -> Result<(), ProcessorError> {
         if self.writes_here() {
             self.write_here(&mut batch)?;
-            self.outstanding += 1;
-            let batch = self.recycle(batch);
+            batch.sink = None;
             self.free.push(batch);
             return Ok(());
         }
@@ -1031,8 +1030,7 @@ impl Syncer {
                 // Group commit: checkpoints that queued up while the last sync ran are made
                 // durable together (`sync_batch`): one fdatasync for checkpoints of one output
                 // file, one `syncfs` for several (every output lives under the staging root, on
-                // one filesystem). A copy of 10,000 small files makes a few hundred syncs
-                // instead of ~30,000.
+                // one filesystem).
                 let mut batch = vec![first];
                 while batch.len() < SYNC_QUEUE {
                     match rx.try_recv() {
