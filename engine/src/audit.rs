@@ -13,21 +13,25 @@
 //! the whole record (with `hash` and `hmac`) followed by `\n`.
 //!
 //! **Appending** happens only under the workspace lock (an [`Log`] can only be opened with a held
-//! [`WorkspaceLock`]), by the one thread that writes shared state. One append:
-//! 1. write the head with an *intent* (`pending`: seq and hash of the record about to be appended),
-//! 2. append the line and fsync the log (failpoint `audit.after-append` fires here),
-//! 3. write the head naming the new record (no intent).
+//! [`WorkspaceLock`]), by the one thread that writes shared state. One append writes a *batch* of
+//! one or more records (group commit: the stage records that queued up while the previous batch
+//! was being made durable, see [`Log::stage_finished`] and [`Log::flush`]):
+//! 1. write the head with an *intent* (`pending`: seq and hash of the batch's last record),
+//! 2. append the batch's lines and fsync the log (failpoint `audit.after-append` fires here),
+//! 3. write the head naming the batch's last record (no intent).
 //!
 //! The head file holds two checksummed copies of the head, written in place one after the other
 //! (each fdatasynced), so a head write costs no new inode and a torn one never loses the head
 //! ([`read_head`]).
 //!
-//! **Crash rule:** a crash between 1 and 3 leaves the log either unchanged, with a torn final line,
-//! or one complete record ahead of the head. Both are legitimate only when the head's intent names
-//! exactly that record (seq and hash): `verify` then accepts them (and says so), and the next
-//! appender repairs them under the lock — it removes a torn final line and rolls the head forward
-//! over a complete pending record. A record ahead of the head that the intent does not name, or a
-//! torn line without an intent, is reported as tampering.
+//! **Crash rule:** a crash between 1 and 3 leaves the log with the first records of the batch
+//! (none, some or all of them) ahead of the head, possibly followed by a torn line. That is
+//! legitimate only while the head has an intent and the records ahead of it chain from the head's
+//! record up to at most the intent's seq, the record at the intent's seq (if there) being exactly
+//! the one it names: `verify` then accepts it (and says so), and the next appender repairs it under
+//! the lock — it removes a torn final line and rolls the head forward over the complete records.
+//! Records ahead of the head beyond the intent, or not chaining from the head, or a torn line
+//! without an intent, are reported as tampering.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -561,6 +565,106 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
     })
 }
 
+/// Whether a log whose last complete record is `last` can be a batch append in flight over the
+/// committed head (the crash rule): `last` is past the head, not past the intent's record
+/// (`pending`), and is that very record when it has its seq. Whether the records chain from the
+/// head is [`check_chain`]'s (or `verify`'s) part.
+fn in_flight(committed: &Head, pending: &Head, last: &Head) -> bool {
+    last.seq > committed.seq
+        && last.seq <= pending.seq
+        && (last.seq < pending.seq || last == pending)
+}
+
+/// Checks that the log's complete records after the head's record (`committed`), up to `last`
+/// (the last complete one), chain from it: consecutive seqs, each `prev` the hash of the one
+/// before, each hash (and with a key, HMAC) valid. Reads only those records, from the end.
+fn check_chain(
+    path: &Path,
+    committed: &Head,
+    last: &Head,
+    key: Option<&Key>,
+) -> Result<(), AuditError> {
+    let after = (last.seq - committed.seq) as usize;
+    let lines = read_last_lines(path, after + usize::from(committed.seq > 0))?;
+    let broken = |why: String| {
+        AuditError::Mismatch(format!(
+            "the records after the head (record {}) do not chain from it: {why}",
+            committed.seq
+        ))
+    };
+    let mut records = Vec::with_capacity(lines.len());
+    for line in &lines {
+        let record: Value = serde_json::from_slice(line)
+            .map_err(|err| broken(format!("a line is not JSON ({err})")))?;
+        records.push(record);
+    }
+    let mut prev = Head {
+        seq: 0,
+        hash: GENESIS.into(),
+    };
+    for (i, record) in records.iter().enumerate() {
+        let seq = record["seq"].as_u64().unwrap_or(0);
+        let hash = record["hash"].as_str().unwrap_or_default();
+        if hash != record_hash(record) {
+            return Err(broken(format!("record {seq} does not match its hash")));
+        }
+        if let Some(key) = key {
+            if !record["hmac"]
+                .as_str()
+                .is_some_and(|tag| key.check_record(hash, tag))
+            {
+                return Err(broken(format!("record {seq}'s HMAC does not verify")));
+            }
+        }
+        if i == 0 && committed.seq > 0 {
+            if seq != committed.seq || hash != committed.hash {
+                return Err(broken(format!("record {seq} is not the head's record")));
+            }
+        } else if seq != prev.seq + 1 || record["prev"].as_str() != Some(prev.hash.as_str()) {
+            return Err(broken(format!(
+                "record {seq} does not follow record {}",
+                prev.seq
+            )));
+        }
+        prev = Head {
+            seq,
+            hash: hash.to_string(),
+        };
+    }
+    if prev != *last || records.len() != lines.len() {
+        return Err(broken(format!(
+            "the log does not end at record {}",
+            last.seq
+        )));
+    }
+    Ok(())
+}
+
+/// The last `count` complete lines of the file (fewer if it has fewer), without their `\n`;
+/// bytes after the last `\n` (a torn append) are not a line.
+fn read_last_lines(path: &Path, count: usize) -> io::Result<Vec<Vec<u8>>> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut file = File::open(path)?;
+    let mut pos = file.metadata()?.len();
+    let mut tail: Vec<u8> = Vec::new();
+    // Enough when the newline before the first wanted line is in (or the file starts there).
+    while pos > 0 && tail.iter().filter(|&&b| b == b'\n').count() <= count {
+        let start = pos.saturating_sub(CHUNK);
+        let mut chunk = vec![0; (pos - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        pos = start;
+    }
+    let end = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut lines: Vec<&[u8]> = tail[..end].split(|&b| b == b'\n').collect();
+    lines.pop(); // after the final `\n`
+    let first = lines.len().saturating_sub(count);
+    // The first kept line is complete only if a `\n` (or the file's start) is before it.
+    Ok(lines[first..].iter().map(|line| line.to_vec()).collect())
+}
+
 /// The appender. Open it under the workspace lock; the thread holding it is the only writer.
 #[derive(Debug)]
 pub struct Log {
@@ -578,6 +682,8 @@ pub struct Log {
     /// Skipped stages not yet recorded: they go into one `stages.skip` record, appended before
     /// the next other record (a no-op build over 10,000 stages appends one record, not 10,000).
     skipped: Vec<Value>,
+    /// Records queued for the next [`Log::flush`] (action, stage, data), in order.
+    queued: Vec<(String, Option<String>, Value)>,
 }
 
 impl Log {
@@ -598,6 +704,7 @@ impl Log {
             state_dir,
             key,
             skipped: Vec::new(),
+            queued: Vec::new(),
             head: Head {
                 seq: 0,
                 hash: GENESIS.into(),
@@ -664,7 +771,7 @@ impl Log {
         };
         if at_head {
             if tail.torn {
-                if head.pending.as_ref().map(|p| p.seq) != Some(committed.seq + 1) {
+                if head.pending.as_ref().is_none_or(|p| p.seq <= committed.seq) {
                     return Err(AuditError::Mismatch(
                         "the log ends with an incomplete line that no append was writing".into(),
                     ));
@@ -679,11 +786,19 @@ impl Log {
         }
         match last {
             Some(last)
-                if !tail.torn
-                    && last.seq == committed.seq + 1
-                    && head.pending.as_ref() == Some(&last) =>
+                if head
+                    .pending
+                    .as_ref()
+                    .is_some_and(|pending| in_flight(&committed, pending, &last)) =>
             {
-                // Appended, but the crash came before the head: roll the head forward.
+                // (Part of) a batch appended, but the crash came before the head: check that the
+                // records chain from the head, drop a torn line, roll the head forward.
+                check_chain(&this.log, &committed, &last, this.key.as_ref())?;
+                if tail.torn {
+                    let file = OpenOptions::new().write(true).open(&this.log)?;
+                    file.set_len(tail.complete_len)?;
+                    file.sync_all()?;
+                }
                 this.write_head(&last, None)?;
                 this.head = last;
                 Ok(this)
@@ -750,10 +865,16 @@ impl Log {
     }
 
     /// The record that would be appended next, with its `hash` (and `hmac`).
+    #[cfg(test)]
     fn next_record(&self, action: &str, stage: Option<&str>, data: Value) -> Value {
+        self.record_after(&self.head, action, stage, data)
+    }
+
+    /// The record following `prev`, with its `hash` (and `hmac`).
+    fn record_after(&self, prev: &Head, action: &str, stage: Option<&str>, data: Value) -> Value {
         let mut record = Map::new();
         record.insert("v".into(), RECORD_VERSION.into());
-        record.insert("seq".into(), (self.head.seq + 1).into());
+        record.insert("seq".into(), (prev.seq + 1).into());
         record.insert("ts".into(), state::now_rfc3339().into());
         record.insert("actor".into(), json!(self.actor));
         if let Some(run) = &self.run {
@@ -764,7 +885,7 @@ impl Log {
         }
         record.insert("action".into(), action.into());
         record.insert("data".into(), data);
-        record.insert("prev".into(), self.head.hash.clone().into());
+        record.insert("prev".into(), prev.hash.clone().into());
         let mut record = Value::Object(record);
         let hash = record_hash(&record);
         if let Some(key) = &self.key {
@@ -774,48 +895,74 @@ impl Log {
         record
     }
 
-    /// Appends one record (after the pending `stages.skip` record, if any).
+    /// Appends one record, after the records queued before it, and makes them all durable.
     pub fn append(&mut self, action: &str, stage: Option<&str>, data: Value) -> io::Result<()> {
-        self.flush_skipped()?;
-        self.append_one(action, stage, data)
+        self.queue(action, stage, data);
+        self.flush()
     }
 
-    /// Appends the `stages.skip` record of the skipped stages not yet recorded.
-    pub fn flush_skipped(&mut self) -> io::Result<()> {
-        if self.skipped.is_empty() {
-            return Ok(());
+    /// Queues a record for the next [`Log::flush`], after the `stages.skip` record of the
+    /// skipped stages held so far.
+    fn queue(&mut self, action: &str, stage: Option<&str>, data: Value) {
+        self.queue_skipped();
+        self.queued
+            .push((action.to_string(), stage.map(str::to_string), data));
+    }
+
+    /// Turns the skipped stages held so far into a queued `stages.skip` record.
+    fn queue_skipped(&mut self) {
+        if !self.skipped.is_empty() {
+            let stages = std::mem::take(&mut self.skipped);
+            self.queued
+                .push(("stages.skip".into(), None, json!({ "stages": stages })));
         }
-        let stages = std::mem::take(&mut self.skipped);
-        self.append_one("stages.skip", None, json!({ "stages": stages }))
     }
 
-    /// Appends one record: intent in the head, line appended and fsynced, head committed.
-    fn append_one(&mut self, action: &str, stage: Option<&str>, data: Value) -> io::Result<()> {
-        let record = self.next_record(action, stage, data);
-        let next = Head {
-            seq: self.head.seq + 1,
-            hash: record["hash"].as_str().expect("just set").to_string(),
+    /// Appends every queued record (and the skipped stages held) as one batch: intent in the
+    /// head, lines appended and fsynced once, head committed. Five syncs however many records:
+    /// the group commit that keeps a build of many short stages from paying them per stage.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let Some((next, lines)) = self.take_batch() else {
+            return Ok(());
         };
         let committed = self.head.clone();
         self.write_head(&committed, Some(&next))?;
-        self.write_line(&record)?;
+        self.write_lines(&lines)?;
         failpoint::hit("audit.after-append");
         self.write_head(&next, None)?;
         self.head = next;
         Ok(())
     }
 
-    fn write_line(&self, record: &Value) -> io::Result<()> {
-        let mut line = Vec::new();
-        write_canonical(record, &mut line);
-        line.push(b'\n');
+    /// The queued records (and the skipped stages held) as the lines of one batch, chained from
+    /// the head, with the head they lead to; `None` when nothing is queued.
+    fn take_batch(&mut self) -> Option<(Head, Vec<u8>)> {
+        self.queue_skipped();
+        if self.queued.is_empty() {
+            return None;
+        }
+        let mut lines = Vec::new();
+        let mut next = self.head.clone();
+        for (action, stage, data) in std::mem::take(&mut self.queued) {
+            let record = self.record_after(&next, &action, stage.as_deref(), data);
+            next = Head {
+                seq: next.seq + 1,
+                hash: record["hash"].as_str().expect("just set").to_string(),
+            };
+            write_canonical(&record, &mut lines);
+            lines.push(b'\n');
+        }
+        Some((next, lines))
+    }
+
+    fn write_lines(&self, lines: &[u8]) -> io::Result<()> {
         std::fs::create_dir_all(&self.state_dir)?;
         let created = !self.log.exists();
         let mut file = OpenOptions::new()
             .append(true)
             .create(true)
             .open(&self.log)?;
-        file.write_all(&line)?;
+        file.write_all(lines)?;
         file.sync_all()?;
         if created {
             atomic::sync_dir(&self.state_dir)?;
@@ -825,7 +972,7 @@ impl Log {
 
     // ------------------------------------------------------------- the actions pipe records
 
-    /// `run.start`: the pipeline and the stages selected.
+    /// Queues `run.start`: the pipeline and the stages selected (appended with the next record).
     pub fn run_started(
         &mut self,
         spec: &Spec,
@@ -835,11 +982,12 @@ impl Log {
             .iter()
             .map(|&i| spec.stages[i].name.as_str())
             .collect();
-        self.append(
+        self.queue(
             "run.start",
             None,
             json!({"pipeline": spec.file, "root": spec.root.display().to_string(), "stages": stages}),
-        )
+        );
+        Ok(())
     }
 
     /// `run.end`: the run's status and totals.
@@ -851,9 +999,10 @@ impl Log {
         )
     }
 
-    /// `stage.run|resume|restore|fail|interrupt`; with the published outputs (from the marker)
-    /// when the stage published. Skipped stages go through [`Log::stage_skipped`]; not-run stages
-    /// are not recorded.
+    /// Queues `stage.run|resume|restore|fail|interrupt`, with the published outputs (from the
+    /// marker) when the stage published; it is appended at the next [`Log::flush`] or
+    /// [`Log::append`] (the build flushes before it waits for a running stage, and at its end).
+    /// Skipped stages go through [`Log::stage_skipped`]; not-run stages are not recorded.
     pub fn stage_finished(
         &mut self,
         ws: &Workspace,
@@ -878,7 +1027,8 @@ impl Log {
         ) {
             add_marker(&mut data, &marker);
         }
-        self.append(action, Some(&stage.name), data)
+        self.queue(action, Some(&stage.name), data);
+        Ok(())
     }
 
     /// Holds skipped `stage` for the next `stages.skip` record, with its marker's fingerprint and
@@ -1054,6 +1204,11 @@ pub fn verify(
     let mut torn_line = None;
     let mut hmacs_unchecked = false;
     let mut kept_found: Option<bool> = None;
+    // Whether the record the head names is in the log with that hash (what records ahead of the
+    // head must chain from, under the crash rule).
+    let mut head_record_found = head_file
+        .as_ref()
+        .is_some_and(|h| h.seq == 0 && h.hash == GENESIS);
     while let Some(reader) = reader.as_mut() {
         buf.clear();
         if reader.read_until(b'\n', &mut buf)? == 0 {
@@ -1178,6 +1333,9 @@ pub fn verify(
                 kept_found = Some(true);
             }
         }
+        if head_file.as_ref().is_some_and(|h| h.seq == seq) {
+            head_record_found = head_file.as_ref().is_some_and(|h| h.hash == hash);
+        }
         prev = Head { seq, hash };
     }
     let records = prev.seq;
@@ -1252,12 +1410,18 @@ pub fn verify(
         seq: head_file.seq,
         hash: head_file.hash.clone(),
     };
+    // A batch append in flight (the crash rule): the complete records reach at most the intent's
+    // record, chain from the head's (the walk above checked the chain), and the one at the
+    // intent's seq is that record.
+    let pending = head_file.pending.as_ref().filter(|p| p.seq > committed.seq);
+    let appending = |complete: &Head| {
+        pending.is_some_and(|p| {
+            head_record_found && (*complete == committed || in_flight(&committed, p, complete))
+        })
+    };
     if let Some(torn) = torn_line {
-        let pending_next = head_file
-            .pending
-            .as_ref()
-            .is_some_and(|p| p.seq == records + 1);
-        if prev != committed || !pending_next {
+        let torn_in_batch = pending.is_some_and(|p| records < p.seq);
+        if !appending(&prev) || !torn_in_batch {
             return Ok(Err(broken(
                 Some(records + 1),
                 Some(torn),
@@ -1268,14 +1432,22 @@ pub fn verify(
         notes.push(format!(
             "line {torn} is an append a crash interrupted (the head's intent names record {}); \
              the next build or clean removes it",
-            records + 1
+            pending.map_or(records + 1, |p| p.seq)
         ));
-    } else if prev == committed {
-        // the normal case
-    } else if records == committed.seq + 1 && head_file.pending.as_ref() == Some(&prev) {
+    }
+    if prev == committed {
+        // the normal case (or only a torn line after it, noted above)
+    } else if records > committed.seq && appending(&prev) {
+        let first = committed.seq + 1;
+        let which = if first == records {
+            format!("record {records} was")
+        } else {
+            format!("records {first}-{records} were")
+        };
         notes.push(format!(
-            "record {records} was appended by a build or clean that died before updating the \
-             head (the head's intent names it); the next build or clean updates the head"
+            "{which} appended by a build or clean that died before updating the head (the \
+             head's intent names record {}); the next build or clean updates the head",
+            pending.map_or(records, |p| p.seq)
         ));
     } else if records < committed.seq {
         return Ok(Err(broken(

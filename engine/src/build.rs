@@ -194,7 +194,12 @@ pub fn build(
         pipeline: spec.file.clone(),
         stages: selected.len(),
     });
-    b.schedule(graph, &selected, report)?;
+    let scheduled = b.schedule(graph, &selected, report);
+    if scheduled.is_err() {
+        // The records of stages that ended before the error are still appended.
+        let _ = b.audit.flush();
+    }
+    scheduled?;
     let done = b.finish(report);
     if let Err(err) = log.close() {
         report(&Event::Warning {
@@ -455,7 +460,18 @@ impl Coordinator<'_> {
                 }
                 continue;
             }
-            match rx.recv().expect("a running stage holds a sender") {
+            let message = match rx.try_recv() {
+                Ok(message) => message,
+                Err(_) => {
+                    // Nothing to do until a running stage reports: make the queued audit records
+                    // durable meanwhile. Stages that end during this flush queue theirs for the
+                    // next one, so the records of many short stages share one append (group
+                    // commit) instead of costing five syncs each on this thread.
+                    self.audit.flush()?;
+                    rx.recv().expect("a running stage holds a sender")
+                }
+            };
+            match message {
                 JobMessage::Event(event) => report(&event),
                 JobMessage::Spawned {
                     stage,
@@ -472,9 +488,7 @@ impl Coordinator<'_> {
                 JobMessage::Exited {
                     pid, start_time, ..
                 } => self.processes.exited(pid, start_time)?,
-                JobMessage::Record(record) => {
-                    atomic::write_json(&self.ws.stage_file(&record.name), &record)?
-                }
+                JobMessage::RecordFailed(err) => return Err(err.into()),
                 JobMessage::Done(i, result) => {
                     let JobResult {
                         status,
@@ -632,6 +646,16 @@ impl Coordinator<'_> {
         self.save_run_lazily()
     }
 
+    /// Writes the run's metrics (JSON and Prometheus) and its final run record.
+    fn save_metrics_and_run(&mut self, metrics: &Metrics) -> io::Result<()> {
+        atomic::write_json(&self.ws.metrics_file(&self.run.run_id), metrics)?;
+        atomic::write(
+            &self.ws.metrics_prom_file(&self.run.run_id),
+            crate::prometheus::render(metrics).as_bytes(),
+        )?;
+        self.save_run()
+    }
+
     /// Closes the run: final records, metrics, stat cache.
     fn finish(mut self, report: &mut dyn FnMut(&Event)) -> Result<BuildReport, BuildError> {
         let interrupted = self
@@ -658,12 +682,11 @@ impl Coordinator<'_> {
             totals: self.totals.clone(),
             stages: std::mem::take(&mut self.metrics),
         };
-        atomic::write_json(&self.ws.metrics_file(&self.run.run_id), &metrics)?;
-        atomic::write(
-            &self.ws.metrics_prom_file(&self.run.run_id),
-            crate::prometheus::render(&metrics).as_bytes(),
-        )?;
-        self.save_run()?;
+        if let Err(err) = self.save_metrics_and_run(&metrics) {
+            // The stage records still queued for the audit log are appended all the same.
+            let _ = self.audit.flush();
+            return Err(err.into());
+        }
         // Pruning stats every entry this build did not look up: only worth it when the cache
         // changed (a build that only re-verified memoised stages looked nothing up).
         if let Some(cache) = self.cache.as_mut().filter(|c| c.is_dirty()) {

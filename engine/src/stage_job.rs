@@ -2,10 +2,12 @@
 //!
 //! A [`StageJob`] owns everything it needs (no borrows of the build), so the scheduler can hand it
 //! to a pool thread. It writes only the files that belong to its stage and that nobody else
-//! writes: the staging folder, `state/progress_<stage>.json`, the attempt logs and (through
-//! [`crate::publish`]) its outputs and marker. Everything else — stage and run records, metrics,
-//! console output, the stat cache — goes to the coordinator as [`JobMessage`]s, which is the
-//! single writer of shared state.
+//! writes while it runs: the staging folder, `state/progress_<stage>.json`, its stage record
+//! `state/stage_<stage>.json` (the coordinator writes the record only before the job starts), the
+//! attempt logs and (through [`crate::publish`]) its outputs and marker. Everything else — the run
+//! record, audit log, metrics, console output, the stat cache — goes to the coordinator as
+//! [`JobMessage`]s, which is the single writer of shared state. Writing the stage record here
+//! keeps its two fsyncs off the coordinator, which every stage's end passes through.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -57,8 +59,8 @@ enum Unit {
 pub enum JobMessage {
     /// Something to show the user.
     Event(Event),
-    /// The stage record changed: write it.
-    Record(StageRecord),
+    /// The job could not write its stage record: the build stops with this error.
+    RecordFailed(io::Error),
     /// A processor started (its pid is also its process group; with its start time, from
     /// `/proc`, it names the process across time).
     Spawned {
@@ -181,6 +183,14 @@ impl StageJob {
     }
 
     /// Runs the stage to its end and reports it; never panics on I/O errors (they fail the stage).
+    /// Writes the stage record durably (`state/stage_<stage>.json`); a failure goes to the
+    /// coordinator, which stops the build with it.
+    fn save_record(&self, tx: &Sender<JobMessage>) {
+        if let Err(err) = atomic::write_json(&self.ws.stage_file(&self.record.name), &self.record) {
+            let _ = tx.send(JobMessage::RecordFailed(err));
+        }
+    }
+
     pub fn run(mut self, tx: &Sender<JobMessage>) {
         let started = Instant::now();
         let mut hashes = StatCache::default();
@@ -213,7 +223,7 @@ impl StageJob {
             (Some(err), StageStatus::Failed | StageStatus::Interrupted) => err.clone(),
             _ => self.record.reason.clone(),
         };
-        let _ = tx.send(JobMessage::Record(self.record.clone()));
+        self.save_record(tx);
         let result = JobResult {
             status,
             reason,
@@ -351,7 +361,7 @@ impl StageJob {
                     message,
                     retry_in_ms,
                 }));
-                let _ = tx.send(JobMessage::Record(self.record.clone()));
+                self.save_record(tx);
                 if !more {
                     break StageStatus::Failed;
                 }

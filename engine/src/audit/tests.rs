@@ -273,7 +273,8 @@ fn a_crash_after_the_append_is_not_tampering_and_the_next_appender_repairs_the_h
         };
         let committed = log.head().clone();
         log.write_head(&committed, Some(&next)).unwrap();
-        log.write_line(&record).unwrap();
+        log.write_lines(format!("{}\n", to_json_line(&record)).as_bytes())
+            .unwrap();
         // crash: the head is never committed
     }
     let ok = check(&ws, None, None).unwrap();
@@ -512,7 +513,8 @@ fn a_crash_between_the_two_copies_keeps_the_newer_one() {
     {
         let lock = held(&ws);
         let log = Log::open(&ws, None, &lock, None).unwrap();
-        log.write_line(&record3).unwrap();
+        log.write_lines(format!("{}\n", to_json_line(&record3)).as_bytes())
+            .unwrap();
     }
     let ok = check(&ws, None, None).unwrap();
     assert_eq!((ok.records, ok.notes.len()), (3, 2), "{:?}", ok.notes);
@@ -541,4 +543,154 @@ fn a_head_in_the_one_object_form_of_earlier_versions_is_read_and_converted() {
     let (read, layout) = read_head(&head_path(&ws.state_dir())).unwrap().unwrap();
     assert_eq!(read.seq, 3);
     assert!(matches!(layout, HeadLayout::Copies { damaged: false, .. }));
+}
+
+/// Leaves the log as a crash in the middle of appending a batch of `batch` records after the
+/// `n` already there would: the head's intent names the batch's last record, and only the
+/// batch's first `keep` bytes reached the log. Returns the batch's lines.
+fn crash_in_a_batch(ws: &Workspace, key: Option<Key>, n: u64, batch: u64, keep: usize) -> Vec<u8> {
+    log_with(ws, n, key.clone());
+    let lock = held(ws);
+    let mut log = Log::open(ws, key, &lock, Some("r2")).unwrap();
+    for i in 1..=batch {
+        log.queue("stage.run", Some(&format!("s{i}")), json!({"i": i}));
+    }
+    let (next, lines) = log.take_batch().unwrap();
+    let committed = log.head().clone();
+    log.write_head(&committed, Some(&next)).unwrap();
+    log.write_lines(&lines[..keep]).unwrap();
+    lines
+}
+
+#[test]
+fn stage_records_queue_and_one_flush_appends_them_as_one_chained_batch() {
+    let (_dir, ws) = workspace();
+    log_with(&ws, 1, None);
+    let lock = held(&ws);
+    let mut log = Log::open(&ws, None, &lock, Some("r2")).unwrap();
+    log.stage_skipped("a", "unchanged", None).unwrap();
+    log.queue("stage.run", Some("b"), json!({}));
+    log.stage_skipped("c", "unchanged", None).unwrap();
+    assert_eq!(lines(&ws).len(), 1, "nothing is written before the flush");
+    log.append("run.end", None, json!({})).unwrap();
+    let actions: Vec<String> = lines(&ws)
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["action"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "test.step",
+            "stages.skip",
+            "stage.run",
+            "stages.skip",
+            "run.end"
+        ]
+    );
+    assert_eq!(log.head().seq, 5);
+    let ok = check(&ws, None, None).unwrap();
+    assert_eq!((ok.records, ok.notes.len()), (5, 0));
+    log.flush().unwrap();
+    assert_eq!(lines(&ws).len(), 5, "an empty flush appends nothing");
+}
+
+#[test]
+fn a_crash_anywhere_in_a_batch_verifies_and_the_next_appender_rolls_forward() {
+    for key in [None, Some(Key::from_bytes(b"0123456789abcdef0123"))] {
+        let (_dir, ws) = workspace();
+        let full = crash_in_a_batch(&ws, key.clone(), 2, 3, 0);
+        let ends: Vec<usize> = full
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .map(|(i, _)| i + 1)
+            .collect();
+        // Every line boundary, and a cut in the middle of each line.
+        let mut cuts = vec![0];
+        let mut start = 0;
+        for &end in &ends {
+            cuts.push((start + end) / 2);
+            cuts.push(end);
+            start = end;
+        }
+        for keep in cuts {
+            let (_dir, ws) = workspace();
+            crash_in_a_batch(&ws, key.clone(), 2, 3, keep);
+            let complete = ends.iter().filter(|&&e| e <= keep).count() as u64;
+            let torn = !ends.contains(&keep) && keep > 0;
+            let ok =
+                check(&ws, key.as_ref(), None).unwrap_or_else(|b| panic!("cut at {keep}: {b}"));
+            assert_eq!(ok.records, 2 + complete, "cut at {keep}");
+            assert_eq!(
+                ok.notes.len(),
+                usize::from(torn) + usize::from(complete > 0),
+                "cut at {keep}: {:?}",
+                ok.notes
+            );
+            let lock = held(&ws);
+            let mut log = Log::open(&ws, key.clone(), &lock, None)
+                .unwrap_or_else(|e| panic!("cut at {keep}: {e}"));
+            assert_eq!(log.head().seq, 2 + complete, "cut at {keep}");
+            log.append("x", None, json!({})).unwrap();
+            let ok = check(&ws, key.as_ref(), None).unwrap();
+            assert_eq!(
+                (ok.records, ok.notes.len()),
+                (3 + complete, 0),
+                "cut at {keep}"
+            );
+        }
+    }
+}
+
+#[test]
+fn records_ahead_of_the_head_must_chain_from_it_and_stay_within_the_intent() {
+    // A record of the batch edited (its hash recomputed): it no longer chains.
+    let (_dir, ws) = workspace();
+    let full = crash_in_a_batch(&ws, None, 2, 3, 0);
+    let mut batch: Vec<Value> = std::str::from_utf8(&full)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    batch[0]["data"] = json!({"i": 99});
+    batch[0]["hash"] = record_hash(&batch[0]).into();
+    let mut all = lines(&ws);
+    all.extend(batch[..2].iter().map(to_json_line));
+    write_lines(&ws, &all);
+    let broken = check(&ws, None, None).unwrap_err();
+    assert_eq!(broken.seq, Some(4), "{broken}");
+    let lock = held(&ws);
+    assert!(matches!(
+        Log::open(&ws, None, &lock, None),
+        Err(AuditError::Mismatch(_))
+    ));
+    drop(lock);
+
+    // The whole batch and one record more than the intent names.
+    let (_dir, ws) = workspace();
+    let full = crash_in_a_batch(&ws, None, 2, 2, 0);
+    let mut all = lines(&ws);
+    all.extend(
+        std::str::from_utf8(&full)
+            .unwrap()
+            .lines()
+            .map(str::to_string),
+    );
+    let last: Value = serde_json::from_str(all.last().unwrap()).unwrap();
+    let mut extra = json!({"v": 1, "seq": 5, "action": "forged", "prev": last["hash"]});
+    extra["hash"] = record_hash(&extra).into();
+    all.push(to_json_line(&extra));
+    write_lines(&ws, &all);
+    let broken = check(&ws, None, None).unwrap_err();
+    assert_eq!(broken.seq, Some(3), "{broken}");
+    let lock = held(&ws);
+    assert!(matches!(
+        Log::open(&ws, None, &lock, None),
+        Err(AuditError::Mismatch(_))
+    ));
 }
