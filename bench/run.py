@@ -415,6 +415,9 @@ def section_processing(ctx: Ctx, mib: int) -> None:
         cmds = [
             Cmd("cp (floor)", "cp input/data.txt o-cp/data.txt", fresh("o-cp"), True),
             Cmd("tr a-z A-Z", "tr a-z A-Z < input/data.txt > o-tr/data.txt", fresh("o-tr"), True),
+            # cp leaves its output in the page cache; pipe's last checkpoint makes it durable.
+            Cmd("dd conv=fdatasync (durable copy)", "dd if=input/data.txt of=o-dd/data.txt bs=4M conv=fdatasync status=none",
+                fresh("o-dd"), True),
             Cmd("pipe processor upper (unicode)", proc("unicode", None, "o-pu"), fresh("o-pu")),
             Cmd("pipe processor upper (ascii)", proc("ascii", None, "o-pa"), fresh("o-pa")),
             Cmd("upper (unicode), no checkpoints", proc("unicode", "{}", "o-pn"), fresh("o-pn")),
@@ -432,6 +435,8 @@ def section_processing(ctx: Ctx, mib: int) -> None:
                 "upper-tr", mbs)
         compare(ctx, "processing", f"{case}: upper (unicode) vs cp", m, "pipe processor upper (unicode)", ["cp (floor)"],
                 "upper-cp")
+        compare(ctx, "processing", f"{case}: upper (unicode) vs a durable copy", m, "pipe processor upper (unicode)",
+                ["dd conv=fdatasync (durable copy)"], None, "context: the copy fsynced, as pipe's output is")
         compare(ctx, "processing", f"{case}: upper (ascii) vs tr", m, "pipe processor upper (ascii)", ["tr a-z A-Z"],
                 "upper-tr")
         compare(ctx, "processing", f"{case}: checkpoints (default 64 MiB/5 s) vs none", m,
