@@ -63,7 +63,7 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
     if let Some(retry) = &raw.settings.retry {
         v.retry(&merge_retry(retry, &RawRetry::default()), "/settings/retry");
     }
-    let mut stages = Vec::new();
+    let mut stages = Vec::with_capacity(raw.stages.len());
     for (i, stage) in raw.stages.iter().enumerate() {
         let mut validated = v.stage(
             i,
@@ -164,12 +164,25 @@ impl OnDisk {
         paths.retain(|p| !p.is_empty());
         paths.sort_unstable();
         paths.dedup();
+        // Relative to the project folder, opened once: no walk over its ancestors per path.
+        use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+        let dir = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok();
         OnDisk(
             paths
                 .into_par_iter()
                 .with_min_len(256)
                 .map(|rel| {
-                    let kind = std::fs::metadata(root.join(&rel)).ok().map(|m| m.is_dir());
+                    let kind = match &dir {
+                        Some(dir) => rustix::fs::statat(dir, rel.as_str(), AtFlags::empty())
+                            .ok()
+                            .map(|st| FileType::from_raw_mode(st.st_mode).is_dir()),
+                        None => std::fs::metadata(root.join(&rel)).ok().map(|m| m.is_dir()),
+                    };
                     (rel, kind)
                 })
                 .collect(),
