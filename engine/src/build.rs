@@ -179,7 +179,7 @@ pub fn build(
         processes: ProcessLog::new(ws.processes_log_file()),
         audit,
         run_saved: Instant::now(),
-        memo: SkipMemo::load(&ws.skip_memo_file()),
+        memo: SkipMemo::load(&ws.skip_memo_file(), spec),
         recovered: vec![false; spec.stages.len()],
     };
     if died {
@@ -512,7 +512,7 @@ impl Coordinator<'_> {
         let stage = &self.spec.stages[i];
         // A memoised verdict implies no publish journal appeared (it would change the output
         // folder's mtime), so recovery is only needed on the full path.
-        if let Some(produced) = self.memo.unchanged(self.spec, stage) {
+        if let Some(produced) = self.memo.unchanged(self.spec, i) {
             report(&Event::StagePlanned {
                 stage: stage.name.clone(),
                 summary: Decision::Skip.describe(),
@@ -562,7 +562,7 @@ impl Coordinator<'_> {
             let produced = plan.marker.map(|m| (m.fingerprint, m.run_id));
             return Ok(Planned::Skip(produced));
         }
-        self.memo.forget(&stage.name);
+        self.memo.forget(i);
         let reason = plan.decision.describe();
         let mut job = StageJob::new(
             self.spec,

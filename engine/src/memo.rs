@@ -33,11 +33,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::hashing::{now_ns, StatKey, RACY_WINDOW_NS};
 use crate::plan::StagePlan;
-use crate::spec::{Processor, Spec, Stage};
+use crate::spec::{Input, Processor, Spec, Stage};
 use crate::workspace::Workspace;
 
-/// Version of the memo format and of what it watches; bumping it discards every entry.
-const MEMO_VERSION: u32 = 2;
+/// Version of the memo format, of what it watches and of the definition key; bumping it discards
+/// every entry.
+const MEMO_VERSION: u32 = 3;
 
 /// One stage found unchanged.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,10 +70,30 @@ struct Stored {
     stages: HashMap<String, Entry>,
 }
 
+/// What [`SkipMemo::save`] writes: [`Stored`] with the entries of the spec's stages, in name order.
+#[derive(Serialize)]
+struct ToStore<'a> {
+    version: u32,
+    engine: &'a str,
+    paths: &'a [String],
+    #[serde(serialize_with = "entries_by_name")]
+    stages: Vec<(&'a str, &'a Entry)>,
+}
+
+fn entries_by_name<S: serde::Serializer>(
+    entries: &[(&str, &Entry)],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(entries.iter().copied())
+}
+
 /// The memo of one build.
 #[derive(Debug)]
 pub struct SkipMemo {
+    /// The stored memo; its `stages` are moved into [`SkipMemo::entries`] on load.
     stored: Stored,
+    /// The entry of each stage of the spec, by stage index (looked up by name once, on load).
+    entries: Vec<Option<Entry>>,
     dirty: bool,
     /// Stats taken by this build, by path id, shared between stages; only those taken in the
     /// current generation count (a stage that publishes starts a new one: O(1), not O(paths)).
@@ -85,9 +106,9 @@ pub struct SkipMemo {
 }
 
 impl SkipMemo {
-    /// Loads the memo; anything unreadable gives an empty one.
-    pub fn load(path: &Path) -> SkipMemo {
-        let stored = std::fs::read(path)
+    /// Loads the memo for the stages of `spec`; anything unreadable gives an empty one.
+    pub fn load(path: &Path, spec: &Spec) -> SkipMemo {
+        let mut stored = std::fs::read(path)
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Stored>(&bytes).ok())
             .filter(|s| s.version == MEMO_VERSION && s.engine == env!("CARGO_PKG_VERSION"))
@@ -98,34 +119,42 @@ impl SkipMemo {
                     .all(|e| e.watch.iter().all(|&id| (id as usize) < n))
             })
             .unwrap_or_default();
+        let entries = spec
+            .stages
+            .iter()
+            .map(|stage| stored.stages.remove(&stage.name))
+            .collect();
+        // Entries of stages the spec no longer has are dropped: the memo is rewritten without them.
+        let dropped = !stored.stages.is_empty();
+        stored.stages = HashMap::new();
         SkipMemo {
             seen: vec![(0, None); stored.paths.len()],
             generation: 1,
             stored,
-            dirty: false,
+            entries,
+            dirty: dropped,
             ids: None,
             root: None,
         }
     }
 
     /// Writes the memo (atomically, without fsync) if it changed, keeping only stages of `spec`
-    /// and the paths they watch.
+    /// (the one it was loaded for) and the paths they watch.
     pub fn save(&mut self, path: &Path, spec: &Spec) -> io::Result<()> {
-        let before = self.stored.stages.len();
-        let names: std::collections::HashSet<&str> =
-            spec.stages.iter().map(|s| s.name.as_str()).collect();
-        self.stored
-            .stages
-            .retain(|name, _| names.contains(name.as_str()));
-        if !self.dirty && self.stored.stages.len() == before {
+        if !self.dirty {
             return Ok(());
         }
-        // Renumber the paths still watched, in first-use order.
+        // Renumber the paths still watched, in first-use order (stages by name).
         let mut renumbered: Vec<Option<u32>> = vec![None; self.stored.paths.len()];
         let mut paths = Vec::new();
-        let mut stages: Vec<(&String, &mut Entry)> = self.stored.stages.iter_mut().collect();
+        let mut stages: Vec<(&str, &mut Entry)> = spec
+            .stages
+            .iter()
+            .zip(self.entries.iter_mut())
+            .filter_map(|(stage, entry)| Some((stage.name.as_str(), entry.as_mut()?)))
+            .collect();
         stages.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (_, entry) in stages {
+        for (_, entry) in &mut stages {
             for id in &mut entry.watch {
                 let new = *renumbered[*id as usize].get_or_insert_with(|| {
                     paths.push(std::mem::take(&mut self.stored.paths[*id as usize]));
@@ -134,12 +163,21 @@ impl SkipMemo {
                 *id = new;
             }
         }
+        let bytes = serde_json::to_vec(&ToStore {
+            version: MEMO_VERSION,
+            engine: env!("CARGO_PKG_VERSION"),
+            paths: &paths,
+            stages: stages
+                .iter()
+                .map(|(name, entry)| (*name, &**entry))
+                .collect(),
+        })
+        .map_err(io::Error::other)?;
         self.stored.paths = paths;
-        self.seen = vec![(0, None); self.stored.paths.len()];
-        self.ids = None;
         self.stored.version = MEMO_VERSION;
         self.stored.engine = env!("CARGO_PKG_VERSION").to_string();
-        let bytes = serde_json::to_vec(&self.stored).map_err(io::Error::other)?;
+        self.seen = vec![(0, None); self.stored.paths.len()];
+        self.ids = None;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -152,8 +190,8 @@ impl SkipMemo {
     /// unchanged (a no-op build of 10,000 stages: ~40,000 `stat` calls, mostly path lookup).
     pub fn prefetch(&mut self, spec: &Spec) {
         let mut wanted = vec![false; self.stored.paths.len()];
-        for stage in &spec.stages {
-            if let Some(entry) = self.stored.stages.get_mut(&stage.name) {
+        for (stage, entry) in spec.stages.iter().zip(&mut self.entries) {
+            if let Some(entry) = entry {
                 entry.current = entry.key == definition_key(spec, stage);
                 if entry.current {
                     for &id in &entry.watch {
@@ -180,11 +218,11 @@ impl SkipMemo {
         self.root = Some(root);
     }
 
-    /// If `stage` was found unchanged before and nothing it rests on changed since: the
+    /// If stage `i` was found unchanged before and nothing it rests on changed since: the
     /// fingerprint and run id of its marker.
-    pub fn unchanged(&mut self, spec: &Spec, stage: &Stage) -> Option<(String, String)> {
-        let entry = self.stored.stages.get(&stage.name)?;
-        if !entry.current && entry.key != definition_key(spec, stage) {
+    pub fn unchanged(&mut self, spec: &Spec, i: usize) -> Option<(String, String)> {
+        let entry = self.entries[i].as_ref()?;
+        if !entry.current && entry.key != definition_key(spec, &spec.stages[i]) {
             return None;
         }
         let root = self.root.get_or_insert_with(|| Root::open(spec));
@@ -224,7 +262,7 @@ impl SkipMemo {
     pub fn remember(&mut self, spec: &Spec, ws: &Workspace, plan: &StagePlan) {
         let stage = &spec.stages[plan.stage];
         let (Some(inputs), Some(marker)) = (&plan.inputs, &plan.marker) else {
-            self.forget(&stage.name);
+            self.forget(plan.stage);
             return;
         };
         let mut paths: Vec<PathBuf> = Vec::new();
@@ -251,10 +289,10 @@ impl SkipMemo {
         for path in &paths {
             match stat_of(path) {
                 Ok(Some(s)) if s.mtime_ns.max(s.ctime_ns) >= trusted_before => {
-                    return self.forget(&stage.name);
+                    return self.forget(plan.stage);
                 }
                 Ok(stat) => stats.push(stat),
-                Err(_) => return self.forget(&stage.name),
+                Err(_) => return self.forget(plan.stage),
             }
         }
         let watch = paths
@@ -269,13 +307,13 @@ impl SkipMemo {
             stats: digest(&stats),
             current: true,
         };
-        self.stored.stages.insert(stage.name.clone(), entry);
+        self.entries[plan.stage] = Some(entry);
         self.dirty = true;
     }
 
-    /// Drops what is remembered about `stage` (it runs, failed, or cannot be memoised).
-    pub fn forget(&mut self, stage: &str) {
-        self.dirty |= self.stored.stages.remove(stage).is_some();
+    /// Drops what is remembered about stage `i` (it runs, failed, or cannot be memoised).
+    pub fn forget(&mut self, i: usize) {
+        self.dirty |= self.entries[i].take().is_some();
     }
 
     /// Forgets the stats taken so far: a stage published, so they may be out of date.
@@ -286,23 +324,81 @@ impl SkipMemo {
 
 /// What a stage's verdict depends on in the Pipefile: its name, processor, inputs, output folder,
 /// params and kind, the project folder, and the engine version (whose planning rules may differ).
+///
+/// Each value is fed to the hash with its length (or a tag) in front, so that no two definitions
+/// share an encoding. The destructuring names every field, so a field added to a processor or an
+/// input does not compile until it is part of the key (or deliberately left out).
 fn definition_key(spec: &Spec, stage: &Stage) -> String {
-    let mut hasher = blake3::Hasher::new();
-    let params = serde_json::to_string(&stage.params).unwrap_or_default();
-    // Debug formatting of validated values: deterministic within one engine version (the memo is
-    // discarded when the version changes, and a formatting change only costs one full decision).
-    let text = format!(
-        "{MEMO_VERSION}\0{}\0{}\0{}\0{:?}\0{:?}\0{}\0{params}\0{}",
-        env!("CARGO_PKG_VERSION"),
-        spec.root.display(),
-        stage.name,
-        stage.processor,
-        stage.inputs,
-        stage.output_dir,
-        stage.map,
-    );
-    hasher.update(text.as_bytes());
-    hasher.finalize().to_hex()[..32].to_string()
+    let mut key = KeyHasher(blake3::Hasher::new());
+    key.number(MEMO_VERSION.into());
+    key.text(env!("CARGO_PKG_VERSION"));
+    key.bytes(spec.root.as_os_str().as_encoded_bytes());
+    key.text(&stage.name);
+    match &stage.processor {
+        Processor::Builtin {
+            name,
+            implementation,
+            version,
+        } => {
+            key.number(0);
+            key.text(name);
+            key.text(implementation);
+            key.text(version);
+        }
+        Processor::Command {
+            argv,
+            version,
+            files,
+        } => {
+            key.number(1);
+            key.texts(argv);
+            key.text(version);
+            key.texts(files);
+        }
+    }
+    key.number(stage.inputs.len() as u64);
+    for input in &stage.inputs {
+        match input {
+            Input::Path(path) => {
+                key.number(0);
+                key.text(path);
+            }
+            Input::Glob { pattern, base } => {
+                key.number(1);
+                key.text(pattern);
+                key.text(base);
+            }
+        }
+    }
+    key.text(&stage.output_dir);
+    key.bytes(&serde_json::to_vec(&stage.params).unwrap_or_default());
+    key.number(stage.map.into());
+    key.0.finalize().to_hex()[..32].to_string()
+}
+
+/// Feeds values to a hasher, each with its length in front.
+struct KeyHasher(blake3::Hasher);
+
+impl KeyHasher {
+    fn number(&mut self, n: u64) {
+        self.0.update(&n.to_le_bytes());
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.number(bytes.len() as u64);
+        self.0.update(bytes);
+    }
+
+    fn text(&mut self, text: &str) {
+        self.bytes(text.as_bytes());
+    }
+
+    fn texts(&mut self, texts: &[String]) {
+        self.number(texts.len() as u64);
+        for text in texts {
+            self.text(text);
+        }
+    }
 }
 
 /// The stat of `path` (following symlinks, as input listing does); `None` when it does not exist.
@@ -379,5 +475,195 @@ fn absolute(spec: &Spec, stored: &str) -> PathBuf {
         PathBuf::from(stored)
     } else {
         spec.root.join(stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// A project in a fresh folder: `stages` as its Pipefile's stages, with the inputs they name.
+    fn spec_in(dir: &Path, stages: Value) -> Spec {
+        for file in ["in/a.txt", "in/b.txt", "in/ab.txt", "tool.py"] {
+            let path = dir.join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x\n").unwrap();
+        }
+        let file = dir.join("Pipefile.json");
+        std::fs::write(&file, json!({"version": 1, "stages": stages}).to_string()).unwrap();
+        Spec::load(&file).unwrap()
+    }
+
+    fn stage() -> Value {
+        json!({
+            "name": "s",
+            "processor": {"builtin": "upper", "version": "1"},
+            "inputs": ["in/a.txt"],
+            "outputDir": "out",
+        })
+    }
+
+    fn key_of(dir: &Path, stage: Value) -> String {
+        let spec = spec_in(dir, json!([stage]));
+        definition_key(&spec, &spec.stages[0])
+    }
+
+    #[test]
+    fn the_definition_key_changes_with_everything_a_verdict_rests_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = key_of(dir.path(), stage());
+        assert_eq!(base.len(), 32);
+        assert_eq!(key_of(dir.path(), stage()), base, "deterministic");
+        let edits: Vec<(&str, Value)> = vec![
+            ("name", json!("t")),
+            ("processor", json!({"builtin": "copy", "version": "1"})),
+            ("processor", json!({"builtin": "upper", "version": "2"})),
+            (
+                "processor",
+                json!({"command": ["python3", "tool.py"], "version": "1"}),
+            ),
+            ("inputs", json!(["in/b.txt"])),
+            ("inputs", json!(["in/a.txt", "in/b.txt"])),
+            ("inputs", json!(["in/*.txt"])),
+            ("outputDir", json!("out2")),
+            ("params", json!({"mode": "ascii"})),
+            ("foreach", json!("file")),
+        ];
+        let mut keys = vec![base.clone()];
+        for (field, value) in edits {
+            let mut edited = stage();
+            edited[field] = value.clone();
+            let key = key_of(dir.path(), edited);
+            assert!(!keys.contains(&key), "{field} = {value}: key not new");
+            keys.push(key);
+        }
+        // The project folder is part of the key.
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert_ne!(key_of(elsewhere.path(), stage()), base);
+        // What cannot change a verdict does not change the key.
+        let mut described = stage();
+        described["description"] = json!("words");
+        described["retry"] = json!({"maxAttempts": 3});
+        assert_eq!(key_of(dir.path(), described), base);
+    }
+
+    #[test]
+    fn the_definition_key_tells_apart_values_that_concatenate_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let command = |argv: Value| {
+            let mut s = stage();
+            s["processor"] = json!({"command": argv, "version": "1"});
+            key_of(dir.path(), s)
+        };
+        assert_ne!(
+            command(json!(["python3", "tool.py", "ab"])),
+            command(json!(["python3", "tool.py", "a", "b"]))
+        );
+        assert_ne!(
+            command(json!(["python3", "tool.py", "a", ""])),
+            command(json!(["python3", "tool.py", "", "a"]))
+        );
+        let inputs = |inputs: Value| {
+            let mut s = stage();
+            s["inputs"] = inputs;
+            key_of(dir.path(), s)
+        };
+        assert_ne!(inputs(json!(["in/ab.txt"])), inputs(json!(["in/a.txt"])));
+    }
+
+    fn entry(key: &str, watch: Vec<u32>) -> Entry {
+        Entry {
+            key: key.into(),
+            fingerprint: format!("fp-{key}"),
+            run_id: "r1".into(),
+            watch,
+            stats: "digest".into(),
+            current: false,
+        }
+    }
+
+    fn named(names: &[&str]) -> Value {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let mut s = stage();
+                s["name"] = json!(name);
+                s["outputDir"] = json!(format!("out{i}"));
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn entries_follow_their_stage_by_name_and_those_of_removed_stages_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cache/skip-v1.json");
+        let spec = spec_in(dir.path(), named(&["a", "b", "c"]));
+        let mut memo = SkipMemo::load(&file, &spec);
+        assert!(memo.entries.iter().all(Option::is_none) && !memo.dirty);
+        memo.stored.paths = vec!["p0".into(), "p1".into(), "p2".into()];
+        memo.entries[0] = Some(entry("ka", vec![2, 0]));
+        memo.entries[2] = Some(entry("kc", vec![1]));
+        memo.dirty = true;
+        memo.save(&file, &spec).unwrap();
+        let stored: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(stored["version"], MEMO_VERSION);
+        // Paths renumbered in first-use order, stages by name.
+        assert_eq!(stored["paths"], json!(["p2", "p0", "p1"]));
+        assert_eq!(stored["stages"]["a"]["watch"], json!([0, 1]));
+        assert_eq!(stored["stages"]["c"]["watch"], json!([2]));
+        assert_eq!(stored["stages"].as_object().unwrap().len(), 2);
+
+        // Same stages: nothing to write.
+        let again = SkipMemo::load(&file, &spec);
+        assert!(!again.dirty);
+        assert_eq!(again.entries[0].as_ref().unwrap().fingerprint, "fp-ka");
+        assert!(again.entries[1].is_none());
+
+        // Reordered, `a` removed, `d` new: entries found by name; the memo must be rewritten.
+        let spec = spec_in(dir.path(), named(&["c", "d", "b"]));
+        let mut moved = SkipMemo::load(&file, &spec);
+        assert!(moved.dirty);
+        assert_eq!(moved.entries[0].as_ref().unwrap().fingerprint, "fp-kc");
+        assert!(moved.entries[1].is_none() && moved.entries[2].is_none());
+        moved.save(&file, &spec).unwrap();
+        let stored: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(stored["paths"], json!(["p1"]));
+        assert_eq!(
+            stored["stages"],
+            json!({"c": {
+                "key": "kc", "fingerprint": "fp-kc", "runId": "r1", "watch": [0], "stats": "digest"
+            }})
+        );
+        // A forgotten stage is written out too.
+        let mut forgetting = SkipMemo::load(&file, &spec);
+        forgetting.forget(1);
+        assert!(!forgetting.dirty, "nothing to forget");
+        forgetting.forget(0);
+        assert!(forgetting.dirty);
+        forgetting.save(&file, &spec).unwrap();
+        let stored: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(stored["stages"], json!({}));
+    }
+
+    #[test]
+    fn a_memo_of_another_version_or_with_bad_path_ids_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("skip.json");
+        let spec = spec_in(dir.path(), named(&["a"]));
+        let write = |version: u32, watch: u32| {
+            let memo = json!({"version": version, "engine": env!("CARGO_PKG_VERSION"),
+                "paths": ["p"], "stages": {"a": {"key": "k", "fingerprint": "f", "runId": "r",
+                "watch": [watch], "stats": "d"}}});
+            std::fs::write(&file, memo.to_string()).unwrap();
+        };
+        write(MEMO_VERSION, 0);
+        assert!(SkipMemo::load(&file, &spec).entries[0].is_some());
+        write(MEMO_VERSION - 1, 0);
+        assert!(SkipMemo::load(&file, &spec).entries[0].is_none());
+        write(MEMO_VERSION, 1);
+        assert!(SkipMemo::load(&file, &spec).entries[0].is_none());
     }
 }
