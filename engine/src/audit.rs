@@ -128,6 +128,57 @@ fn write_object<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>, out:
     out.push(b'}');
 }
 
+/// The canonical bytes of a record made of `members` and a `data` member whose canonical bytes
+/// are `data` (the same bytes as [`write_canonical`] of the whole record, written without
+/// building `data` as a [`Value`]: the `stages.skip` record of a no-op build lists every stage).
+fn write_record(members: &Map<String, Value>, data: &[u8], out: &mut Vec<u8>) {
+    let data_key = String::from("data");
+    let mut members: Vec<(&String, Option<&Value>)> = members
+        .iter()
+        .map(|(key, value)| (key, Some(value)))
+        .collect();
+    members.push((&data_key, None));
+    members.sort_by_key(|(key, _)| *key);
+    out.push(b'{');
+    for (i, (key, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key).expect("a string serialises");
+        out.push(b':');
+        match value {
+            Some(value) => write_canonical(value, out),
+            None => out.extend_from_slice(data),
+        }
+    }
+    out.push(b'}');
+}
+
+/// The canonical bytes of one entry of a `stages.skip` record: the object
+/// `{"stage", "reason", "fingerprint", "producedBy"}` (or `"marker": "missing"` instead of the last
+/// two), keys sorted.
+fn skip_entry(stage: &str, reason: &str, produced: Option<&(String, String)>, out: &mut Vec<u8>) {
+    fn member(out: &mut Vec<u8>, key: &str, value: &str) {
+        if out.last() != Some(&b'{') {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key).expect("a string serialises");
+        out.push(b':');
+        serde_json::to_writer(&mut *out, value).expect("a string serialises");
+    }
+    out.push(b'{');
+    match produced {
+        Some((fingerprint, run)) => {
+            member(out, "fingerprint", fingerprint);
+            member(out, "producedBy", run);
+        }
+        None => member(out, "marker", "missing"),
+    }
+    member(out, "reason", reason);
+    member(out, "stage", stage);
+    out.push(b'}');
+}
+
 fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -577,7 +628,8 @@ pub struct Log {
     actor: Actor,
     /// Skipped stages not yet recorded: they go into one `stages.skip` record, appended before
     /// the next other record (a no-op build over 10,000 stages appends one record, not 10,000).
-    skipped: Vec<Value>,
+    /// Held as the canonical bytes of the entries, comma-separated (see [`Log::stage_skipped`]).
+    skipped: Vec<u8>,
 }
 
 impl Log {
@@ -749,8 +801,9 @@ impl Log {
         Ok(())
     }
 
-    /// The record that would be appended next, with its `hash` (and `hmac`).
-    fn next_record(&self, action: &str, stage: Option<&str>, data: Value) -> Value {
+    /// The record that would be appended next with `data` (its canonical bytes): its line
+    /// (canonical bytes, with `hash` and `hmac`, and a newline) and the head it makes.
+    fn next_line(&self, action: &str, stage: Option<&str>, data: &[u8]) -> (Head, Vec<u8>) {
         let mut record = Map::new();
         record.insert("v".into(), RECORD_VERSION.into());
         record.insert("seq".into(), (self.head.seq + 1).into());
@@ -763,21 +816,30 @@ impl Log {
             record.insert("stage".into(), stage.into());
         }
         record.insert("action".into(), action.into());
-        record.insert("data".into(), data);
         record.insert("prev".into(), self.head.hash.clone().into());
-        let mut record = Value::Object(record);
-        let hash = record_hash(&record);
+        let mut line = Vec::with_capacity(data.len() + 512);
+        write_record(&record, data, &mut line);
+        let hash = sha256_hex(&line);
         if let Some(key) = &self.key {
-            record["hmac"] = key.sign_record(&hash).into();
+            record.insert("hmac".into(), key.sign_record(&hash).into());
         }
-        record["hash"] = hash.into();
-        record
+        record.insert("hash".into(), hash.clone().into());
+        line.clear();
+        write_record(&record, data, &mut line);
+        line.push(b'\n');
+        let next = Head {
+            seq: self.head.seq + 1,
+            hash,
+        };
+        (next, line)
     }
 
     /// Appends one record (after the pending `stages.skip` record, if any).
     pub fn append(&mut self, action: &str, stage: Option<&str>, data: Value) -> io::Result<()> {
         self.flush_skipped()?;
-        self.append_one(action, stage, data)
+        let mut canonical = Vec::new();
+        write_canonical(&data, &mut canonical);
+        self.append_one(action, stage, &canonical)
     }
 
     /// Appends the `stages.skip` record of the skipped stages not yet recorded.
@@ -785,37 +847,36 @@ impl Log {
         if self.skipped.is_empty() {
             return Ok(());
         }
-        let stages = std::mem::take(&mut self.skipped);
-        self.append_one("stages.skip", None, json!({ "stages": stages }))
+        let entries = std::mem::take(&mut self.skipped);
+        let mut data = Vec::with_capacity(entries.len() + 14);
+        data.extend_from_slice(b"{\"stages\":[");
+        data.extend_from_slice(&entries);
+        data.extend_from_slice(b"]}");
+        self.append_one("stages.skip", None, &data)
     }
 
-    /// Appends one record: intent in the head, line appended and fsynced, head committed.
-    fn append_one(&mut self, action: &str, stage: Option<&str>, data: Value) -> io::Result<()> {
-        let record = self.next_record(action, stage, data);
-        let next = Head {
-            seq: self.head.seq + 1,
-            hash: record["hash"].as_str().expect("just set").to_string(),
-        };
+    /// Appends one record whose `data` is `data` (canonical JSON): intent in the head, line
+    /// appended and fsynced, head committed.
+    fn append_one(&mut self, action: &str, stage: Option<&str>, data: &[u8]) -> io::Result<()> {
+        let (next, line) = self.next_line(action, stage, data);
         let committed = self.head.clone();
         self.write_head(&committed, Some(&next))?;
-        self.write_line(&record)?;
+        self.write_line(&line)?;
         failpoint::hit("audit.after-append");
         self.write_head(&next, None)?;
         self.head = next;
         Ok(())
     }
 
-    fn write_line(&self, record: &Value) -> io::Result<()> {
-        let mut line = Vec::new();
-        write_canonical(record, &mut line);
-        line.push(b'\n');
+    /// Appends `line` (one canonical record and its newline) to the log, durably.
+    fn write_line(&self, line: &[u8]) -> io::Result<()> {
         std::fs::create_dir_all(&self.state_dir)?;
         let created = !self.log.exists();
         let mut file = OpenOptions::new()
             .append(true)
             .create(true)
             .open(&self.log)?;
-        file.write_all(&line)?;
+        file.write_all(line)?;
         file.sync_all()?;
         if created {
             atomic::sync_dir(&self.state_dir)?;
@@ -889,15 +950,10 @@ impl Log {
         reason: &str,
         produced: Option<&(String, String)>,
     ) -> io::Result<()> {
-        let mut entry = json!({"stage": stage, "reason": reason});
-        match produced {
-            Some((fingerprint, run)) => {
-                entry["fingerprint"] = fingerprint.as_str().into();
-                entry["producedBy"] = run.as_str().into();
-            }
-            None => entry["marker"] = "missing".into(),
+        if !self.skipped.is_empty() {
+            self.skipped.push(b',');
         }
-        self.skipped.push(entry);
+        skip_entry(stage, reason, produced, &mut self.skipped);
         Ok(())
     }
 
