@@ -141,15 +141,18 @@ struct Validator {
     on_disk: OnDisk,
 }
 
-/// What exists at the output folders and input paths a Pipefile names, stat'ed on all cores up
-/// front (a 10,000-stage Pipefile names 20,000 of them): root-relative path → `Some(is_dir)`, or
-/// `None` when nothing is there.
+/// What exists at the output folders and input paths a Pipefile names (a 10,000-stage Pipefile
+/// names 20,000 of them), found up front: root-relative path → `Some(is_dir)`, or `None` when
+/// nothing is there.
 #[derive(Default)]
 struct OnDisk(HashMap<String, Option<bool>>);
 
+/// A folder holding at least this many of the paths is listed once rather than each path in it
+/// stat'ed (a `stat` walks the path; a listing costs about as much as a few stats).
+const LIST_AT_LEAST: usize = 32;
+
 impl OnDisk {
     fn prefetch(root: &std::path::Path, stages: &[RawStage]) -> OnDisk {
-        use rayon::prelude::*;
         let mut paths: Vec<String> = Vec::new();
         for stage in stages {
             paths.extend(normalize(&stage.output_dir).ok());
@@ -161,32 +164,39 @@ impl OnDisk {
                     .map(|i| i.base().to_string()),
             );
         }
+        OnDisk::of(root, paths)
+    }
+
+    /// The kinds of `paths` (root-relative): what the listing of a folder holding many of them
+    /// shows, and a `stat` on all cores for the rest.
+    fn of(root: &std::path::Path, mut paths: Vec<String>) -> OnDisk {
+        use rayon::prelude::*;
+        use rustix::fs::{AtFlags, FileType, Mode, OFlags};
         paths.retain(|p| !p.is_empty());
         paths.sort_unstable();
         paths.dedup();
         // Relative to the project folder, opened once: no walk over its ancestors per path.
-        use rustix::fs::{AtFlags, FileType, Mode, OFlags};
         let dir = rustix::fs::open(
             root,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .ok();
-        OnDisk(
-            paths
-                .into_par_iter()
-                .with_min_len(256)
-                .map(|rel| {
-                    let kind = match &dir {
-                        Some(dir) => rustix::fs::statat(dir, rel.as_str(), AtFlags::empty())
-                            .ok()
-                            .map(|st| FileType::from_raw_mode(st.st_mode).is_dir()),
-                        None => std::fs::metadata(root.join(&rel)).ok().map(|m| m.is_dir()),
-                    };
-                    (rel, kind)
-                })
-                .collect(),
-        )
+        let mut found = match &dir {
+            Some(dir) => listed(dir, &paths),
+            None => HashMap::new(),
+        };
+        paths.retain(|p| !found.contains_key(p));
+        found.par_extend(paths.into_par_iter().with_min_len(256).map(|rel| {
+            let kind = match &dir {
+                Some(dir) => rustix::fs::statat(dir, rel.as_str(), AtFlags::empty())
+                    .ok()
+                    .map(|st| FileType::from_raw_mode(st.st_mode).is_dir()),
+                None => std::fs::metadata(root.join(&rel)).ok().map(|m| m.is_dir()),
+            };
+            (rel, kind)
+        }));
+        OnDisk(found)
     }
 
     /// `Some(is_dir)` when something exists at `rel` (following symlinks).
@@ -196,6 +206,58 @@ impl OnDisk {
             None => std::fs::metadata(root.join(rel)).ok().map(|m| m.is_dir()),
         }
     }
+}
+
+/// The kinds of those of `paths` (root-relative, under the folder `root`) that the listing of
+/// their parent folder answers exactly as a `stat` would: only folders holding at least
+/// [`LIST_AT_LEAST`] of them are listed, and only entries the listing gives a type for that is
+/// not a symlink count. A name not listed (absent, or spelled otherwise on a case-insensitive
+/// folder), a symlink, an unknown type, a folder that cannot be searched or read: left to `stat`.
+fn listed(root: &std::os::fd::OwnedFd, paths: &[String]) -> HashMap<String, Option<bool>> {
+    use rustix::fs::{Access, AtFlags, Dir, FileType, Mode, OFlags};
+    let mut by_parent: HashMap<&str, HashMap<&[u8], &str>> = HashMap::new();
+    for path in paths {
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+        by_parent
+            .entry(parent)
+            .or_default()
+            .insert(name.as_bytes(), path);
+    }
+    let mut found = HashMap::new();
+    for (parent, names) in by_parent {
+        if names.len() < LIST_AT_LEAST {
+            continue;
+        }
+        let rel = if parent.is_empty() { "." } else { parent };
+        // A stat below the folder needs search permission on it (a listing needs read).
+        if rustix::fs::accessat(root, rel, Access::EXEC_OK, AtFlags::EACCESS).is_err() {
+            continue;
+        }
+        let Ok(fd) = rustix::fs::openat(
+            root,
+            rel,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        let Ok(entries) = Dir::new(fd) else { continue };
+        // A folder far larger than what is asked of it is not read to the end: the names not
+        // seen by then are stat'ed.
+        for entry in entries.take(4 * names.len() + 256) {
+            let Ok(entry) = entry else { break };
+            let Some(&path) = names.get(entry.file_name().to_bytes()) else {
+                continue;
+            };
+            let is_dir = match entry.file_type() {
+                FileType::Directory => true,
+                FileType::Symlink | FileType::Unknown => continue,
+                _ => false,
+            };
+            found.insert(path.to_string(), Some(is_dir));
+        }
+    }
+    found
 }
 
 impl Validator {
@@ -962,6 +1024,89 @@ mod tests {
         );
         assert_eq!(parse_input("work").unwrap(), Input::Path("work".into()));
         assert!(parse_input("data/[").is_err());
+    }
+
+    #[test]
+    fn what_is_on_disk_is_what_stat_says_whether_listed_or_stat_ed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut paths = Vec::new();
+        // `big` holds enough asked-for names to be listed; `small` does not.
+        for folder in ["big", "small", "big/nested"] {
+            std::fs::create_dir_all(root.join(folder)).unwrap();
+        }
+        for i in 0..LIST_AT_LEAST + 8 {
+            std::fs::write(root.join(format!("big/f{i}.txt")), "x").unwrap();
+            paths.push(format!("big/f{i}.txt"));
+            paths.push(format!("big/missing{i}.txt"));
+        }
+        std::fs::create_dir(root.join("big/sub")).unwrap();
+        symlink(root.join("big/sub"), root.join("big/to-dir")).unwrap();
+        symlink(root.join("big/f0.txt"), root.join("big/to-file")).unwrap();
+        symlink(root.join("nowhere"), root.join("big/dangling")).unwrap();
+        symlink(root.join("big"), root.join("linked")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("big/fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        std::fs::write(root.join("small/a.txt"), "x").unwrap();
+        for extra in [
+            "big/sub",
+            "big/to-dir",
+            "big/to-file",
+            "big/dangling",
+            "big/fifo",
+            "big/nested",
+            "big/F0.TXT",
+            "big/f0.txt/below",
+            "small/a.txt",
+            "small/none",
+            "big",
+            "nowhere",
+            "linked/f1.txt",
+            "linked/to-dir",
+        ] {
+            paths.push(extra.to_string());
+        }
+        // Listed through a symlinked folder too.
+        for i in 0..LIST_AT_LEAST {
+            paths.push(format!("linked/f{i}.txt"));
+        }
+        let on_disk = OnDisk::of(root, paths.clone());
+        let mut listed_some = false;
+        let dirfd = rustix::fs::open(
+            root,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let from_listing = listed(&dirfd, &paths);
+        for path in &paths {
+            let stat = std::fs::metadata(root.join(path)).ok().map(|m| m.is_dir());
+            assert_eq!(on_disk.0.get(path.as_str()), Some(&stat), "{path}");
+            assert_eq!(on_disk.kind(root, path), stat, "{path}");
+            if let Some(kind) = from_listing.get(path.as_str()) {
+                assert_eq!(*kind, stat, "{path} (listed)");
+                listed_some = true;
+            }
+        }
+        assert!(listed_some, "the big folder was listed");
+        for unlisted in [
+            "big/to-dir",
+            "big/to-file",
+            "big/dangling",
+            "small/a.txt",
+            "big/F0.TXT",
+        ] {
+            assert!(!from_listing.contains_key(unlisted), "{unlisted}");
+        }
+        assert_eq!(from_listing.get("big/fifo"), Some(&Some(false)));
+        assert_eq!(from_listing.get("big/sub"), Some(&Some(true)));
     }
 
     #[test]
