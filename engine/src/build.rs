@@ -55,6 +55,8 @@ pub struct BuildOptions {
     pub audit_key: Option<audit::Key>,
     /// Where stage attempts run (`--executor`, `settings.executor`).
     pub executor: crate::stage_job::Executor,
+    /// The skip memo file, read ahead (used only if unchanged once the lock is held).
+    pub memo: Option<crate::memo::Reading>,
 }
 
 /// Why a build could not start (as opposed to a stage failing).
@@ -179,7 +181,10 @@ pub fn build(
         processes: ProcessLog::new(ws.processes_log_file()),
         audit,
         run_saved: Instant::now(),
-        memo: SkipMemo::load(&ws.skip_memo_file(), spec),
+        memo: match &opts.memo {
+            Some(reading) => SkipMemo::load_read(reading, &ws.skip_memo_file(), spec),
+            None => SkipMemo::load(&ws.skip_memo_file(), spec),
+        },
         recovered: vec![false; spec.stages.len()],
     };
     if died {

@@ -105,20 +105,132 @@ pub struct SkipMemo {
     root: Option<Root>,
 }
 
+/// Which file was read: its identity and every stat field a rewrite changes (pipe replaces the
+/// memo by rename, so a rewrite is a new inode; any edit in place changes mtime and ctime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    inode: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        let key = StatKey::of(meta);
+        FileId {
+            dev: meta.dev(),
+            inode: key.inode,
+            size: key.size,
+            mtime_ns: key.mtime_ns,
+            ctime_ns: key.ctime_ns,
+        }
+    }
+}
+
+/// The memo file as read: `None` when there was none; `Some(None)` when what was read cannot be
+/// vouched for (it changed while it was read).
+type Read = (Option<Option<FileId>>, Stored);
+
+/// Reads and parses the memo file (anything unusable is an empty memo).
+fn read(path: &Path) -> Read {
+    use std::io::Read as _;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return (
+            match std::fs::metadata(path) {
+                Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+                _ => Some(None),
+            },
+            Stored::default(),
+        );
+    };
+    let before = file.metadata().ok().map(|m| FileId::of(&m));
+    let mut bytes = Vec::new();
+    let stored = file
+        .read_to_end(&mut bytes)
+        .ok()
+        .and_then(|_| serde_json::from_slice::<Stored>(&bytes).ok())
+        .filter(|s| s.version == MEMO_VERSION && s.engine == env!("CARGO_PKG_VERSION"))
+        .filter(|s| {
+            let n = s.paths.len();
+            s.stages
+                .values()
+                .all(|e| e.watch.iter().all(|&id| (id as usize) < n))
+        })
+        .unwrap_or_default();
+    let after = file.metadata().ok().map(|m| FileId::of(&m));
+    (Some(before.filter(|_| before == after)), stored)
+}
+
+/// The memo file being read and parsed on another thread (while the Pipefile is validated,
+/// before the workspace lock is taken). [`SkipMemo::load_read`] uses what it read only if the
+/// file is still the one it read once the lock is held; otherwise it reads the file again.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    path: PathBuf,
+    thread: std::sync::Arc<std::sync::Mutex<Option<std::thread::JoinHandle<Read>>>>,
+}
+
+impl Reading {
+    /// Starts reading the memo file `path`.
+    pub fn start(path: PathBuf) -> Reading {
+        let thread = {
+            let path = path.clone();
+            std::thread::Builder::new()
+                .name("pipe-memo-read".into())
+                .spawn(move || read(&path))
+                .ok()
+        };
+        Reading {
+            path,
+            thread: std::sync::Arc::new(std::sync::Mutex::new(thread)),
+        }
+    }
+
+    /// What was read from `path`, if it was read from this very file as it is now.
+    fn take(&self, path: &Path) -> Option<Stored> {
+        let thread = self.thread.lock().ok()?.take()?;
+        let read = thread.join().ok()?;
+        if self.path != path {
+            return None;
+        }
+        still_current(read, path)
+    }
+}
+
+/// What `read` read from `path`, if `path` is still the file it read (or still absent).
+fn still_current((read_id, stored): Read, path: &Path) -> Option<Stored> {
+    let now = match std::fs::metadata(path) {
+        Ok(meta) => Some(FileId::of(&meta)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(_) => return None,
+    };
+    match (read_id, now) {
+        (Some(Some(then)), Some(now)) if then == now => Some(stored),
+        // None then and none now: the empty memo.
+        (None, None) => Some(stored),
+        _ => None,
+    }
+}
+
 impl SkipMemo {
     /// Loads the memo for the stages of `spec`; anything unreadable gives an empty one.
     pub fn load(path: &Path, spec: &Spec) -> SkipMemo {
-        let mut stored = std::fs::read(path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<Stored>(&bytes).ok())
-            .filter(|s| s.version == MEMO_VERSION && s.engine == env!("CARGO_PKG_VERSION"))
-            .filter(|s| {
-                let n = s.paths.len();
-                s.stages
-                    .values()
-                    .all(|e| e.watch.iter().all(|&id| (id as usize) < n))
-            })
-            .unwrap_or_default();
+        SkipMemo::of(read(path).1, spec)
+    }
+
+    /// [`SkipMemo::load`], with what `reading` read if the file at `path` is still the one it
+    /// read (call with the workspace lock held: no build can replace the file any more).
+    pub fn load_read(reading: &Reading, path: &Path, spec: &Spec) -> SkipMemo {
+        match reading.take(path) {
+            Some(stored) => SkipMemo::of(stored, spec),
+            None => SkipMemo::load(path, spec),
+        }
+    }
+
+    fn of(mut stored: Stored, spec: &Spec) -> SkipMemo {
         let entries = spec
             .stages
             .iter()
@@ -226,7 +338,7 @@ impl SkipMemo {
             return None;
         }
         let root = self.root.get_or_insert_with(|| Root::open(spec));
-        let mut stats = Vec::with_capacity(entry.watch.len());
+        let mut digest = Digest::default();
         for &id in &entry.watch {
             let slot = &mut self.seen[id as usize];
             if slot.0 != self.generation {
@@ -235,9 +347,9 @@ impl SkipMemo {
                     root.stat(spec, &self.stored.paths[id as usize]).ok()?,
                 );
             }
-            stats.push(slot.1);
+            digest.add(&slot.1);
         }
-        (digest(&stats) == entry.stats).then(|| (entry.fingerprint.clone(), entry.run_id.clone()))
+        (digest.matches(&entry.stats)).then(|| (entry.fingerprint.clone(), entry.run_id.clone()))
     }
 
     /// The id of `path` (root-relative or absolute), added to the table if new.
@@ -448,19 +560,37 @@ impl Root {
 
 /// A short hash of stats (absent paths included).
 fn digest(stats: &[Option<StatKey>]) -> String {
-    let mut hasher = blake3::Hasher::new();
+    let mut digest = Digest::default();
     for stat in stats {
+        digest.add(stat);
+    }
+    digest.0.finalize().to_hex()[..32].to_string()
+}
+
+/// [`digest`], fed one stat at a time.
+#[derive(Default)]
+struct Digest(blake3::Hasher);
+
+impl Digest {
+    fn add(&mut self, stat: &Option<StatKey>) {
         match stat {
-            None => hasher.update(&[0]),
-            Some(s) => hasher
-                .update(&[1])
-                .update(&s.size.to_le_bytes())
-                .update(&s.mtime_ns.to_le_bytes())
-                .update(&s.ctime_ns.to_le_bytes())
-                .update(&s.inode.to_le_bytes()),
+            None => self.0.update(&[0]),
+            Some(s) => {
+                let mut bytes = [0u8; 49];
+                bytes[0] = 1;
+                bytes[1..9].copy_from_slice(&s.size.to_le_bytes());
+                bytes[9..25].copy_from_slice(&s.mtime_ns.to_le_bytes());
+                bytes[25..41].copy_from_slice(&s.ctime_ns.to_le_bytes());
+                bytes[41..49].copy_from_slice(&s.inode.to_le_bytes());
+                self.0.update(&bytes)
+            }
         };
     }
-    hasher.finalize().to_hex()[..32].to_string()
+
+    /// Whether the stats added so far have the digest `digest`.
+    fn matches(&self, digest: &str) -> bool {
+        self.0.finalize().to_hex()[..32] == *digest
+    }
 }
 
 fn relative(spec: &Spec, path: &Path) -> String {
@@ -646,6 +776,93 @@ mod tests {
         forgetting.save(&file, &spec).unwrap();
         let stored: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         assert_eq!(stored["stages"], json!({}));
+    }
+
+    #[test]
+    fn the_stats_digest_hashes_a_tag_and_every_field_of_each_stat_in_order() {
+        let stat = |n: u64| StatKey {
+            size: n,
+            mtime_ns: -(n as i128) * 1_000_000_007,
+            ctime_ns: (n as i128) << 70,
+            inode: u64::MAX - n,
+        };
+        let stats = [Some(stat(1)), None, Some(stat(2)), None, None];
+        let mut expected = blake3::Hasher::new();
+        for stat in &stats {
+            match stat {
+                None => expected.update(&[0]),
+                Some(s) => expected
+                    .update(&[1])
+                    .update(&s.size.to_le_bytes())
+                    .update(&s.mtime_ns.to_le_bytes())
+                    .update(&s.ctime_ns.to_le_bytes())
+                    .update(&s.inode.to_le_bytes()),
+            };
+        }
+        let expected = expected.finalize().to_hex()[..32].to_string();
+        assert_eq!(digest(&stats), expected);
+        let mut streamed = Digest::default();
+        stats.iter().for_each(|s| streamed.add(s));
+        assert!(streamed.matches(&expected));
+        streamed.add(&None);
+        assert!(!streamed.matches(&expected));
+        assert_ne!(digest(&stats[..4]), expected);
+    }
+
+    #[test]
+    fn a_memo_read_ahead_is_used_only_while_the_file_is_the_one_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cache/skip-v1.json");
+        let spec = spec_in(dir.path(), named(&["a", "b"]));
+        let write = |fingerprint: &str| {
+            let memo = json!({"version": MEMO_VERSION, "engine": env!("CARGO_PKG_VERSION"),
+                "paths": ["p"], "stages": {"a": {"key": "k", "fingerprint": fingerprint,
+                "runId": "r", "watch": [0], "stats": "d"}}});
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            crate::atomic::replace_volatile(&file, memo.to_string().as_bytes()).unwrap();
+        };
+        let fingerprint = |stored: Option<Stored>| {
+            stored.map(|s| s.stages.get("a").map(|e| e.fingerprint.clone()))
+        };
+        // Absent when read, absent now: the empty memo, vouched for.
+        assert_eq!(fingerprint(still_current(read(&file), &file)), Some(None));
+        // Absent when read, written since: not vouched for.
+        let absent = read(&file);
+        write("one");
+        assert!(still_current(absent, &file).is_none());
+        // Unchanged since read: vouched for.
+        assert_eq!(
+            fingerprint(still_current(read(&file), &file)),
+            Some(Some("one".into()))
+        );
+        // Replaced since read (pipe's own rewrite: a rename), even with the same size.
+        let before = read(&file);
+        write("two");
+        assert!(still_current(before, &file).is_none());
+        // Edited in place since read (same inode): mtime and ctime differ.
+        let before = read(&file);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.replace("two", "TWO")).unwrap();
+        assert!(still_current(before, &file).is_none());
+        // Removed since read.
+        let before = read(&file);
+        std::fs::remove_file(&file).unwrap();
+        assert!(still_current(before, &file).is_none());
+
+        // Through the thread, as a build uses it: the same entries as a load.
+        write("three");
+        let reading = Reading::start(file.clone());
+        let memo = SkipMemo::load_read(&reading, &file, &spec);
+        assert_eq!(memo.entries[0].as_ref().unwrap().fingerprint, "three");
+        // Taken once: a second use reads the file itself.
+        write("four");
+        let memo = SkipMemo::load_read(&reading, &file, &spec);
+        assert_eq!(memo.entries[0].as_ref().unwrap().fingerprint, "four");
+        // Another path than the one read: read afresh.
+        let reading = Reading::start(dir.path().join("elsewhere.json"));
+        let memo = SkipMemo::load_read(&reading, &file, &spec);
+        assert_eq!(memo.entries[0].as_ref().unwrap().fingerprint, "four");
     }
 
     #[test]
