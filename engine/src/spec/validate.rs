@@ -214,48 +214,63 @@ impl OnDisk {
 /// not a symlink count. A name not listed (absent, or spelled otherwise on a case-insensitive
 /// folder), a symlink, an unknown type, a folder that cannot be searched or read: left to `stat`.
 fn listed(root: &std::os::fd::OwnedFd, paths: &[String]) -> HashMap<String, Option<bool>> {
-    use rustix::fs::{Access, AtFlags, Dir, FileType, Mode, OFlags};
-    let mut by_parent: HashMap<&str, HashMap<&[u8], &str>> = HashMap::new();
+    use rayon::prelude::*;
+    let mut by_parent: HashMap<&str, Vec<&str>> = HashMap::new();
     for path in paths {
-        let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
-        by_parent
-            .entry(parent)
-            .or_default()
-            .insert(name.as_bytes(), path);
+        let parent = path.rsplit_once('/').map_or("", |(parent, _)| parent);
+        by_parent.entry(parent).or_default().push(path);
     }
-    let mut found = HashMap::new();
-    for (parent, names) in by_parent {
-        if names.len() < LIST_AT_LEAST {
-            continue;
-        }
-        let rel = if parent.is_empty() { "." } else { parent };
-        // A stat below the folder needs search permission on it (a listing needs read).
-        if rustix::fs::accessat(root, rel, Access::EXEC_OK, AtFlags::EACCESS).is_err() {
-            continue;
-        }
-        let Ok(fd) = rustix::fs::openat(
-            root,
-            rel,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) else {
+    by_parent
+        .into_par_iter()
+        .filter(|(_, paths)| paths.len() >= LIST_AT_LEAST)
+        .flat_map_iter(|(parent, paths)| list_folder(root, parent, &paths))
+        .collect()
+}
+
+/// [`listed`] for the `paths` in folder `parent`.
+fn list_folder(
+    root: &std::os::fd::OwnedFd,
+    parent: &str,
+    paths: &[&str],
+) -> Vec<(String, Option<bool>)> {
+    use rustix::fs::{Access, AtFlags, Dir, FileType, Mode, OFlags};
+    let mut found = Vec::new();
+    let rel = if parent.is_empty() { "." } else { parent };
+    // A stat below the folder needs search permission on it (a listing needs read).
+    if rustix::fs::accessat(root, rel, Access::EXEC_OK, AtFlags::EACCESS).is_err() {
+        return found;
+    }
+    let Ok(fd) = rustix::fs::openat(
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return found;
+    };
+    let Ok(entries) = Dir::new(fd) else {
+        return found;
+    };
+    let names: HashMap<&[u8], &str> = paths
+        .iter()
+        .map(|path| {
+            let name = path.rsplit_once('/').map_or(*path, |(_, name)| name);
+            (name.as_bytes(), *path)
+        })
+        .collect();
+    // A folder far larger than what is asked of it is not read to the end: the names not seen
+    // by then are stat'ed.
+    for entry in entries.take(4 * names.len() + 256) {
+        let Ok(entry) = entry else { break };
+        let Some(&path) = names.get(entry.file_name().to_bytes()) else {
             continue;
         };
-        let Ok(entries) = Dir::new(fd) else { continue };
-        // A folder far larger than what is asked of it is not read to the end: the names not
-        // seen by then are stat'ed.
-        for entry in entries.take(4 * names.len() + 256) {
-            let Ok(entry) = entry else { break };
-            let Some(&path) = names.get(entry.file_name().to_bytes()) else {
-                continue;
-            };
-            let is_dir = match entry.file_type() {
-                FileType::Directory => true,
-                FileType::Symlink | FileType::Unknown => continue,
-                _ => false,
-            };
-            found.insert(path.to_string(), Some(is_dir));
-        }
+        let is_dir = match entry.file_type() {
+            FileType::Directory => true,
+            FileType::Symlink | FileType::Unknown => continue,
+            _ => false,
+        };
+        found.push((path.to_string(), Some(is_dir)));
     }
     found
 }
