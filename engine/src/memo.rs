@@ -28,6 +28,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -90,19 +91,69 @@ fn entries_by_name<S: serde::Serializer>(
 /// The memo of one build.
 #[derive(Debug)]
 pub struct SkipMemo {
-    /// The stored memo; its `stages` are moved into [`SkipMemo::entries`] on load.
-    stored: Stored,
+    /// The watched paths, by id (the stored table, moved out of the file's [`Stored`]; shared with
+    /// the prefetch workers, copied only if a path is added while they run).
+    paths: Arc<Vec<String>>,
     /// The entry of each stage of the spec, by stage index (looked up by name once, on load).
     entries: Vec<Option<Entry>>,
     dirty: bool,
-    /// Stats taken by this build, by path id, shared between stages; only those taken in the
-    /// current generation count (a stage that publishes starts a new one: O(1), not O(paths)).
+    /// Stats taken by this build after a stage published, by path id, shared between stages;
+    /// only those taken in the current generation count (a stage that publishes starts a new
+    /// one: O(1), not O(paths)). Grown when first needed.
     seen: Vec<(u32, Option<StatKey>)>,
     generation: u32,
+    /// Stats of generation 1 (before any stage published), taken on the pool from
+    /// [`SkipMemo::prefetch`] on while the build goes on.
+    prefetched: Option<Arc<Prefetch>>,
     /// Path → id, built when the first new entry is remembered.
     ids: Option<HashMap<String, u32>>,
     /// The project folder, opened once: stats relative to it skip the walk over its ancestors.
-    root: Option<Root>,
+    root: Option<Arc<Root>>,
+    /// The project folder's path (for paths outside it, stored absolute).
+    project: PathBuf,
+}
+
+/// The stats of the watched paths of the stages whose definition is unchanged, taken by pool
+/// workers in the order the stages are decided, while the coordinator decides them: a stage
+/// whose stats are not taken yet takes them itself (each path is stat'ed once).
+#[derive(Debug)]
+struct Prefetch {
+    paths: Arc<Vec<String>>,
+    root: Arc<Root>,
+    project: PathBuf,
+    /// By path id: the stat (`None` inside when absent), `None` when it failed.
+    slots: Vec<std::sync::OnceLock<Option<Option<StatKey>>>>,
+    /// Path ids in the order stages want them, and the next one a worker takes.
+    order: Vec<u32>,
+    next: std::sync::atomic::AtomicUsize,
+    /// Set when the stats would be of no use any more (a stage published).
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// Path ids a prefetch worker takes at a time.
+const PREFETCH_CHUNK: usize = 64;
+
+impl Prefetch {
+    /// The stat of path `id`, taken now if no one took it yet.
+    fn stat(&self, id: u32) -> Option<Option<StatKey>> {
+        *self.slots[id as usize]
+            .get_or_init(|| self.root.stat(&self.project, &self.paths[id as usize]).ok())
+    }
+
+    /// A worker: takes the next chunk of ids until all are taken or the build stops needing them.
+    fn work(&self) {
+        use std::sync::atomic::Ordering;
+        while !self.stop.load(Ordering::Relaxed) {
+            let start = self.next.fetch_add(PREFETCH_CHUNK, Ordering::Relaxed);
+            if start >= self.order.len() {
+                break;
+            }
+            let end = (start + PREFETCH_CHUNK).min(self.order.len());
+            for &id in &self.order[start..end] {
+                self.stat(id);
+            }
+        }
+    }
 }
 
 /// Which file was read: its identity and every stat field a rewrite changes (pipe replaces the
@@ -238,15 +289,16 @@ impl SkipMemo {
             .collect();
         // Entries of stages the spec no longer has are dropped: the memo is rewritten without them.
         let dropped = !stored.stages.is_empty();
-        stored.stages = HashMap::new();
         SkipMemo {
-            seen: vec![(0, None); stored.paths.len()],
-            generation: 1,
-            stored,
+            paths: Arc::new(stored.paths),
             entries,
             dirty: dropped,
+            seen: Vec::new(),
+            generation: 1,
+            prefetched: None,
             ids: None,
             root: None,
+            project: spec.root.clone(),
         }
     }
 
@@ -257,7 +309,10 @@ impl SkipMemo {
             return Ok(());
         }
         // Renumber the paths still watched, in first-use order (stages by name).
-        let mut renumbered: Vec<Option<u32>> = vec![None; self.stored.paths.len()];
+        self.stop_prefetch();
+        self.prefetched = None;
+        let mut old = std::mem::take(Arc::make_mut(&mut self.paths));
+        let mut renumbered: Vec<Option<u32>> = vec![None; old.len()];
         let mut paths = Vec::new();
         let mut stages: Vec<(&str, &mut Entry)> = spec
             .stages
@@ -269,7 +324,7 @@ impl SkipMemo {
         for (_, entry) in &mut stages {
             for id in &mut entry.watch {
                 let new = *renumbered[*id as usize].get_or_insert_with(|| {
-                    paths.push(std::mem::take(&mut self.stored.paths[*id as usize]));
+                    paths.push(std::mem::take(&mut old[*id as usize]));
                     (paths.len() - 1) as u32
                 });
                 *id = new;
@@ -285,10 +340,8 @@ impl SkipMemo {
                 .collect(),
         })
         .map_err(io::Error::other)?;
-        self.stored.paths = paths;
-        self.stored.version = MEMO_VERSION;
-        self.stored.engine = env!("CARGO_PKG_VERSION").to_string();
-        self.seen = vec![(0, None); self.stored.paths.len()];
+        self.paths = Arc::new(paths);
+        self.seen = Vec::new();
         self.ids = None;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -298,36 +351,56 @@ impl SkipMemo {
         Ok(())
     }
 
-    /// Stats, on all cores, every path watched by a remembered stage whose definition is
-    /// unchanged (a no-op build of 10,000 stages: ~40,000 `stat` calls, mostly path lookup).
+    /// Starts taking, on the pool, the stats of every path watched by a remembered stage whose
+    /// definition is unchanged (a no-op build of 10,000 stages: ~50,000 `stat` calls, mostly path
+    /// lookup), in the order of the spec's stages, while the build goes on deciding them.
     pub fn prefetch(&mut self, spec: &Spec) {
-        let mut wanted = vec![false; self.stored.paths.len()];
+        let mut wanted = vec![false; self.paths.len()];
+        let mut order = Vec::new();
         for (stage, entry) in spec.stages.iter().zip(&mut self.entries) {
             if let Some(entry) = entry {
                 entry.current = entry.key == definition_key(spec, stage);
                 if entry.current {
                     for &id in &entry.watch {
-                        wanted[id as usize] = true;
+                        if !std::mem::replace(&mut wanted[id as usize], true) {
+                            order.push(id);
+                        }
                     }
                 }
             }
         }
-        use rayon::prelude::*;
-        let root = Root::open(spec);
-        let paths = &self.stored.paths;
-        let generation = self.generation;
-        self.seen = wanted
-            .par_iter()
-            .enumerate()
-            .with_min_len(1024)
-            .map(
-                |(id, &wanted)| match wanted.then(|| root.stat(spec, &paths[id])) {
-                    Some(Ok(stat)) => (generation, stat),
-                    _ => (0, None),
-                },
-            )
-            .collect();
-        self.root = Some(root);
+        let root = self.root().clone();
+        let prefetch = Arc::new(Prefetch {
+            paths: self.paths.clone(),
+            root,
+            project: self.project.clone(),
+            slots: (0..self.paths.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            order,
+            next: Default::default(),
+            stop: Default::default(),
+        });
+        for _ in 0..rayon::current_num_threads() {
+            let prefetch = prefetch.clone();
+            rayon::spawn(move || prefetch.work());
+        }
+        self.prefetched = Some(prefetch);
+    }
+
+    /// The project folder, opened once.
+    fn root(&mut self) -> &Arc<Root> {
+        let project = &self.project;
+        self.root
+            .get_or_insert_with(|| Arc::new(Root::open(project)))
+    }
+
+    fn stop_prefetch(&self) {
+        if let Some(prefetch) = &self.prefetched {
+            prefetch
+                .stop
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// If stage `i` was found unchanged before and nothing it rests on changed since: the
@@ -337,17 +410,31 @@ impl SkipMemo {
         if !entry.current && entry.key != definition_key(spec, &spec.stages[i]) {
             return None;
         }
-        let root = self.root.get_or_insert_with(|| Root::open(spec));
         let mut digest = Digest::default();
-        for &id in &entry.watch {
-            let slot = &mut self.seen[id as usize];
-            if slot.0 != self.generation {
-                *slot = (
-                    self.generation,
-                    root.stat(spec, &self.stored.paths[id as usize]).ok()?,
-                );
+        match self.prefetched.as_ref().filter(|_| self.generation == 1) {
+            Some(prefetch) => {
+                for &id in &entry.watch {
+                    digest.add(&prefetch.stat(id)?);
+                }
             }
-            digest.add(&slot.1);
+            None => {
+                let root = self
+                    .root
+                    .get_or_insert_with(|| Arc::new(Root::open(&self.project)));
+                if self.seen.len() < self.paths.len() {
+                    self.seen.resize(self.paths.len(), (0, None));
+                }
+                for &id in &entry.watch {
+                    let slot = &mut self.seen[id as usize];
+                    if slot.0 != self.generation {
+                        *slot = (
+                            self.generation,
+                            root.stat(&self.project, &self.paths[id as usize]).ok()?,
+                        );
+                    }
+                    digest.add(&slot.1);
+                }
+            }
         }
         (digest.matches(&entry.stats)).then(|| (entry.fingerprint.clone(), entry.run_id.clone()))
     }
@@ -355,17 +442,17 @@ impl SkipMemo {
     /// The id of `path` (root-relative or absolute), added to the table if new.
     fn id_of(&mut self, path: String) -> u32 {
         let ids = self.ids.get_or_insert_with(|| {
-            self.stored
-                .paths
+            self.paths
                 .iter()
                 .enumerate()
                 .map(|(id, p)| (p.clone(), id as u32))
                 .collect()
         });
         *ids.entry(path).or_insert_with_key(|path| {
-            self.stored.paths.push(path.clone());
-            self.seen.push((0, None));
-            (self.stored.paths.len() - 1) as u32
+            // Copies the table if prefetch workers still hold it; their ids stay valid.
+            let paths = Arc::make_mut(&mut self.paths);
+            paths.push(path.clone());
+            (paths.len() - 1) as u32
         })
     }
 
@@ -431,6 +518,7 @@ impl SkipMemo {
     /// Forgets the stats taken so far: a stage published, so they may be out of date.
     pub fn files_changed(&mut self) {
         self.generation += 1;
+        self.stop_prefetch();
     }
 }
 
@@ -527,11 +615,11 @@ fn stat_of(path: &Path) -> io::Result<Option<StatKey>> {
 struct Root(Option<std::os::fd::OwnedFd>);
 
 impl Root {
-    fn open(spec: &Spec) -> Root {
+    fn open(project: &Path) -> Root {
         use rustix::fs::{Mode, OFlags};
         Root(
             rustix::fs::open(
-                &spec.root,
+                project,
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
             )
@@ -539,10 +627,11 @@ impl Root {
         )
     }
 
-    /// The same as [`stat_of`] on [`absolute`]`(spec, stored)`, cheaper for root-relative paths.
-    fn stat(&self, spec: &Spec, stored: &str) -> io::Result<Option<StatKey>> {
+    /// The same as [`stat_of`] on [`absolute`]`(project, stored)`, cheaper for root-relative
+    /// paths.
+    fn stat(&self, project: &Path, stored: &str) -> io::Result<Option<StatKey>> {
         let Some(fd) = self.0.as_ref().filter(|_| !stored.starts_with('/')) else {
-            return stat_of(&absolute(spec, stored));
+            return stat_of(&absolute(project, stored));
         };
         let rel = if stored.is_empty() { "." } else { stored };
         match rustix::fs::statat(fd, rel, rustix::fs::AtFlags::empty()) {
@@ -600,11 +689,11 @@ fn relative(spec: &Spec, path: &Path) -> String {
     }
 }
 
-fn absolute(spec: &Spec, stored: &str) -> PathBuf {
+fn absolute(project: &Path, stored: &str) -> PathBuf {
     if stored.starts_with('/') {
         PathBuf::from(stored)
     } else {
-        spec.root.join(stored)
+        project.join(stored)
     }
 }
 
@@ -733,7 +822,7 @@ mod tests {
         let spec = spec_in(dir.path(), named(&["a", "b", "c"]));
         let mut memo = SkipMemo::load(&file, &spec);
         assert!(memo.entries.iter().all(Option::is_none) && !memo.dirty);
-        memo.stored.paths = vec!["p0".into(), "p1".into(), "p2".into()];
+        memo.paths = Arc::new(vec!["p0".into(), "p1".into(), "p2".into()]);
         memo.entries[0] = Some(entry("ka", vec![2, 0]));
         memo.entries[2] = Some(entry("kc", vec![1]));
         memo.dirty = true;
@@ -863,6 +952,92 @@ mod tests {
         let reading = Reading::start(dir.path().join("elsewhere.json"));
         let memo = SkipMemo::load_read(&reading, &file, &spec);
         assert_eq!(memo.entries[0].as_ref().unwrap().fingerprint, "four");
+    }
+
+    /// A memo over `n` stages, stage `i` watching `in/f<i>.txt`, a shared file, a missing path
+    /// and (absolute) `in/abs.txt`, each entry holding the digest of the stats as they are now.
+    fn armed(dir: &Path, n: usize) -> (Spec, SkipMemo) {
+        let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let spec = spec_in(
+            dir,
+            named(&names.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+        std::fs::write(dir.join("in/abs.txt"), "abs").unwrap();
+        let mut memo = SkipMemo::load(&dir.join("none.json"), &spec);
+        let mut paths = vec![
+            "in/shared.txt".to_string(),
+            "gone/missing.txt".to_string(),
+            dir.join("in/abs.txt").to_string_lossy().into_owned(),
+        ];
+        std::fs::write(dir.join("in/shared.txt"), "shared").unwrap();
+        for i in 0..n {
+            std::fs::write(dir.join(format!("in/f{i}.txt")), format!("{i}")).unwrap();
+            paths.push(format!("in/f{i}.txt"));
+        }
+        let stats: Vec<Option<StatKey>> = paths
+            .iter()
+            .map(|p| stat_of(&absolute(dir, p)).unwrap())
+            .collect();
+        for i in 0..n {
+            let watch = vec![3 + i as u32, 0, 1, 2];
+            let watched: Vec<_> = watch.iter().map(|&id| stats[id as usize]).collect();
+            memo.entries[i] = Some(Entry {
+                key: definition_key(&spec, &spec.stages[i]),
+                fingerprint: format!("fp{i}"),
+                run_id: "r".into(),
+                watch,
+                stats: digest(&watched),
+                current: false,
+            });
+        }
+        memo.paths = Arc::new(paths);
+        (spec, memo)
+    }
+
+    #[test]
+    fn prefetched_stats_vouch_for_exactly_the_stages_whose_paths_are_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        // More paths than the workers take in a few chunks.
+        let n = 6 * PREFETCH_CHUNK;
+        let (spec, mut memo) = armed(dir.path(), n);
+        // Changed before the build: a size, and an edit of the same size.
+        std::fs::write(dir.path().join("in/f7.txt"), "seven").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.path().join("in/f9.txt"), "X").unwrap();
+        memo.prefetch(&spec);
+        for i in 0..n {
+            let expected = (i != 7 && i != 9).then(|| (format!("fp{i}"), "r".to_string()));
+            assert_eq!(memo.unchanged(&spec, i), expected, "stage {i}");
+        }
+        // After a stage published, stats are taken again, not read from the prefetch.
+        std::fs::write(dir.path().join("in/f3.txt"), "three").unwrap();
+        assert!(
+            memo.unchanged(&spec, 3).is_some(),
+            "generation 1 keeps its stats"
+        );
+        memo.files_changed();
+        assert_eq!(memo.unchanged(&spec, 3), None);
+        assert!(memo.unchanged(&spec, 4).is_some());
+        // A shared path changed: no stage is vouched for any more.
+        std::fs::write(dir.path().join("in/shared.txt"), "changed!").unwrap();
+        memo.files_changed();
+        assert!((0..n).all(|i| memo.unchanged(&spec, i).is_none()));
+    }
+
+    #[test]
+    fn without_a_prefetch_the_stats_are_taken_when_asked_and_shared_within_a_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spec, mut memo) = armed(dir.path(), 3);
+        assert_eq!(memo.unchanged(&spec, 0), Some(("fp0".into(), "r".into())));
+        // The stats stage 0 took (the missing path's too) serve stage 1 in the same generation.
+        std::fs::create_dir(dir.path().join("gone")).unwrap();
+        std::fs::write(dir.path().join("gone/missing.txt"), "here now").unwrap();
+        assert_eq!(memo.unchanged(&spec, 1), Some(("fp1".into(), "r".into())));
+        memo.files_changed();
+        assert_eq!(memo.unchanged(&spec, 2), None);
+        std::fs::remove_file(dir.path().join("gone/missing.txt")).unwrap();
+        memo.files_changed();
+        assert_eq!(memo.unchanged(&spec, 2), Some(("fp2".into(), "r".into())));
     }
 
     #[test]
