@@ -32,13 +32,15 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
             })
         }
     };
+    let locator = Locator::new(text.clone());
+    let on_disk = OnDisk::prefetch(&root, &raw.stages);
     let mut v = Validator {
         errors: Vec::new(),
-        file,
-        locator: Locator::new(text.clone()),
-        text,
-        on_disk: OnDisk::prefetch(&root, &raw.stages),
-        root,
+        file: &file,
+        locator: &locator,
+        text: &text,
+        on_disk: &on_disk,
+        root: &root,
     };
     if raw.version != 1 {
         v.error(
@@ -63,18 +65,31 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
     if let Some(retry) = &raw.settings.retry {
         v.retry(&merge_retry(retry, &RawRetry::default()), "/settings/retry");
     }
-    let mut stages = Vec::with_capacity(raw.stages.len());
-    for (i, stage) in raw.stages.iter().enumerate() {
-        let mut validated = v.stage(
-            i,
-            stage,
-            &quotas,
-            &settings_retry,
-            settings_cadence.unwrap_or_default(),
-        );
-        v.offline_fields(i, stage, &raw.settings, &mut validated);
-        stages.push(validated);
-    }
+    // Each stage on its own, on all cores; its errors are reported in stage order, as if the
+    // stages were checked one after the other.
+    use rayon::prelude::*;
+    let (stages, errors): (Vec<Stage>, Vec<Vec<SpecError>>) = raw
+        .stages
+        .par_iter()
+        .enumerate()
+        .with_min_len(256)
+        .map(|(i, stage)| {
+            let mut one = Validator {
+                errors: Vec::new(),
+                ..v
+            };
+            let mut validated = one.stage(
+                i,
+                stage,
+                &quotas,
+                &settings_retry,
+                settings_cadence.unwrap_or_default(),
+            );
+            one.offline_fields(i, stage, &raw.settings, &mut validated);
+            (validated, one.errors)
+        })
+        .unzip();
+    v.errors.extend(errors.into_iter().flatten());
     v.stage_relations(&raw.stages, &stages);
     if raw.stages.is_empty() {
         v.error(
@@ -87,15 +102,16 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
     if !v.errors.is_empty() {
         return Err(LoadError::Invalid { errors: v.errors });
     }
+    drop(v);
     Ok(Spec {
-        file: v.file,
-        root: v.root,
+        file,
+        root,
         quotas,
         stages,
         executor,
         slurm,
-        text: v.text,
-        locator: v.locator,
+        text,
+        locator,
     })
 }
 
@@ -132,13 +148,13 @@ fn serde_error(file: &str, text: &Arc<String>, err: &serde_json::Error) -> SpecE
     SpecError::new(file, text, range, message, label, help)
 }
 
-struct Validator {
+struct Validator<'a> {
     errors: Vec<SpecError>,
-    file: String,
-    text: Arc<String>,
-    locator: Locator,
-    root: PathBuf,
-    on_disk: OnDisk,
+    file: &'a str,
+    text: &'a Arc<String>,
+    locator: &'a Locator,
+    root: &'a std::path::Path,
+    on_disk: &'a OnDisk,
 }
 
 /// What exists at the output folders and input paths a Pipefile names (a 10,000-stage Pipefile
@@ -275,7 +291,7 @@ fn list_folder(
     found
 }
 
-impl Validator {
+impl Validator<'_> {
     fn error(
         &mut self,
         pointer: &str,
@@ -285,7 +301,7 @@ impl Validator {
     ) {
         let range = self.locator.value(pointer);
         self.errors.push(SpecError::new(
-            &self.file, &self.text, range, message, label, help,
+            self.file, self.text, range, message, label, help,
         ));
     }
 
@@ -298,7 +314,7 @@ impl Validator {
     ) {
         let range = self.locator.key(pointer);
         self.errors.push(SpecError::new(
-            &self.file, &self.text, range, message, label, help,
+            self.file, self.text, range, message, label, help,
         ));
     }
 
@@ -530,7 +546,7 @@ impl Validator {
                 p
             }
             Ok(p) => {
-                if self.on_disk.kind(&self.root, &p) == Some(false) {
+                if self.on_disk.kind(self.root, &p) == Some(false) {
                     self.error(
                         &at("outputDir"),
                         format!("the output folder `{p}` exists and is not a folder"),
@@ -854,7 +870,7 @@ impl Validator {
                     continue;
                 }
                 let produced = !outputs.overlapping(base).is_empty();
-                if !produced && self.on_disk.kind(&self.root, base).is_none() {
+                if !produced && self.on_disk.kind(self.root, base).is_none() {
                     self.error(
                         &format!("/stages/{i}/inputs/{k}"),
                         format!("input `{base}` does not exist and no stage produces it"),
@@ -1122,6 +1138,49 @@ mod tests {
         }
         assert_eq!(from_listing.get("big/fifo"), Some(&Some(false)));
         assert_eq!(from_listing.get("big/sub"), Some(&Some(true)));
+    }
+
+    #[test]
+    fn errors_of_many_stages_come_in_stage_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        std::fs::write(dir.path().join("in/a.txt"), "a").unwrap();
+        let bad = [3usize, 255, 256, 700, 1199];
+        let stages: Vec<serde_json::Value> = (0..1200)
+            .map(|i| {
+                let mut stage = serde_json::json!({
+                    "name": format!("s{i}"),
+                    "processor": {"builtin": "copy", "version": "1"},
+                    "inputs": ["in/a.txt"],
+                    "outputDir": format!("out/{i}"),
+                });
+                if bad.contains(&i) {
+                    // Two errors in one stage, and one found across stages.
+                    stage["name"] = format!("-s{i}").into();
+                    stage["inputs"] = serde_json::json!([format!("in/missing{i}.txt")]);
+                    stage["offline"] = serde_json::json!({"allowStaticFindings": ["nope"]});
+                }
+                stage
+            })
+            .collect();
+        let text = serde_json::json!({"version": 1, "stages": stages}).to_string();
+        let Err(LoadError::Invalid { errors }) =
+            validate("P.json".into(), dir.path().to_path_buf(), Arc::new(text))
+        else {
+            panic!("invalid stages were accepted");
+        };
+        let got: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+        let mut expected = Vec::new();
+        for i in bad {
+            expected.push(format!("stage name `-s{i}` cannot be used as a file name"));
+            expected.push("unknown static-scan rule `nope`".to_string());
+        }
+        for i in bad {
+            expected.push(format!(
+                "input `in/missing{i}.txt` does not exist and no stage produces it"
+            ));
+        }
+        assert_eq!(got, expected);
     }
 
     #[test]
