@@ -355,11 +355,23 @@ impl SkipMemo {
     /// definition is unchanged (a no-op build of 10,000 stages: ~50,000 `stat` calls, mostly path
     /// lookup), in the order of the spec's stages, while the build goes on deciding them.
     pub fn prefetch(&mut self, spec: &Spec) {
+        use rayon::prelude::*;
+        let current: Vec<bool> = spec
+            .stages
+            .par_iter()
+            .zip(&self.entries)
+            .with_min_len(256)
+            .map(|(stage, entry)| {
+                entry
+                    .as_ref()
+                    .is_some_and(|e| e.key == definition_key(spec, stage))
+            })
+            .collect();
         let mut wanted = vec![false; self.paths.len()];
         let mut order = Vec::new();
-        for (stage, entry) in spec.stages.iter().zip(&mut self.entries) {
+        for (entry, current) in self.entries.iter_mut().zip(current) {
             if let Some(entry) = entry {
-                entry.current = entry.key == definition_key(spec, stage);
+                entry.current = current;
                 if entry.current {
                     for &id in &entry.watch {
                         if !std::mem::replace(&mut wanted[id as usize], true) {

@@ -36,6 +36,8 @@ pub struct Spec {
     pub slurm: SlurmSettings,
     text: Arc<String>,
     locator: locate::Locator,
+    /// The stages' output folders, indexed (validation builds it; the graph's edges use it).
+    outputs: PathIndex,
 }
 
 /// Where stages and map items run.
@@ -239,6 +241,11 @@ impl Spec {
         } else {
             self.root.join(relative)
         }
+    }
+
+    /// The stages' output folders, indexed by stage index for overlap queries.
+    pub fn output_index(&self) -> &PathIndex {
+        &self.outputs
     }
 
     /// The stages' output folders, by stage index.

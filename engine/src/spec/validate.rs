@@ -90,7 +90,13 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
         })
         .unzip();
     v.errors.extend(errors.into_iter().flatten());
-    v.stage_relations(&raw.stages, &stages);
+    let outputs = PathIndex::new(
+        stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.output_dir.as_str())),
+    );
+    v.stage_relations(&raw.stages, &stages, &outputs);
     if raw.stages.is_empty() {
         v.error(
             "/stages",
@@ -112,6 +118,7 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
         slurm,
         text,
         locator,
+        outputs,
     })
 }
 
@@ -798,7 +805,7 @@ impl Validator<'_> {
 
     /// Checks what involves several stages: unique names, disjoint outputs, `after` targets,
     /// inputs that exist or are produced.
-    fn stage_relations(&mut self, raw: &[RawStage], stages: &[Stage]) {
+    fn stage_relations(&mut self, raw: &[RawStage], stages: &[Stage], outputs: &PathIndex) {
         let mut first_by_name: HashMap<&str, usize> = HashMap::new();
         for (i, s) in stages.iter().enumerate() {
             if let Some(&j) = first_by_name.get(s.name.as_str()) {
@@ -814,70 +821,91 @@ impl Validator<'_> {
                 first_by_name.insert(&s.name, i);
             }
         }
-        let outputs = PathIndex::new(
-            stages
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i, s.output_dir.as_str())),
-        );
-        for (i, s) in stages.iter().enumerate() {
-            let earlier = if s.output_dir.is_empty() {
-                Vec::new()
+        // Then each stage against the others, on all cores; errors in stage order.
+        use rayon::prelude::*;
+        let errors: Vec<Vec<SpecError>> = stages
+            .par_iter()
+            .enumerate()
+            .with_min_len(256)
+            .map(|(i, s)| {
+                let mut one = Validator {
+                    errors: Vec::new(),
+                    ..*self
+                };
+                one.stage_against_others(i, s, raw, stages, outputs, &first_by_name);
+                one.errors
+            })
+            .collect();
+        self.errors.extend(errors.into_iter().flatten());
+    }
+
+    /// Stage `i`'s output folder against the others', its `after` targets, and whether its
+    /// inputs exist or are produced.
+    fn stage_against_others(
+        &mut self,
+        i: usize,
+        s: &Stage,
+        raw: &[RawStage],
+        stages: &[Stage],
+        outputs: &PathIndex,
+        first_by_name: &HashMap<&str, usize>,
+    ) {
+        let earlier = if s.output_dir.is_empty() {
+            Vec::new()
+        } else {
+            outputs.overlapping(&s.output_dir)
+        };
+        for other in earlier
+            .into_iter()
+            .take_while(|&j| j < i)
+            .map(|j| &stages[j])
+        {
+            if s.output_dir == other.output_dir {
+                self.error(
+                    &format!("/stages/{i}/outputDir"),
+                    format!(
+                        "stages `{}` and `{}` both own the output folder `{}`",
+                        other.name, s.name, s.output_dir
+                    ),
+                    "owned by another stage",
+                    Some("each stage needs an output folder of its own".into()),
+                );
             } else {
-                outputs.overlapping(&s.output_dir)
-            };
-            for other in earlier
-                .into_iter()
-                .take_while(|&j| j < i)
-                .map(|j| &stages[j])
-            {
-                if s.output_dir == other.output_dir {
-                    self.error(
-                        &format!("/stages/{i}/outputDir"),
-                        format!(
-                            "stages `{}` and `{}` both own the output folder `{}`",
-                            other.name, s.name, s.output_dir
-                        ),
-                        "owned by another stage",
-                        Some("each stage needs an output folder of its own".into()),
-                    );
-                } else {
-                    self.error(
-                        &format!("/stages/{i}/outputDir"),
-                        format!(
-                            "output folder `{}` of `{}` overlaps `{}` of `{}`",
-                            s.output_dir, s.name, other.output_dir, other.name
-                        ),
-                        "nested output folders",
-                        Some("output folders must not contain one another".into()),
-                    );
-                }
+                self.error(
+                    &format!("/stages/{i}/outputDir"),
+                    format!(
+                        "output folder `{}` of `{}` overlaps `{}` of `{}`",
+                        s.output_dir, s.name, other.output_dir, other.name
+                    ),
+                    "nested output folders",
+                    Some("output folders must not contain one another".into()),
+                );
             }
-            for (k, target) in raw[i].after.iter().enumerate() {
-                if !first_by_name.contains_key(target.as_str()) {
-                    let names: Vec<_> = stages.iter().map(|s| format!("`{}`", s.name)).collect();
-                    self.error(
-                        &format!("/stages/{i}/after/{k}"),
-                        format!("`after` names unknown stage `{target}`"),
-                        "no such stage",
-                        Some(format!("stages: {}", names.join(", "))),
-                    );
-                }
+        }
+        for (k, target) in raw[i].after.iter().enumerate() {
+            if !first_by_name.contains_key(target.as_str()) {
+                let names: Vec<_> = stages.iter().map(|s| format!("`{}`", s.name)).collect();
+                self.error(
+                    &format!("/stages/{i}/after/{k}"),
+                    format!("`after` names unknown stage `{target}`"),
+                    "no such stage",
+                    Some(format!("stages: {}", names.join(", "))),
+                );
             }
-            for (k, input) in s.inputs.iter().enumerate() {
-                let base = input.base();
-                if base.is_empty() {
-                    continue;
-                }
-                let produced = !outputs.overlapping(base).is_empty();
-                if !produced && self.on_disk.kind(self.root, base).is_none() {
-                    self.error(
-                        &format!("/stages/{i}/inputs/{k}"),
-                        format!("input `{base}` does not exist and no stage produces it"),
-                        "not found",
-                        Some("paths are relative to the Pipefile's folder".into()),
-                    );
-                }
+        }
+        for (k, input) in s.inputs.iter().enumerate() {
+            let base = input.base();
+            if base.is_empty() {
+                continue;
+            }
+            let produced = !outputs.overlapping(base).is_empty();
+            if !produced && self.on_disk.kind(self.root, base).is_none() {
+                self.error(
+                    &format!("/stages/{i}/inputs/{k}"),
+                    format!("input `{base}` does not exist and no stage produces it"),
+                    "not found",
+                    Some("paths are relative to the Pipefile's folder".into()),
+                );
             }
         }
     }
@@ -1160,6 +1188,12 @@ mod tests {
                     stage["inputs"] = serde_json::json!([format!("in/missing{i}.txt")]);
                     stage["offline"] = serde_json::json!({"allowStaticFindings": ["nope"]});
                 }
+                if i == 900 {
+                    stage["outputDir"] = "out/100".into();
+                }
+                if i == 1000 {
+                    stage["name"] = "s10".into();
+                }
                 stage
             })
             .collect();
@@ -1175,7 +1209,13 @@ mod tests {
             expected.push(format!("stage name `-s{i}` cannot be used as a file name"));
             expected.push("unknown static-scan rule `nope`".to_string());
         }
+        expected.push("duplicate stage name `s10`".to_string());
         for i in bad {
+            if i == 1199 {
+                expected.push(
+                    "stages `s100` and `s900` both own the output folder `out/100`".to_string(),
+                );
+            }
             expected.push(format!(
                 "input `in/missing{i}.txt` does not exist and no stage produces it"
             ));
