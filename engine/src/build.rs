@@ -639,6 +639,8 @@ impl Coordinator<'_> {
 
     /// Closes the run: final records, metrics, stat cache.
     fn finish(mut self, report: &mut dyn FnMut(&Event)) -> Result<BuildReport, BuildError> {
+        // Stages not decided (a failure stopped the build) need no stats: free the pool.
+        self.memo.stop_prefetch();
         let interrupted = self
             .statuses
             .values()

@@ -407,7 +407,8 @@ impl SkipMemo {
             .get_or_insert_with(|| Arc::new(Root::open(project)))
     }
 
-    fn stop_prefetch(&self) {
+    /// Stops the prefetch workers (those stats will not be asked for any more).
+    pub fn stop_prefetch(&self) {
         if let Some(prefetch) = &self.prefetched {
             prefetch
                 .stop
