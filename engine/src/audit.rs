@@ -158,24 +158,22 @@ fn write_record(members: &Map<String, Value>, data: &[u8], out: &mut Vec<u8>) {
 /// `{"stage", "reason", "fingerprint", "producedBy"}` (or `"marker": "missing"` instead of the last
 /// two), keys sorted.
 fn skip_entry(stage: &str, reason: &str, produced: Option<&(String, String)>, out: &mut Vec<u8>) {
-    fn member(out: &mut Vec<u8>, key: &str, value: &str) {
-        if out.last() != Some(&b'{') {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut *out, key).expect("a string serialises");
-        out.push(b':');
+    /// `key` is the member's JSON key with its quotes, colon and (but first) comma: the keys
+    /// are fixed ASCII words, nothing to escape.
+    fn member(out: &mut Vec<u8>, key: &[u8], value: &str) {
+        out.extend_from_slice(key);
         serde_json::to_writer(&mut *out, value).expect("a string serialises");
     }
     out.push(b'{');
     match produced {
         Some((fingerprint, run)) => {
-            member(out, "fingerprint", fingerprint);
-            member(out, "producedBy", run);
+            member(out, br#""fingerprint":"#, fingerprint);
+            member(out, br#","producedBy":"#, run);
         }
-        None => member(out, "marker", "missing"),
+        None => member(out, br#""marker":"#, "missing"),
     }
-    member(out, "reason", reason);
-    member(out, "stage", stage);
+    member(out, br#","reason":"#, reason);
+    member(out, br#","stage":"#, stage);
     out.push(b'}');
 }
 

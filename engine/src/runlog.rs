@@ -100,12 +100,15 @@ impl Fields {
         out
     }
 
+    /// `key`: one of the fixed field names, ASCII letters only (nothing to escape).
     fn key(&mut self, key: &str) {
+        debug_assert!(key.bytes().all(|b| b.is_ascii_alphabetic()), "{key}");
         if self.0.len() > 1 {
             self.0.push(b',');
         }
-        serde_json::to_writer(&mut self.0, key).expect("a string serialises");
-        self.0.push(b':');
+        self.0.push(b'"');
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\":");
     }
 
     fn text(&mut self, key: &str, value: &str) {
