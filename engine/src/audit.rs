@@ -132,6 +132,55 @@ fn write_object<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>, out:
     out.push(b'}');
 }
 
+/// The canonical bytes of a record made of `members` and a `data` member whose canonical bytes
+/// are `data` (the same bytes as [`write_canonical`] of the whole record, written without
+/// building `data` as a [`Value`]: the `stages.skip` record of a no-op build lists every stage).
+fn write_record(members: &Map<String, Value>, data: &[u8], out: &mut Vec<u8>) {
+    let data_key = String::from("data");
+    let mut members: Vec<(&String, Option<&Value>)> = members
+        .iter()
+        .map(|(key, value)| (key, Some(value)))
+        .collect();
+    members.push((&data_key, None));
+    members.sort_by_key(|(key, _)| *key);
+    out.push(b'{');
+    for (i, (key, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key).expect("a string serialises");
+        out.push(b':');
+        match value {
+            Some(value) => write_canonical(value, out),
+            None => out.extend_from_slice(data),
+        }
+    }
+    out.push(b'}');
+}
+
+/// The canonical bytes of one entry of a `stages.skip` record: the object
+/// `{"stage", "reason", "fingerprint", "producedBy"}` (or `"marker": "missing"` instead of the last
+/// two), keys sorted.
+fn skip_entry(stage: &str, reason: &str, produced: Option<&(String, String)>, out: &mut Vec<u8>) {
+    /// `key` is the member's JSON key with its quotes, colon and (but first) comma: the keys
+    /// are fixed ASCII words, nothing to escape.
+    fn member(out: &mut Vec<u8>, key: &[u8], value: &str) {
+        out.extend_from_slice(key);
+        serde_json::to_writer(&mut *out, value).expect("a string serialises");
+    }
+    out.push(b'{');
+    match produced {
+        Some((fingerprint, run)) => {
+            member(out, br#""fingerprint":"#, fingerprint);
+            member(out, br#","producedBy":"#, run);
+        }
+        None => member(out, br#""marker":"#, "missing"),
+    }
+    member(out, br#","reason":"#, reason);
+    member(out, br#","stage":"#, stage);
+    out.push(b'}');
+}
+
 fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -681,9 +730,11 @@ pub struct Log {
     actor: Actor,
     /// Skipped stages not yet recorded: they go into one `stages.skip` record, appended before
     /// the next other record (a no-op build over 10,000 stages appends one record, not 10,000).
-    skipped: Vec<Value>,
-    /// Records queued for the next [`Log::flush`] (action, stage, data), in order.
-    queued: Vec<(String, Option<String>, Value)>,
+    /// Held as the canonical bytes of the entries, comma-separated (see [`Log::stage_skipped`]).
+    skipped: Vec<u8>,
+    /// Records queued for the next [`Log::flush`]: action, stage and the canonical bytes of
+    /// `data`, in order.
+    queued: Vec<(String, Option<String>, Vec<u8>)>,
 }
 
 impl Log {
@@ -867,11 +918,21 @@ impl Log {
     /// The record that would be appended next, with its `hash` (and `hmac`).
     #[cfg(test)]
     fn next_record(&self, action: &str, stage: Option<&str>, data: Value) -> Value {
-        self.record_after(&self.head, action, stage, data)
+        let mut canonical = Vec::new();
+        write_canonical(&data, &mut canonical);
+        let (_, line) = self.next_line(&self.head, action, stage, &canonical);
+        serde_json::from_slice(&line).expect("a record line is JSON")
     }
 
-    /// The record following `prev`, with its `hash` (and `hmac`).
-    fn record_after(&self, prev: &Head, action: &str, stage: Option<&str>, data: Value) -> Value {
+    /// The record following `prev` with `data` (its canonical bytes): its line (canonical bytes,
+    /// with `hash` and `hmac`, and a newline) and the head it makes.
+    fn next_line(
+        &self,
+        prev: &Head,
+        action: &str,
+        stage: Option<&str>,
+        data: &[u8],
+    ) -> (Head, Vec<u8>) {
         let mut record = Map::new();
         record.insert("v".into(), RECORD_VERSION.into());
         record.insert("seq".into(), (prev.seq + 1).into());
@@ -884,15 +945,22 @@ impl Log {
             record.insert("stage".into(), stage.into());
         }
         record.insert("action".into(), action.into());
-        record.insert("data".into(), data);
         record.insert("prev".into(), prev.hash.clone().into());
-        let mut record = Value::Object(record);
-        let hash = record_hash(&record);
+        let mut line = Vec::with_capacity(data.len() + 512);
+        write_record(&record, data, &mut line);
+        let hash = sha256_hex(&line);
         if let Some(key) = &self.key {
-            record["hmac"] = key.sign_record(&hash).into();
+            record.insert("hmac".into(), key.sign_record(&hash).into());
         }
-        record["hash"] = hash.into();
-        record
+        record.insert("hash".into(), hash.clone().into());
+        line.clear();
+        write_record(&record, data, &mut line);
+        line.push(b'\n');
+        let next = Head {
+            seq: prev.seq + 1,
+            hash,
+        };
+        (next, line)
     }
 
     /// Appends one record, after the records queued before it, and makes them all durable.
@@ -905,17 +973,23 @@ impl Log {
     /// skipped stages held so far.
     fn queue(&mut self, action: &str, stage: Option<&str>, data: Value) {
         self.queue_skipped();
+        let mut canonical = Vec::new();
+        write_canonical(&data, &mut canonical);
         self.queued
-            .push((action.to_string(), stage.map(str::to_string), data));
+            .push((action.to_string(), stage.map(str::to_string), canonical));
     }
 
     /// Turns the skipped stages held so far into a queued `stages.skip` record.
     fn queue_skipped(&mut self) {
-        if !self.skipped.is_empty() {
-            let stages = std::mem::take(&mut self.skipped);
-            self.queued
-                .push(("stages.skip".into(), None, json!({ "stages": stages })));
+        if self.skipped.is_empty() {
+            return;
         }
+        let entries = std::mem::take(&mut self.skipped);
+        let mut data = Vec::with_capacity(entries.len() + 14);
+        data.extend_from_slice(b"{\"stages\":[");
+        data.extend_from_slice(&entries);
+        data.extend_from_slice(b"]}");
+        self.queued.push(("stages.skip".into(), None, data));
     }
 
     /// Appends every queued record (and the skipped stages held) as one batch: intent in the
@@ -944,17 +1018,14 @@ impl Log {
         let mut lines = Vec::new();
         let mut next = self.head.clone();
         for (action, stage, data) in std::mem::take(&mut self.queued) {
-            let record = self.record_after(&next, &action, stage.as_deref(), data);
-            next = Head {
-                seq: next.seq + 1,
-                hash: record["hash"].as_str().expect("just set").to_string(),
-            };
-            write_canonical(&record, &mut lines);
-            lines.push(b'\n');
+            let (head, line) = self.next_line(&next, &action, stage.as_deref(), &data);
+            lines.extend_from_slice(&line);
+            next = head;
         }
         Some((next, lines))
     }
 
+    /// Appends `lines` (canonical records, each with its newline) to the log, durably.
     fn write_lines(&self, lines: &[u8]) -> io::Result<()> {
         std::fs::create_dir_all(&self.state_dir)?;
         let created = !self.log.exists();
@@ -1039,15 +1110,10 @@ impl Log {
         reason: &str,
         produced: Option<&(String, String)>,
     ) -> io::Result<()> {
-        let mut entry = json!({"stage": stage, "reason": reason});
-        match produced {
-            Some((fingerprint, run)) => {
-                entry["fingerprint"] = fingerprint.as_str().into();
-                entry["producedBy"] = run.as_str().into();
-            }
-            None => entry["marker"] = "missing".into(),
+        if !self.skipped.is_empty() {
+            self.skipped.push(b',');
         }
-        self.skipped.push(entry);
+        skip_entry(stage, reason, produced, &mut self.skipped);
         Ok(())
     }
 

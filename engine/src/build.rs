@@ -55,6 +55,8 @@ pub struct BuildOptions {
     pub audit_key: Option<audit::Key>,
     /// Where stage attempts run (`--executor`, `settings.executor`).
     pub executor: crate::stage_job::Executor,
+    /// The skip memo file, read ahead (used only if unchanged once the lock is held).
+    pub memo: Option<crate::memo::Reading>,
 }
 
 /// Why a build could not start (as opposed to a stage failing).
@@ -179,7 +181,10 @@ pub fn build(
         processes: ProcessLog::new(ws.processes_log_file()),
         audit,
         run_saved: Instant::now(),
-        memo: SkipMemo::load(&ws.skip_memo_file()),
+        memo: match &opts.memo {
+            Some(reading) => SkipMemo::load_read(reading, &ws.skip_memo_file(), spec),
+            None => SkipMemo::load(&ws.skip_memo_file(), spec),
+        },
         recovered: vec![false; spec.stages.len()],
     };
     if died {
@@ -526,7 +531,7 @@ impl Coordinator<'_> {
         let stage = &self.spec.stages[i];
         // A memoised verdict implies no publish journal appeared (it would change the output
         // folder's mtime), so recovery is only needed on the full path.
-        if let Some(produced) = self.memo.unchanged(self.spec, stage) {
+        if let Some(produced) = self.memo.unchanged(self.spec, i) {
             report(&Event::StagePlanned {
                 stage: stage.name.clone(),
                 summary: Decision::Skip.describe(),
@@ -576,7 +581,7 @@ impl Coordinator<'_> {
             let produced = plan.marker.map(|m| (m.fingerprint, m.run_id));
             return Ok(Planned::Skip(produced));
         }
-        self.memo.forget(&stage.name);
+        self.memo.forget(i);
         let reason = plan.decision.describe();
         let mut job = StageJob::new(
             self.spec,
@@ -658,6 +663,8 @@ impl Coordinator<'_> {
 
     /// Closes the run: final records, metrics, stat cache.
     fn finish(mut self, report: &mut dyn FnMut(&Event)) -> Result<BuildReport, BuildError> {
+        // Stages not decided (a failure stopped the build) need no stats: free the pool.
+        self.memo.stop_prefetch();
         let interrupted = self
             .statuses
             .values()

@@ -509,6 +509,19 @@ fn run(cli: Cli) -> u8 {
         }
         command => {
             let file = pipefile_path(cli.global.pipeline);
+            // A build reads its skip memo while the Pipefile is validated (it is used only if the
+            // file is unchanged once the workspace lock is held).
+            let memo = match &command {
+                Command::Build(args) if !args.dry_run => std::path::absolute(&file)
+                    .ok()
+                    .and_then(|file| file.parent().map(std::path::Path::to_path_buf))
+                    .map(|root| {
+                        crate::memo::Reading::start(
+                            crate::workspace::Workspace { root }.skip_memo_file(),
+                        )
+                    }),
+                _ => None,
+            };
             let (spec, graph) = match load(&file, &out) {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
@@ -520,7 +533,7 @@ fn run(cli: Cli) -> u8 {
                 Command::Build(args) if args.dry_run => {
                     dry_run(&spec, &graph, &args.stages, &out, false).0
                 }
-                Command::Build(args) => run_build(&spec, &graph, args, &out),
+                Command::Build(args) => run_build(&spec, &graph, args, memo, &out),
                 Command::Status { exit_code } => {
                     let (code, would_run) = dry_run(&spec, &graph, &[], &out, true);
                     if code == EXIT_OK && exit_code && would_run {
@@ -671,7 +684,13 @@ fn last_run(ws: &Workspace) -> Option<RunRecord> {
         .max_by(|a, b| a.started_at.cmp(&b.started_at))
 }
 
-fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
+fn run_build(
+    spec: &Spec,
+    graph: &Graph,
+    args: BuildArgs,
+    memo: Option<crate::memo::Reading>,
+    out: &Output,
+) -> u8 {
     let interrupt = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(err) = signal_hook::flag::register(signal, Arc::clone(&interrupt)) {
@@ -735,6 +754,7 @@ fn run_build(spec: &Spec, graph: &Graph, args: BuildArgs, out: &Output) -> u8 {
         sandbox,
         audit_key,
         executor,
+        memo,
     };
     let result = build::build(spec, graph, &opts, &mut |e| {
         out.event(&run_id, e, live.as_mut())

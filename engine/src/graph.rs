@@ -11,7 +11,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::Direction;
 use serde::Serialize;
 
-use crate::spec::{PathIndex, Spec, SpecError};
+use crate::spec::{Spec, SpecError};
 
 /// Why one stage depends on another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,20 +35,25 @@ impl Graph {
     pub fn compile(spec: &Spec) -> Result<Graph, Box<SpecError>> {
         let mut dag = DiGraph::new();
         let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| dag.add_node(i)).collect();
-        let outputs = PathIndex::new(
-            spec.stages
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i, s.output_dir.as_str())),
-        );
-        for (b, stage) in spec.stages.iter().enumerate() {
-            let mut upstream: Vec<usize> = stage
-                .inputs
-                .iter()
-                .flat_map(|input| outputs.overlapping(input.base()))
-                .collect();
-            upstream.sort_unstable();
-            upstream.dedup();
+        let outputs = spec.output_index();
+        // Who each stage reads from, on all cores; the edges are then added in stage order.
+        use rayon::prelude::*;
+        let upstreams: Vec<Vec<usize>> = spec
+            .stages
+            .par_iter()
+            .with_min_len(256)
+            .map(|stage| {
+                let mut upstream: Vec<usize> = stage
+                    .inputs
+                    .iter()
+                    .flat_map(|input| outputs.overlapping(input.base()))
+                    .collect();
+                upstream.sort_unstable();
+                upstream.dedup();
+                upstream
+            })
+            .collect();
+        for (b, (stage, upstream)) in spec.stages.iter().zip(upstreams).enumerate() {
             for a in upstream {
                 dag.update_edge(nodes[a], nodes[b], EdgeKind::Data);
             }

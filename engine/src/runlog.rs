@@ -44,6 +44,39 @@ struct Line<'a> {
 
 /// The JSON text (no newline) of `event` at time `ts` (RFC 3339) in run `run_id`.
 pub fn line(ts: &str, run_id: &str, event: &Event) -> String {
+    // Every stage has these lines (a no-op build of 10,000 stages: 20,000 of them): written
+    // directly, the same bytes as serde's (tested), without the cost of its flattening.
+    match event {
+        Event::StagePlanned {
+            stage,
+            summary,
+            decision: crate::plan::Decision::Skip,
+        } => {
+            let mut out = Fields::start(ts, run_id, "stagePlanned");
+            out.text("stage", stage);
+            out.text("summary", summary);
+            out.text("decision", "skip");
+            out.end()
+        }
+        Event::StageFinished {
+            stage,
+            status,
+            duration_ms,
+            reason,
+        } => {
+            let mut out = Fields::start(ts, run_id, "stageFinished");
+            out.text("stage", stage);
+            out.text("status", status.as_str());
+            out.number("durationMs", *duration_ms);
+            out.text("reason", reason);
+            out.end()
+        }
+        _ => serde_line(ts, run_id, event),
+    }
+}
+
+/// [`line`] through serde.
+fn serde_line(ts: &str, run_id: &str, event: &Event) -> String {
     // Run events carry their own `runId` field; do not write the key twice.
     let own = matches!(event, Event::RunStarted { .. } | Event::RunFinished { .. });
     let line = Line {
@@ -52,6 +85,46 @@ pub fn line(ts: &str, run_id: &str, event: &Event) -> String {
         event,
     };
     serde_json::to_string(&line).expect("events serialise")
+}
+
+/// An event line written field by field, as serde_json writes a [`Line`].
+struct Fields(Vec<u8>);
+
+impl Fields {
+    fn start(ts: &str, run_id: &str, event: &str) -> Fields {
+        let mut out = Fields(Vec::with_capacity(160));
+        out.0.push(b'{');
+        out.text("ts", ts);
+        out.text("runId", run_id);
+        out.text("event", event);
+        out
+    }
+
+    /// `key`: one of the fixed field names, ASCII letters only (nothing to escape).
+    fn key(&mut self, key: &str) {
+        debug_assert!(key.bytes().all(|b| b.is_ascii_alphabetic()), "{key}");
+        if self.0.len() > 1 {
+            self.0.push(b',');
+        }
+        self.0.push(b'"');
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\":");
+    }
+
+    fn text(&mut self, key: &str, value: &str) {
+        self.key(key);
+        serde_json::to_writer(&mut self.0, value).expect("a string serialises");
+    }
+
+    fn number(&mut self, key: &str, value: u64) {
+        self.key(key);
+        serde_json::to_writer(&mut self.0, &value).expect("a number serialises");
+    }
+
+    fn end(mut self) -> String {
+        self.0.push(b'}');
+        String::from_utf8(self.0).expect("serde_json writes UTF-8")
+    }
 }
 
 enum Sink {
@@ -229,6 +302,46 @@ mod tests {
         assert_eq!(obj["stage"], "copy");
         assert_eq!(obj["status"], "succeeded");
         assert_eq!(obj["durationMs"], 12);
+    }
+
+    #[test]
+    fn stage_lines_written_directly_are_the_bytes_serde_writes() {
+        let awkward = ["copy", "q\"uo\\te", "tab\tnl\n\u{1}", "straße ✓", ""];
+        let statuses = [
+            StageStatus::Skipped,
+            StageStatus::Running,
+            StageStatus::Succeeded,
+            StageStatus::Resumed,
+            StageStatus::Restored,
+            StageStatus::Failed,
+            StageStatus::NotRun,
+            StageStatus::Interrupted,
+        ];
+        let mut events = Vec::new();
+        for text in awkward {
+            events.push(Event::StagePlanned {
+                stage: text.into(),
+                summary: format!("skip {text}"),
+                decision: crate::plan::Decision::Skip,
+            });
+            for (i, status) in statuses.into_iter().enumerate() {
+                events.push(Event::StageFinished {
+                    stage: text.into(),
+                    status,
+                    duration_ms: [0, 1, u64::MAX][i % 3],
+                    reason: format!("because {text}"),
+                });
+            }
+        }
+        for event in &events {
+            for (ts, run_id) in [("2026-01-01T00:00:00.000Z", "r1"), ("t\"", "r\\")] {
+                assert_eq!(
+                    line(ts, run_id, event),
+                    serde_line(ts, run_id, event),
+                    "{event:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -266,15 +266,11 @@ fn a_crash_after_the_append_is_not_tampering_and_the_next_appender_repairs_the_h
     {
         let lock = held(&ws);
         let mut log = Log::open(&ws, None, &lock, None).unwrap();
-        let record = log.next_record("run.end", None, json!({}));
-        let next = Head {
-            seq: 3,
-            hash: record["hash"].as_str().unwrap().into(),
-        };
+        let (next, line) = log.next_line(&log.head().clone(), "run.end", None, b"{}");
+        assert_eq!(next.seq, 3);
         let committed = log.head().clone();
         log.write_head(&committed, Some(&next)).unwrap();
-        log.write_lines(format!("{}\n", to_json_line(&record)).as_bytes())
-            .unwrap();
+        log.write_lines(&line).unwrap();
         // crash: the head is never committed
     }
     let ok = check(&ws, None, None).unwrap();
@@ -295,19 +291,15 @@ fn a_torn_append_is_removed_only_when_the_head_announced_it() {
     {
         let lock = held(&ws);
         let mut log = Log::open(&ws, None, &lock, None).unwrap();
-        let record = log.next_record("run.end", None, json!({}));
-        let next = Head {
-            seq: 3,
-            hash: record["hash"].as_str().unwrap().into(),
-        };
+        let (next, line) = log.next_line(&log.head().clone(), "run.end", None, b"{}");
+        assert_eq!(next.seq, 3);
         let committed = log.head().clone();
         log.write_head(&committed, Some(&next)).unwrap();
         let mut f = OpenOptions::new()
             .append(true)
             .open(log_path(&ws.state_dir()))
             .unwrap();
-        f.write_all(&to_json_line(&record).as_bytes()[..20])
-            .unwrap();
+        f.write_all(&line[..20]).unwrap();
     }
     let ok = check(&ws, None, None).unwrap();
     assert_eq!((ok.records, ok.notes.len()), (2, 1));
@@ -494,11 +486,9 @@ fn a_crash_between_the_two_copies_keeps_the_newer_one() {
     {
         let lock = held(&ws);
         let mut log = Log::open(&ws, None, &lock, None).unwrap();
-        record3 = log.next_record("run.end", None, json!({}));
-        let next = Head {
-            seq: 3,
-            hash: record3["hash"].as_str().unwrap().into(),
-        };
+        let next;
+        (next, record3) = log.next_line(&log.head().clone(), "run.end", None, b"{}");
+        assert_eq!(next.seq, 3);
         let committed = log.head().clone();
         log.write_head(&committed, Some(&next)).unwrap();
     }
@@ -513,8 +503,7 @@ fn a_crash_between_the_two_copies_keeps_the_newer_one() {
     {
         let lock = held(&ws);
         let log = Log::open(&ws, None, &lock, None).unwrap();
-        log.write_lines(format!("{}\n", to_json_line(&record3)).as_bytes())
-            .unwrap();
+        log.write_lines(&record3).unwrap();
     }
     let ok = check(&ws, None, None).unwrap();
     assert_eq!((ok.records, ok.notes.len()), (3, 2), "{:?}", ok.notes);
@@ -693,4 +682,93 @@ fn records_ahead_of_the_head_must_chain_from_it_and_stay_within_the_intent() {
         Log::open(&ws, None, &lock, None),
         Err(AuditError::Mismatch(_))
     ));
+}
+
+/// Strings that exercise JSON escaping: quotes, backslashes, control characters, non-ASCII.
+const AWKWARD: &[&str] = &["plain", "q\"uo\\te", "tab\tnl\ncr\r\u{1}", "straße → ✓", ""];
+
+#[test]
+fn skip_entries_are_the_canonical_bytes_of_their_object() {
+    for stage in AWKWARD {
+        for reason in AWKWARD {
+            for produced in [None, Some(("f\"p".to_string(), "run\n1".to_string()))] {
+                let mut expected = json!({"stage": stage, "reason": reason});
+                match &produced {
+                    Some((fingerprint, run)) => {
+                        expected["fingerprint"] = fingerprint.as_str().into();
+                        expected["producedBy"] = run.as_str().into();
+                    }
+                    None => expected["marker"] = "missing".into(),
+                }
+                let mut bytes = Vec::new();
+                skip_entry(stage, reason, produced.as_ref(), &mut bytes);
+                assert_eq!(
+                    String::from_utf8(bytes).unwrap(),
+                    to_json_line(&expected),
+                    "{stage:?} {reason:?} {produced:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_record_with_canonical_data_is_the_canonical_bytes_of_the_whole_record() {
+    let mut members = Map::new();
+    for (i, key) in [
+        "v", "seq", "ts", "actor", "run", "stage", "action", "prev", "hash", "hmac",
+    ]
+    .iter()
+    .enumerate()
+    {
+        members.insert(
+            key.to_string(),
+            json!({"k": AWKWARD[i % AWKWARD.len()], "n": i}),
+        );
+    }
+    let data = json!({"stages": [{"b": 1, "a": [AWKWARD[1], {"z": null, "y": 2.5}]}]});
+    let mut canonical_data = Vec::new();
+    write_canonical(&data, &mut canonical_data);
+    let mut written = Vec::new();
+    write_record(&members, &canonical_data, &mut written);
+    let mut whole = members.clone();
+    whole.insert("data".into(), data);
+    assert_eq!(
+        String::from_utf8(written).unwrap(),
+        to_json_line(&Value::Object(whole))
+    );
+}
+
+#[test]
+fn skipped_stages_are_one_verifiable_record_listing_them_in_order() {
+    let (_dir, ws) = workspace();
+    let lock = held(&ws);
+    let mut log = Log::open(&ws, None, &lock, Some("r1")).unwrap();
+    log.stage_skipped("a", "unchanged", Some(&("fp\"a".into(), "r0".into())))
+        .unwrap();
+    log.stage_skipped("b\n", "unchanged", None).unwrap();
+    log.append("run.end", None, json!({"status": "succeeded"}))
+        .unwrap();
+    // Nothing pending: no empty `stages.skip` record either.
+    log.flush().unwrap();
+    drop(log);
+    let records: Vec<Value> = lines(&ws)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["action"], "stages.skip");
+    assert_eq!(
+        records[0]["data"],
+        json!({"stages": [
+            {"stage": "a", "reason": "unchanged", "fingerprint": "fp\"a", "producedBy": "r0"},
+            {"stage": "b\n", "reason": "unchanged", "marker": "missing"},
+        ]})
+    );
+    assert_eq!(records[1]["action"], "run.end");
+    for (record, line) in records.iter().zip(lines(&ws)) {
+        assert_eq!(to_json_line(record), line);
+        assert_eq!(record["hash"], record_hash(record));
+    }
+    assert_eq!(check(&ws, None, None).unwrap().records, 2);
 }

@@ -53,13 +53,17 @@ pub const ASYNCIO_CALLS: &[&str] = &[
     "create_datagram_endpoint",
 ];
 
-/// Every rule id (what `offline.allowStaticFindings` may list).
-pub fn rule_ids() -> Vec<&'static str> {
-    let mut ids: Vec<&str> = MODULES.iter().map(|(_, id)| *id).collect();
-    ids.push("asyncio");
-    ids.sort();
-    ids.dedup();
-    ids
+/// Every rule id (what `offline.allowStaticFindings` may list), sorted; computed once (validation
+/// asks for every stage).
+pub fn rule_ids() -> &'static [&'static str] {
+    static IDS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    IDS.get_or_init(|| {
+        let mut ids: Vec<&str> = MODULES.iter().map(|(_, id)| *id).collect();
+        ids.push("asyncio");
+        ids.sort();
+        ids.dedup();
+        ids
+    })
 }
 
 /// The rule a module name matches.

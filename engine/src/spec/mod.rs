@@ -11,7 +11,7 @@ pub mod locate;
 pub mod raw;
 pub mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,8 @@ pub struct Spec {
     pub slurm: SlurmSettings,
     text: Arc<String>,
     locator: locate::Locator,
+    /// The stages' output folders, indexed (validation builds it; the graph's edges use it).
+    outputs: PathIndex,
 }
 
 /// Where stages and map items run.
@@ -241,6 +243,11 @@ impl Spec {
         }
     }
 
+    /// The stages' output folders, indexed by stage index for overlap queries.
+    pub fn output_index(&self) -> &PathIndex {
+        &self.outputs
+    }
+
     /// The stages' output folders, by stage index.
     pub fn output_dirs(&self) -> BTreeMap<usize, &str> {
         self.stages
@@ -264,23 +271,46 @@ pub fn overlaps(a: &str, b: &str) -> bool {
 }
 
 /// Root-relative paths (stages' output folders) indexed for "which of them overlap this path?"
-/// in O(depth · log n), so that validation and graph compilation stay linear in the number of
-/// stages instead of comparing every pair (10,000 stages: 10⁸ comparisons).
+/// in O(depth) hash lookups, so that validation and graph compilation stay linear in the number
+/// of stages instead of comparing every pair (10,000 stages: 10⁸ comparisons).
 #[derive(Debug, Default)]
 pub struct PathIndex {
-    by_path: BTreeMap<String, Vec<usize>>,
+    by_path: HashMap<String, Vec<usize>>,
+    /// Every proper ancestor (at `/` boundaries) of an indexed path: only a path listed here can
+    /// have indexed paths below it, so only then is [`PathIndex::sorted`] searched.
+    parents: HashSet<String>,
+    /// The indexed paths, sorted (byte order), for the range of paths below a parent.
+    sorted: Vec<String>,
 }
 
 impl PathIndex {
     /// Indexes `paths` (id, path); empty paths are left out.
     pub fn new<'a>(paths: impl IntoIterator<Item = (usize, &'a str)>) -> PathIndex {
-        let mut by_path: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut by_path: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut parents = HashSet::new();
         for (id, path) in paths {
-            if !path.is_empty() {
-                by_path.entry(path.to_string()).or_default().push(id);
+            if path.is_empty() {
+                continue;
+            }
+            match by_path.get_mut(path) {
+                Some(ids) => ids.push(id),
+                None => {
+                    by_path.insert(path.to_string(), vec![id]);
+                    for (end, _) in path.match_indices('/') {
+                        if !parents.contains(&path[..end]) {
+                            parents.insert(path[..end].to_string());
+                        }
+                    }
+                }
             }
         }
-        PathIndex { by_path }
+        let mut sorted: Vec<String> = by_path.keys().cloned().collect();
+        sorted.sort_unstable();
+        PathIndex {
+            by_path,
+            parents,
+            sorted,
+        }
     }
 
     /// The ids of the indexed paths that [`overlaps`] `path`, ascending. An empty `path` (the
@@ -299,14 +329,16 @@ impl PathIndex {
             if let Some(found) = self.by_path.get(path) {
                 ids.extend(found);
             }
-            // Indexed paths below `path`: the keys in [path + "/", path + "0"), since `0`
+            // Indexed paths below `path`: the sorted keys in [path + "/", path + "0"), since `0`
             // follows `/` in byte order.
-            let below = format!("{path}/")..format!("{path}0");
-            ids.extend(
-                self.by_path
-                    .range(below)
-                    .flat_map(|(_, v)| v.iter().copied()),
-            );
+            if self.parents.contains(path) {
+                let (low, high) = (format!("{path}/"), format!("{path}0"));
+                let start = self.sorted.partition_point(|k| *k < low);
+                let end = self.sorted.partition_point(|k| *k < high);
+                for key in &self.sorted[start..end] {
+                    ids.extend(&self.by_path[key]);
+                }
+            }
         }
         ids.sort_unstable();
         ids.dedup();

@@ -32,13 +32,15 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
             })
         }
     };
+    let locator = Locator::new(text.clone());
+    let on_disk = OnDisk::prefetch(&root, &raw.stages);
     let mut v = Validator {
         errors: Vec::new(),
-        file,
-        locator: Locator::new(text.clone()),
-        text,
-        on_disk: OnDisk::prefetch(&root, &raw.stages),
-        root,
+        file: &file,
+        locator: &locator,
+        text: &text,
+        on_disk: &on_disk,
+        root: &root,
     };
     if raw.version != 1 {
         v.error(
@@ -63,19 +65,38 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
     if let Some(retry) = &raw.settings.retry {
         v.retry(&merge_retry(retry, &RawRetry::default()), "/settings/retry");
     }
-    let mut stages = Vec::new();
-    for (i, stage) in raw.stages.iter().enumerate() {
-        let mut validated = v.stage(
-            i,
-            stage,
-            &quotas,
-            &settings_retry,
-            settings_cadence.unwrap_or_default(),
-        );
-        v.offline_fields(i, stage, &raw.settings, &mut validated);
-        stages.push(validated);
-    }
-    v.stage_relations(&raw.stages, &stages);
+    // Each stage on its own, on all cores; its errors are reported in stage order, as if the
+    // stages were checked one after the other.
+    use rayon::prelude::*;
+    let (stages, errors): (Vec<Stage>, Vec<Vec<SpecError>>) = raw
+        .stages
+        .par_iter()
+        .enumerate()
+        .with_min_len(256)
+        .map(|(i, stage)| {
+            let mut one = Validator {
+                errors: Vec::new(),
+                ..v
+            };
+            let mut validated = one.stage(
+                i,
+                stage,
+                &quotas,
+                &settings_retry,
+                settings_cadence.unwrap_or_default(),
+            );
+            one.offline_fields(i, stage, &raw.settings, &mut validated);
+            (validated, one.errors)
+        })
+        .unzip();
+    v.errors.extend(errors.into_iter().flatten());
+    let outputs = PathIndex::new(
+        stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.output_dir.as_str())),
+    );
+    v.stage_relations(&raw.stages, &stages, &outputs);
     if raw.stages.is_empty() {
         v.error(
             "/stages",
@@ -87,15 +108,17 @@ pub fn validate(file: String, root: PathBuf, text: Arc<String>) -> Result<Spec, 
     if !v.errors.is_empty() {
         return Err(LoadError::Invalid { errors: v.errors });
     }
+    drop(v);
     Ok(Spec {
-        file: v.file,
-        root: v.root,
+        file,
+        root,
         quotas,
         stages,
         executor,
         slurm,
-        text: v.text,
-        locator: v.locator,
+        text,
+        locator,
+        outputs,
     })
 }
 
@@ -132,24 +155,27 @@ fn serde_error(file: &str, text: &Arc<String>, err: &serde_json::Error) -> SpecE
     SpecError::new(file, text, range, message, label, help)
 }
 
-struct Validator {
+struct Validator<'a> {
     errors: Vec<SpecError>,
-    file: String,
-    text: Arc<String>,
-    locator: Locator,
-    root: PathBuf,
-    on_disk: OnDisk,
+    file: &'a str,
+    text: &'a Arc<String>,
+    locator: &'a Locator,
+    root: &'a std::path::Path,
+    on_disk: &'a OnDisk,
 }
 
-/// What exists at the output folders and input paths a Pipefile names, stat'ed on all cores up
-/// front (a 10,000-stage Pipefile names 20,000 of them): root-relative path → `Some(is_dir)`, or
-/// `None` when nothing is there.
+/// What exists at the output folders and input paths a Pipefile names (a 10,000-stage Pipefile
+/// names 20,000 of them), found up front: root-relative path → `Some(is_dir)`, or `None` when
+/// nothing is there.
 #[derive(Default)]
 struct OnDisk(HashMap<String, Option<bool>>);
 
+/// A folder holding at least this many of the paths is listed once rather than each path in it
+/// stat'ed (a `stat` walks the path; a listing costs about as much as a few stats).
+const LIST_AT_LEAST: usize = 32;
+
 impl OnDisk {
     fn prefetch(root: &std::path::Path, stages: &[RawStage]) -> OnDisk {
-        use rayon::prelude::*;
         let mut paths: Vec<String> = Vec::new();
         for stage in stages {
             paths.extend(normalize(&stage.output_dir).ok());
@@ -161,19 +187,39 @@ impl OnDisk {
                     .map(|i| i.base().to_string()),
             );
         }
+        OnDisk::of(root, paths)
+    }
+
+    /// The kinds of `paths` (root-relative): what the listing of a folder holding many of them
+    /// shows, and a `stat` on all cores for the rest.
+    fn of(root: &std::path::Path, mut paths: Vec<String>) -> OnDisk {
+        use rayon::prelude::*;
+        use rustix::fs::{AtFlags, FileType, Mode, OFlags};
         paths.retain(|p| !p.is_empty());
         paths.sort_unstable();
         paths.dedup();
-        OnDisk(
-            paths
-                .into_par_iter()
-                .with_min_len(256)
-                .map(|rel| {
-                    let kind = std::fs::metadata(root.join(&rel)).ok().map(|m| m.is_dir());
-                    (rel, kind)
-                })
-                .collect(),
+        // Relative to the project folder, opened once: no walk over its ancestors per path.
+        let dir = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
         )
+        .ok();
+        let mut found = match &dir {
+            Some(dir) => listed(dir, &paths),
+            None => HashMap::new(),
+        };
+        paths.retain(|p| !found.contains_key(p));
+        found.par_extend(paths.into_par_iter().with_min_len(256).map(|rel| {
+            let kind = match &dir {
+                Some(dir) => rustix::fs::statat(dir, rel.as_str(), AtFlags::empty())
+                    .ok()
+                    .map(|st| FileType::from_raw_mode(st.st_mode).is_dir()),
+                None => std::fs::metadata(root.join(&rel)).ok().map(|m| m.is_dir()),
+            };
+            (rel, kind)
+        }));
+        OnDisk(found)
     }
 
     /// `Some(is_dir)` when something exists at `rel` (following symlinks).
@@ -185,7 +231,74 @@ impl OnDisk {
     }
 }
 
-impl Validator {
+/// The kinds of those of `paths` (root-relative, under the folder `root`) that the listing of
+/// their parent folder answers exactly as a `stat` would: only folders holding at least
+/// [`LIST_AT_LEAST`] of them are listed, and only entries the listing gives a type for that is
+/// not a symlink count. A name not listed (absent, or spelled otherwise on a case-insensitive
+/// folder), a symlink, an unknown type, a folder that cannot be searched or read: left to `stat`.
+fn listed(root: &std::os::fd::OwnedFd, paths: &[String]) -> HashMap<String, Option<bool>> {
+    use rayon::prelude::*;
+    let mut by_parent: HashMap<&str, Vec<&str>> = HashMap::new();
+    for path in paths {
+        let parent = path.rsplit_once('/').map_or("", |(parent, _)| parent);
+        by_parent.entry(parent).or_default().push(path);
+    }
+    by_parent
+        .into_par_iter()
+        .filter(|(_, paths)| paths.len() >= LIST_AT_LEAST)
+        .flat_map_iter(|(parent, paths)| list_folder(root, parent, &paths))
+        .collect()
+}
+
+/// [`listed`] for the `paths` in folder `parent`.
+fn list_folder(
+    root: &std::os::fd::OwnedFd,
+    parent: &str,
+    paths: &[&str],
+) -> Vec<(String, Option<bool>)> {
+    use rustix::fs::{Access, AtFlags, Dir, FileType, Mode, OFlags};
+    let mut found = Vec::new();
+    let rel = if parent.is_empty() { "." } else { parent };
+    // A stat below the folder needs search permission on it (a listing needs read).
+    if rustix::fs::accessat(root, rel, Access::EXEC_OK, AtFlags::EACCESS).is_err() {
+        return found;
+    }
+    let Ok(fd) = rustix::fs::openat(
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return found;
+    };
+    let Ok(entries) = Dir::new(fd) else {
+        return found;
+    };
+    let names: HashMap<&[u8], &str> = paths
+        .iter()
+        .map(|path| {
+            let name = path.rsplit_once('/').map_or(*path, |(_, name)| name);
+            (name.as_bytes(), *path)
+        })
+        .collect();
+    // A folder far larger than what is asked of it is not read to the end: the names not seen
+    // by then are stat'ed.
+    for entry in entries.take(4 * names.len() + 256) {
+        let Ok(entry) = entry else { break };
+        let Some(&path) = names.get(entry.file_name().to_bytes()) else {
+            continue;
+        };
+        let is_dir = match entry.file_type() {
+            FileType::Directory => true,
+            FileType::Symlink | FileType::Unknown => continue,
+            _ => false,
+        };
+        found.push((path.to_string(), Some(is_dir)));
+    }
+    found
+}
+
+impl Validator<'_> {
     fn error(
         &mut self,
         pointer: &str,
@@ -195,7 +308,7 @@ impl Validator {
     ) {
         let range = self.locator.value(pointer);
         self.errors.push(SpecError::new(
-            &self.file, &self.text, range, message, label, help,
+            self.file, self.text, range, message, label, help,
         ));
     }
 
@@ -208,7 +321,7 @@ impl Validator {
     ) {
         let range = self.locator.key(pointer);
         self.errors.push(SpecError::new(
-            &self.file, &self.text, range, message, label, help,
+            self.file, self.text, range, message, label, help,
         ));
     }
 
@@ -440,7 +553,7 @@ impl Validator {
                 p
             }
             Ok(p) => {
-                if self.on_disk.kind(&self.root, &p) == Some(false) {
+                if self.on_disk.kind(self.root, &p) == Some(false) {
                     self.error(
                         &at("outputDir"),
                         format!("the output folder `{p}` exists and is not a folder"),
@@ -692,7 +805,7 @@ impl Validator {
 
     /// Checks what involves several stages: unique names, disjoint outputs, `after` targets,
     /// inputs that exist or are produced.
-    fn stage_relations(&mut self, raw: &[RawStage], stages: &[Stage]) {
+    fn stage_relations(&mut self, raw: &[RawStage], stages: &[Stage], outputs: &PathIndex) {
         let mut first_by_name: HashMap<&str, usize> = HashMap::new();
         for (i, s) in stages.iter().enumerate() {
             if let Some(&j) = first_by_name.get(s.name.as_str()) {
@@ -708,70 +821,91 @@ impl Validator {
                 first_by_name.insert(&s.name, i);
             }
         }
-        let outputs = PathIndex::new(
-            stages
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i, s.output_dir.as_str())),
-        );
-        for (i, s) in stages.iter().enumerate() {
-            let earlier = if s.output_dir.is_empty() {
-                Vec::new()
+        // Then each stage against the others, on all cores; errors in stage order.
+        use rayon::prelude::*;
+        let errors: Vec<Vec<SpecError>> = stages
+            .par_iter()
+            .enumerate()
+            .with_min_len(256)
+            .map(|(i, s)| {
+                let mut one = Validator {
+                    errors: Vec::new(),
+                    ..*self
+                };
+                one.stage_against_others(i, s, raw, stages, outputs, &first_by_name);
+                one.errors
+            })
+            .collect();
+        self.errors.extend(errors.into_iter().flatten());
+    }
+
+    /// Stage `i`'s output folder against the others', its `after` targets, and whether its
+    /// inputs exist or are produced.
+    fn stage_against_others(
+        &mut self,
+        i: usize,
+        s: &Stage,
+        raw: &[RawStage],
+        stages: &[Stage],
+        outputs: &PathIndex,
+        first_by_name: &HashMap<&str, usize>,
+    ) {
+        let earlier = if s.output_dir.is_empty() {
+            Vec::new()
+        } else {
+            outputs.overlapping(&s.output_dir)
+        };
+        for other in earlier
+            .into_iter()
+            .take_while(|&j| j < i)
+            .map(|j| &stages[j])
+        {
+            if s.output_dir == other.output_dir {
+                self.error(
+                    &format!("/stages/{i}/outputDir"),
+                    format!(
+                        "stages `{}` and `{}` both own the output folder `{}`",
+                        other.name, s.name, s.output_dir
+                    ),
+                    "owned by another stage",
+                    Some("each stage needs an output folder of its own".into()),
+                );
             } else {
-                outputs.overlapping(&s.output_dir)
-            };
-            for other in earlier
-                .into_iter()
-                .take_while(|&j| j < i)
-                .map(|j| &stages[j])
-            {
-                if s.output_dir == other.output_dir {
-                    self.error(
-                        &format!("/stages/{i}/outputDir"),
-                        format!(
-                            "stages `{}` and `{}` both own the output folder `{}`",
-                            other.name, s.name, s.output_dir
-                        ),
-                        "owned by another stage",
-                        Some("each stage needs an output folder of its own".into()),
-                    );
-                } else {
-                    self.error(
-                        &format!("/stages/{i}/outputDir"),
-                        format!(
-                            "output folder `{}` of `{}` overlaps `{}` of `{}`",
-                            s.output_dir, s.name, other.output_dir, other.name
-                        ),
-                        "nested output folders",
-                        Some("output folders must not contain one another".into()),
-                    );
-                }
+                self.error(
+                    &format!("/stages/{i}/outputDir"),
+                    format!(
+                        "output folder `{}` of `{}` overlaps `{}` of `{}`",
+                        s.output_dir, s.name, other.output_dir, other.name
+                    ),
+                    "nested output folders",
+                    Some("output folders must not contain one another".into()),
+                );
             }
-            for (k, target) in raw[i].after.iter().enumerate() {
-                if !first_by_name.contains_key(target.as_str()) {
-                    let names: Vec<_> = stages.iter().map(|s| format!("`{}`", s.name)).collect();
-                    self.error(
-                        &format!("/stages/{i}/after/{k}"),
-                        format!("`after` names unknown stage `{target}`"),
-                        "no such stage",
-                        Some(format!("stages: {}", names.join(", "))),
-                    );
-                }
+        }
+        for (k, target) in raw[i].after.iter().enumerate() {
+            if !first_by_name.contains_key(target.as_str()) {
+                let names: Vec<_> = stages.iter().map(|s| format!("`{}`", s.name)).collect();
+                self.error(
+                    &format!("/stages/{i}/after/{k}"),
+                    format!("`after` names unknown stage `{target}`"),
+                    "no such stage",
+                    Some(format!("stages: {}", names.join(", "))),
+                );
             }
-            for (k, input) in s.inputs.iter().enumerate() {
-                let base = input.base();
-                if base.is_empty() {
-                    continue;
-                }
-                let produced = !outputs.overlapping(base).is_empty();
-                if !produced && self.on_disk.kind(&self.root, base).is_none() {
-                    self.error(
-                        &format!("/stages/{i}/inputs/{k}"),
-                        format!("input `{base}` does not exist and no stage produces it"),
-                        "not found",
-                        Some("paths are relative to the Pipefile's folder".into()),
-                    );
-                }
+        }
+        for (k, input) in s.inputs.iter().enumerate() {
+            let base = input.base();
+            if base.is_empty() {
+                continue;
+            }
+            let produced = !outputs.overlapping(base).is_empty();
+            if !produced && self.on_disk.kind(self.root, base).is_none() {
+                self.error(
+                    &format!("/stages/{i}/inputs/{k}"),
+                    format!("input `{base}` does not exist and no stage produces it"),
+                    "not found",
+                    Some("paths are relative to the Pipefile's folder".into()),
+                );
             }
         }
     }
@@ -949,6 +1083,144 @@ mod tests {
         );
         assert_eq!(parse_input("work").unwrap(), Input::Path("work".into()));
         assert!(parse_input("data/[").is_err());
+    }
+
+    #[test]
+    fn what_is_on_disk_is_what_stat_says_whether_listed_or_stat_ed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut paths = Vec::new();
+        // `big` holds enough asked-for names to be listed; `small` does not.
+        for folder in ["big", "small", "big/nested"] {
+            std::fs::create_dir_all(root.join(folder)).unwrap();
+        }
+        for i in 0..LIST_AT_LEAST + 8 {
+            std::fs::write(root.join(format!("big/f{i}.txt")), "x").unwrap();
+            paths.push(format!("big/f{i}.txt"));
+            paths.push(format!("big/missing{i}.txt"));
+        }
+        std::fs::create_dir(root.join("big/sub")).unwrap();
+        symlink(root.join("big/sub"), root.join("big/to-dir")).unwrap();
+        symlink(root.join("big/f0.txt"), root.join("big/to-file")).unwrap();
+        symlink(root.join("nowhere"), root.join("big/dangling")).unwrap();
+        symlink(root.join("big"), root.join("linked")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("big/fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        std::fs::write(root.join("small/a.txt"), "x").unwrap();
+        for extra in [
+            "big/sub",
+            "big/to-dir",
+            "big/to-file",
+            "big/dangling",
+            "big/fifo",
+            "big/nested",
+            "big/F0.TXT",
+            "big/f0.txt/below",
+            "small/a.txt",
+            "small/none",
+            "big",
+            "nowhere",
+            "linked/f1.txt",
+            "linked/to-dir",
+        ] {
+            paths.push(extra.to_string());
+        }
+        // Listed through a symlinked folder too.
+        for i in 0..LIST_AT_LEAST {
+            paths.push(format!("linked/f{i}.txt"));
+        }
+        let on_disk = OnDisk::of(root, paths.clone());
+        let mut listed_some = false;
+        let dirfd = rustix::fs::open(
+            root,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let from_listing = listed(&dirfd, &paths);
+        for path in &paths {
+            let stat = std::fs::metadata(root.join(path)).ok().map(|m| m.is_dir());
+            assert_eq!(on_disk.0.get(path.as_str()), Some(&stat), "{path}");
+            assert_eq!(on_disk.kind(root, path), stat, "{path}");
+            if let Some(kind) = from_listing.get(path.as_str()) {
+                assert_eq!(*kind, stat, "{path} (listed)");
+                listed_some = true;
+            }
+        }
+        assert!(listed_some, "the big folder was listed");
+        for unlisted in [
+            "big/to-dir",
+            "big/to-file",
+            "big/dangling",
+            "small/a.txt",
+            "big/F0.TXT",
+        ] {
+            assert!(!from_listing.contains_key(unlisted), "{unlisted}");
+        }
+        assert_eq!(from_listing.get("big/fifo"), Some(&Some(false)));
+        assert_eq!(from_listing.get("big/sub"), Some(&Some(true)));
+    }
+
+    #[test]
+    fn errors_of_many_stages_come_in_stage_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        std::fs::write(dir.path().join("in/a.txt"), "a").unwrap();
+        let bad = [3usize, 255, 256, 700, 1199];
+        let stages: Vec<serde_json::Value> = (0..1200)
+            .map(|i| {
+                let mut stage = serde_json::json!({
+                    "name": format!("s{i}"),
+                    "processor": {"builtin": "copy", "version": "1"},
+                    "inputs": ["in/a.txt"],
+                    "outputDir": format!("out/{i}"),
+                });
+                if bad.contains(&i) {
+                    // Two errors in one stage, and one found across stages.
+                    stage["name"] = format!("-s{i}").into();
+                    stage["inputs"] = serde_json::json!([format!("in/missing{i}.txt")]);
+                    stage["offline"] = serde_json::json!({"allowStaticFindings": ["nope"]});
+                }
+                if i == 900 {
+                    stage["outputDir"] = "out/100".into();
+                }
+                if i == 1000 {
+                    stage["name"] = "s10".into();
+                }
+                stage
+            })
+            .collect();
+        let text = serde_json::json!({"version": 1, "stages": stages}).to_string();
+        let Err(LoadError::Invalid { errors }) =
+            validate("P.json".into(), dir.path().to_path_buf(), Arc::new(text))
+        else {
+            panic!("invalid stages were accepted");
+        };
+        let got: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+        let mut expected = Vec::new();
+        for i in bad {
+            expected.push(format!("stage name `-s{i}` cannot be used as a file name"));
+            expected.push("unknown static-scan rule `nope`".to_string());
+        }
+        expected.push("duplicate stage name `s10`".to_string());
+        for i in bad {
+            if i == 1199 {
+                expected.push(
+                    "stages `s100` and `s900` both own the output folder `out/100`".to_string(),
+                );
+            }
+            expected.push(format!(
+                "input `in/missing{i}.txt` does not exist and no stage produces it"
+            ));
+        }
+        assert_eq!(got, expected);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::super::raw::{RawSandbox, RawSettings, RawStage};
 use super::super::{Offline, SandboxPaths, Stage};
 use super::{processor_path, Validator};
 
-impl Validator {
+impl Validator<'_> {
     /// Fills `stage`'s offline fields from `raw` (stage `i`) and the settings.
     pub(super) fn offline_fields(
         &mut self,
@@ -85,7 +85,9 @@ impl Validator {
                     Some(p) if p.starts_with('/') => Some(PathBuf::from(p)),
                     Some(p) => Some(self.root.join(p)),
                     // `.` and the like: the project folder itself
-                    None if !path.is_empty() && !path.starts_with('/') => Some(self.root.clone()),
+                    None if !path.is_empty() && !path.starts_with('/') => {
+                        Some(self.root.to_path_buf())
+                    }
                     None => None,
                 };
                 match resolved {
