@@ -915,15 +915,6 @@ impl Log {
         Ok(())
     }
 
-    /// The record that would be appended next, with its `hash` (and `hmac`).
-    #[cfg(test)]
-    fn next_record(&self, action: &str, stage: Option<&str>, data: Value) -> Value {
-        let mut canonical = Vec::new();
-        write_canonical(&data, &mut canonical);
-        let (_, line) = self.next_line(&self.head, action, stage, &canonical);
-        serde_json::from_slice(&line).expect("a record line is JSON")
-    }
-
     /// The record following `prev` with `data` (its canonical bytes): its line (canonical bytes,
     /// with `hash` and `hmac`, and a newline) and the head it makes.
     fn next_line(
