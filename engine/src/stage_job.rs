@@ -182,7 +182,6 @@ impl StageJob {
         }
     }
 
-    /// Runs the stage to its end and reports it; never panics on I/O errors (they fail the stage).
     /// Writes the stage record durably (`state/stage_<stage>.json`); a failure goes to the
     /// coordinator, which stops the build with it.
     fn save_record(&self, tx: &Sender<JobMessage>) {
@@ -191,6 +190,7 @@ impl StageJob {
         }
     }
 
+    /// Runs the stage to its end and reports it; never panics on I/O errors (they fail the stage).
     pub fn run(mut self, tx: &Sender<JobMessage>) {
         let started = Instant::now();
         let mut hashes = StatCache::default();
