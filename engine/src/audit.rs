@@ -118,18 +118,12 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
 
 /// An object of these members, keys sorted.
 fn write_object<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
-    let mut members: Vec<(&String, &Value)> = members.collect();
-    members.sort_by_key(|(key, _)| *key);
-    out.push(b'{');
-    for (i, (key, value)) in members.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut *out, key).expect("a string serialises");
-        out.push(b':');
-        write_canonical(value, out);
-    }
-    out.push(b'}');
+    write_members(
+        members
+            .map(|(key, value)| (key, Member::Value(value)))
+            .collect(),
+        out,
+    );
 }
 
 /// The canonical bytes of a record made of `members` and a `data` member whose canonical bytes
@@ -137,11 +131,22 @@ fn write_object<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>, out:
 /// building `data` as a [`Value`]: the `stages.skip` record of a no-op build lists every stage).
 fn write_record(members: &Map<String, Value>, data: &[u8], out: &mut Vec<u8>) {
     let data_key = String::from("data");
-    let mut members: Vec<(&String, Option<&Value>)> = members
+    let mut all: Vec<(&String, Member)> = members
         .iter()
-        .map(|(key, value)| (key, Some(value)))
+        .map(|(key, value)| (key, Member::Value(value)))
         .collect();
-    members.push((&data_key, None));
+    all.push((&data_key, Member::Canonical(data)));
+    write_members(all, out);
+}
+
+/// A member's value: a JSON value, or bytes that already are a value's canonical form.
+enum Member<'a> {
+    Value(&'a Value),
+    Canonical(&'a [u8]),
+}
+
+/// An object of `members`, keys sorted.
+fn write_members(mut members: Vec<(&String, Member)>, out: &mut Vec<u8>) {
     members.sort_by_key(|(key, _)| *key);
     out.push(b'{');
     for (i, (key, value)) in members.into_iter().enumerate() {
@@ -151,8 +156,8 @@ fn write_record(members: &Map<String, Value>, data: &[u8], out: &mut Vec<u8>) {
         serde_json::to_writer(&mut *out, key).expect("a string serialises");
         out.push(b':');
         match value {
-            Some(value) => write_canonical(value, out),
-            None => out.extend_from_slice(data),
+            Member::Value(value) => write_canonical(value, out),
+            Member::Canonical(bytes) => out.extend_from_slice(bytes),
         }
     }
     out.push(b'}');
