@@ -566,31 +566,13 @@ struct Tail {
 }
 
 fn read_tail(path: &Path) -> io::Result<Tail> {
-    const CHUNK: u64 = 64 * 1024;
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Tail::default()),
         Err(err) => return Err(err),
     };
     let len = file.metadata()?.len();
-    let mut newlines = Vec::new();
-    let mut pos = len;
-    let mut buf = Vec::new();
-    while pos > 0 && newlines.len() < 2 {
-        let start = pos.saturating_sub(CHUNK);
-        buf.resize((pos - start) as usize, 0);
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut buf)?;
-        for (i, b) in buf.iter().enumerate().rev() {
-            if *b == b'\n' {
-                newlines.push(start + i as u64);
-                if newlines.len() == 2 {
-                    break;
-                }
-            }
-        }
-        pos = start;
-    }
+    let newlines = last_newlines(&mut file, len, 2)?;
     let Some(&end) = newlines.first() else {
         return Ok(Tail {
             last: None,
@@ -694,29 +676,46 @@ fn check_chain(
     Ok(())
 }
 
+/// Offsets of the last `count` newlines of the open `file` (of length `len`), the last first;
+/// fewer if it has fewer. Reads backwards, a chunk at a time, only as far as needed.
+fn last_newlines(file: &mut File, len: u64, count: usize) -> io::Result<Vec<u64>> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut newlines = Vec::new();
+    let mut pos = len;
+    let mut buf = Vec::new();
+    while pos > 0 && newlines.len() < count {
+        let start = pos.saturating_sub(CHUNK);
+        buf.resize((pos - start) as usize, 0);
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        for (i, b) in buf.iter().enumerate().rev() {
+            if *b == b'\n' {
+                newlines.push(start + i as u64);
+                if newlines.len() == count {
+                    break;
+                }
+            }
+        }
+        pos = start;
+    }
+    Ok(newlines)
+}
+
 /// The last `count` complete lines of the file (fewer if it has fewer), without their `\n`;
 /// bytes after the last `\n` (a torn append) are not a line.
 fn read_last_lines(path: &Path, count: usize) -> io::Result<Vec<Vec<u8>>> {
-    const CHUNK: u64 = 64 * 1024;
     let mut file = File::open(path)?;
-    let mut pos = file.metadata()?.len();
-    let mut tail: Vec<u8> = Vec::new();
-    // Enough when the newline before the first wanted line is in (or the file starts there).
-    while pos > 0 && tail.iter().filter(|&&b| b == b'\n').count() <= count {
-        let start = pos.saturating_sub(CHUNK);
-        let mut chunk = vec![0; (pos - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut chunk)?;
-        chunk.extend_from_slice(&tail);
-        tail = chunk;
-        pos = start;
-    }
-    let end = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let mut lines: Vec<&[u8]> = tail[..end].split(|&b| b == b'\n').collect();
-    lines.pop(); // after the final `\n`
-    let first = lines.len().saturating_sub(count);
-    // The first kept line is complete only if a `\n` (or the file's start) is before it.
-    Ok(lines[first..].iter().map(|line| line.to_vec()).collect())
+    let len = file.metadata()?.len();
+    // The newline ending the last line, and the one before the first wanted line (if any).
+    let newlines = last_newlines(&mut file, len, count + 1)?;
+    let Some(&end) = newlines.first() else {
+        return Ok(Vec::new());
+    };
+    let start = newlines.get(count).map_or(0, |p| p + 1);
+    let mut bytes = vec![0; (end - start) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut bytes)?;
+    Ok(bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect())
 }
 
 /// The appender. Open it under the workspace lock; the thread holding it is the only writer.
