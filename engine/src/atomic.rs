@@ -5,7 +5,7 @@
 //! and the folder is fsynced so the rename itself survives a power cut.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
 use pipe_processors::failpoint;
@@ -44,11 +44,21 @@ fn temporary_for(path: &Path) -> io::Result<(&Path, std::path::PathBuf)> {
 
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_with(path, |file| file.write_all(bytes))
+}
+
+/// Writes what `fill` writes to `path` atomically and durably: `fill` streams into the
+/// temporary file (through a buffer), so content of any size needs no copy of it in memory.
+pub fn write_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     let (dir, tmp) = temporary_for(path)?;
     std::fs::create_dir_all(dir)?;
     let result = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER, File::create(&tmp)?);
+        fill(&mut out)?;
+        let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         failpoint::hit("atomic.after-tmp-write");
         file.sync_all()?;
         failpoint::hit("atomic.after-tmp-fsync");
@@ -65,11 +75,28 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
-/// Serialises `value` as pretty JSON (with a final newline) and writes it atomically.
+/// The buffer [`write_with`] streams through: big writes pass it by (`BufWriter` hands a write
+/// larger than its buffer straight to the file).
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Serialises `value` as pretty JSON (with a final newline) and writes it atomically: streamed
+/// into the file, never held whole in memory (a map stage's marker lists every item), the same
+/// bytes as `serde_json::to_vec_pretty` and a newline.
 pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    bytes.push(b'\n');
-    write(path, &bytes)
+    write_with(path, |out| {
+        serde_json::to_writer_pretty(&mut *out, value).map_err(json_error)?;
+        out.write_all(b"\n")
+    })
+}
+
+/// A serialisation error as an I/O error; a failed write keeps its own kind and OS error (a full
+/// disk stays `StorageFull`, a transient error stays retryable).
+pub fn json_error(err: serde_json::Error) -> io::Error {
+    if err.is_io() {
+        io::Error::from(err)
+    } else {
+        io::Error::other(err)
+    }
 }
 
 /// fsyncs a folder, making renames and removals inside it durable.
@@ -176,6 +203,45 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn streamed_json_is_the_bytes_of_to_vec_pretty() {
+        // Bigger than the write buffer, with strings that need escaping.
+        let value: std::collections::BTreeMap<String, (String, u64)> = (0..20_000)
+            .map(|i| (format!("input/f{i:06}.txt"), (format!("\"é\\{i}\n"), i)))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.json");
+        write_json(&path, &value).unwrap();
+        let mut want = serde_json::to_vec_pretty(&value).unwrap();
+        want.push(b'\n');
+        assert!(want.len() > 2 * WRITE_BUFFER);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+    }
+
+    #[test]
+    fn a_failed_streamed_write_keeps_its_error_kind_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        let err = write_with(&path, |out| {
+            out.write_all(b"partial")?;
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        })
+        .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let err = json_error(serde_json::to_writer(Full, &[1, 2, 3]).unwrap_err());
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
     }
 
     #[test]

@@ -90,8 +90,10 @@ impl StatCache {
             return Ok(());
         }
         self.version = 1;
-        let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
-        crate::atomic::write(path, &bytes)?;
+        // Streamed into the file: one entry per input and output of every stage.
+        crate::atomic::write_with(path, |out| {
+            serde_json::to_writer(out, &*self).map_err(crate::atomic::json_error)
+        })?;
         self.dirty = false;
         Ok(())
     }
