@@ -37,6 +37,17 @@ pub struct ProcessorIdentity {
 }
 
 impl Ingredients {
+    /// A copy without the input list (which grows with the stage's inputs).
+    pub fn without_inputs(&self) -> Ingredients {
+        Ingredients {
+            schema: self.schema,
+            stage: self.stage.clone(),
+            processor: self.processor.clone(),
+            params: self.params.clone(),
+            inputs: BTreeMap::new(),
+        }
+    }
+
     /// The fingerprint: blake3 of the canonical encoding, hex.
     pub fn key(&self) -> String {
         let canonical = canonical(&serde_json::to_value(self).expect("ingredients serialise"));

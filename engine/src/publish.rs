@@ -44,14 +44,16 @@ pub struct Journal {
     pub previous_outputs: Vec<String>,
 }
 
-/// Publishes the staged outputs and writes the marker. Returns the marker written.
+/// Publishes the staged outputs and writes the marker. Returns the marker written. The marker
+/// takes `ingredients` and `items` (a map stage's grow with its inputs: no copy of them is made);
+/// if the journal could not be written they are handed back, so a retry can publish again.
 pub fn publish(
     target: &Target,
     previous: Option<&Marker>,
     run_id: &str,
     fingerprint: &str,
-    ingredients: &Ingredients,
-    items: BTreeMap<String, ItemEntry>,
+    ingredients: &mut Ingredients,
+    items: &mut BTreeMap<String, ItemEntry>,
     cache: &mut StatCache,
 ) -> io::Result<Marker> {
     let mut outputs = Vec::new();
@@ -71,14 +73,18 @@ pub fn publish(
             run_id: run_id.to_string(),
             finished_at: crate::state::now_rfc3339(),
             outputs,
-            ingredients: ingredients.clone(),
-            items,
+            ingredients: std::mem::replace(ingredients, ingredients.without_inputs()),
+            items: std::mem::take(items),
         },
         previous_outputs: previous
             .map(|m| m.outputs.iter().map(|o| o.path.clone()).collect())
             .unwrap_or_default(),
     };
-    atomic::write_json(&target.journal, &journal)?;
+    if let Err(err) = atomic::write_json(&target.journal, &journal) {
+        *ingredients = journal.marker.ingredients;
+        *items = journal.marker.items;
+        return Err(err);
+    }
     failpoint::hit("publish.after-journal");
     complete(target, journal, cache)
 }
