@@ -139,10 +139,12 @@ fn write_record(members: &Map<String, Value>, data: &[u8], out: &mut Vec<u8>) {
     write_members(all, out);
 }
 
-/// A member's value: a JSON value, or bytes that already are a value's canonical form.
+/// A member's value: a JSON value, bytes that already are a value's canonical form, or a writer
+/// of those bytes.
 enum Member<'a> {
     Value(&'a Value),
     Canonical(&'a [u8]),
+    Written(&'a dyn Fn(&mut Vec<u8>)),
 }
 
 /// An object of `members`, keys sorted.
@@ -158,6 +160,7 @@ fn write_members(mut members: Vec<(&String, Member)>, out: &mut Vec<u8>) {
         match value {
             Member::Value(value) => write_canonical(value, out),
             Member::Canonical(bytes) => out.extend_from_slice(bytes),
+            Member::Written(write) => write(out),
         }
     }
     out.push(b'}');
@@ -920,14 +923,17 @@ impl Log {
     }
 
     /// The record following `prev` with `data` (its canonical bytes): its line (canonical bytes,
-    /// with `hash` and `hmac`, and a newline) and the head it makes.
+    /// with `hash` and `hmac`, and a newline) appended to `lines`, and the head it makes. The
+    /// line is written in place (first without `hash` and `hmac`, to hash it): no copy of a big
+    /// record is made.
     fn next_line(
         &self,
         prev: &Head,
         action: &str,
         stage: Option<&str>,
         data: &[u8],
-    ) -> (Head, Vec<u8>) {
+        lines: &mut Vec<u8>,
+    ) -> Head {
         let mut record = Map::new();
         record.insert("v".into(), RECORD_VERSION.into());
         record.insert("seq".into(), (prev.seq + 1).into());
@@ -941,21 +947,21 @@ impl Log {
         }
         record.insert("action".into(), action.into());
         record.insert("prev".into(), prev.hash.clone().into());
-        let mut line = Vec::with_capacity(data.len() + 512);
-        write_record(&record, data, &mut line);
-        let hash = sha256_hex(&line);
+        let start = lines.len();
+        lines.reserve(data.len() + 1024);
+        write_record(&record, data, lines);
+        let hash = sha256_hex(&lines[start..]);
         if let Some(key) = &self.key {
             record.insert("hmac".into(), key.sign_record(&hash).into());
         }
         record.insert("hash".into(), hash.clone().into());
-        line.clear();
-        write_record(&record, data, &mut line);
-        line.push(b'\n');
-        let next = Head {
+        lines.truncate(start);
+        write_record(&record, data, lines);
+        lines.push(b'\n');
+        Head {
             seq: prev.seq + 1,
             hash,
-        };
-        (next, line)
+        }
     }
 
     /// Appends one record, after the records queued before it, and makes them all durable.
@@ -967,11 +973,16 @@ impl Log {
     /// Queues a record for the next [`Log::flush`], after the `stages.skip` record of the
     /// skipped stages held so far.
     fn queue(&mut self, action: &str, stage: Option<&str>, data: Value) {
-        self.queue_skipped();
         let mut canonical = Vec::new();
         write_canonical(&data, &mut canonical);
+        self.queue_canonical(action, stage, canonical);
+    }
+
+    /// [`Log::queue`] of data given as its canonical bytes.
+    fn queue_canonical(&mut self, action: &str, stage: Option<&str>, data: Vec<u8>) {
+        self.queue_skipped();
         self.queued
-            .push((action.to_string(), stage.map(str::to_string), canonical));
+            .push((action.to_string(), stage.map(str::to_string), data));
     }
 
     /// Turns the skipped stages held so far into a queued `stages.skip` record.
@@ -1013,9 +1024,7 @@ impl Log {
         let mut lines = Vec::new();
         let mut next = self.head.clone();
         for (action, stage, data) in std::mem::take(&mut self.queued) {
-            let (head, line) = self.next_line(&next, &action, stage.as_deref(), &data);
-            lines.extend_from_slice(&line);
-            next = head;
+            next = self.next_line(&next, &action, stage.as_deref(), &data, &mut lines);
         }
         Some((next, lines))
     }
@@ -1086,14 +1095,20 @@ impl Log {
             StageStatus::Interrupted => "stage.interrupt",
             _ => return Ok(()),
         };
-        let mut data = json!({"reason": reason, "attempts": attempts});
-        if matches!(
+        let mut data = Map::new();
+        data.insert("reason".into(), reason.into());
+        data.insert("attempts".into(), attempts.into());
+        let canonical = if matches!(
             status,
             StageStatus::Succeeded | StageStatus::Resumed | StageStatus::Restored
         ) {
-            add_marker(&mut data, &marker);
-        }
-        self.queue(action, Some(&stage.name), data);
+            with_marker(data, &marker)
+        } else {
+            let mut out = Vec::new();
+            write_object(data.iter(), &mut out);
+            out
+        };
+        self.queue_canonical(action, Some(&stage.name), canonical);
         Ok(())
     }
 
@@ -1122,13 +1137,18 @@ impl Log {
         let data = match recovery {
             Recovery::Nothing => return Ok(()),
             Recovery::Completed => {
-                let mut data = json!({"outcome": "completed"});
-                add_marker(&mut data, &ws.marker_file(&stage.output_dir, &stage.name));
-                data
+                let mut data = Map::new();
+                data.insert("outcome".into(), "completed".into());
+                with_marker(data, &ws.marker_file(&stage.output_dir, &stage.name))
             }
-            Recovery::Abandoned(why) => json!({"outcome": "abandoned", "why": why}),
+            Recovery::Abandoned(why) => {
+                let mut out = Vec::new();
+                write_canonical(&json!({"outcome": "abandoned", "why": why}), &mut out);
+                out
+            }
         };
-        self.append("publish.recover", Some(&stage.name), data)
+        self.queue_canonical("publish.recover", Some(&stage.name), data);
+        self.flush()
     }
 
     /// `lock.takeover`: a processor that a dead run left running was stopped.
@@ -1153,18 +1173,73 @@ impl Log {
 /// Adds what the marker says to `data`: the fingerprint, and either the run that produced the
 /// outputs (`skipped`: they are in that run's records) or what went in and came out: inputs and
 /// processor files with their blake3 hashes, params, and the outputs (path, size, blake3).
-fn add_marker(data: &mut Value, marker: &Path) {
-    match Marker::read(marker) {
-        Ok(Some(m)) => {
-            data["fingerprint"] = m.fingerprint.into();
-            data["processor"] = json!(m.ingredients.processor);
-            data["params"] = m.ingredients.params;
-            data["inputs"] = json!(m.ingredients.inputs);
-            data["outputs"] = json!(m.outputs);
+/// The canonical bytes of `data` with the published outputs (from the marker) added:
+/// `fingerprint`, `processor`, `params`, `inputs` (path → blake3) and `outputs` (`path`, `size`,
+/// `blake3`), or `marker` saying why there are none. The input and output lists (one entry per
+/// item of a map stage) are written straight from the marker, not built as [`Value`]s.
+fn with_marker(mut data: Map<String, Value>, marker: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    let m = match Marker::read_without_items(marker) {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            data.insert("marker".into(), "missing".into());
+            write_object(data.iter(), &mut out);
+            return out;
         }
-        Ok(None) => data["marker"] = "missing".into(),
-        Err(why) => data["marker"] = why.into(),
-    }
+        Err(why) => {
+            data.insert("marker".into(), why.into());
+            write_object(data.iter(), &mut out);
+            return out;
+        }
+    };
+    data.insert("fingerprint".into(), m.fingerprint.into());
+    data.insert("processor".into(), json!(m.ingredients.processor));
+    data.insert("params".into(), m.ingredients.params);
+    let (inputs_key, outputs_key) = (String::from("inputs"), String::from("outputs"));
+    let inputs = &m.ingredients.inputs;
+    let outputs = &m.outputs;
+    let write_inputs = |out: &mut Vec<u8>| {
+        // A map's keys in canonical (byte) order: a BTreeMap<String, _> iterates in it.
+        out.push(b'{');
+        for (i, (path, blake3)) in inputs.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(path, out);
+            out.push(b':');
+            write_str(blake3, out);
+        }
+        out.push(b'}');
+    };
+    let write_outputs = |out: &mut Vec<u8>| {
+        out.push(b'[');
+        for (i, o) in outputs.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"blake3":"#);
+            write_str(&o.blake3, out);
+            out.extend_from_slice(br#","path":"#);
+            write_str(&o.path, out);
+            out.extend_from_slice(br#","size":"#);
+            serde_json::to_writer(&mut *out, &o.size).expect("a number serialises");
+            out.push(b'}');
+        }
+        out.push(b']');
+    };
+    let mut members: Vec<(&String, Member)> = data
+        .iter()
+        .map(|(key, value)| (key, Member::Value(value)))
+        .collect();
+    members.push((&inputs_key, Member::Written(&write_inputs)));
+    members.push((&outputs_key, Member::Written(&write_outputs)));
+    write_members(members, &mut out);
+    out
+}
+
+/// A string as canonical JSON (serde_json's escaping).
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    serde_json::to_writer(&mut *out, s).expect("a string serialises");
 }
 
 // -------------------------------------------------------------------------------------- verify

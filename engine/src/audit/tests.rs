@@ -266,7 +266,7 @@ fn a_crash_after_the_append_is_not_tampering_and_the_next_appender_repairs_the_h
     {
         let lock = held(&ws);
         let mut log = Log::open(&ws, None, &lock, None).unwrap();
-        let (next, line) = log.next_line(&log.head().clone(), "run.end", None, b"{}");
+        let (next, line) = one_line(&log);
         assert_eq!(next.seq, 3);
         let committed = log.head().clone();
         log.write_head(&committed, Some(&next)).unwrap();
@@ -291,7 +291,7 @@ fn a_torn_append_is_removed_only_when_the_head_announced_it() {
     {
         let lock = held(&ws);
         let mut log = Log::open(&ws, None, &lock, None).unwrap();
-        let (next, line) = log.next_line(&log.head().clone(), "run.end", None, b"{}");
+        let (next, line) = one_line(&log);
         assert_eq!(next.seq, 3);
         let committed = log.head().clone();
         log.write_head(&committed, Some(&next)).unwrap();
@@ -487,7 +487,7 @@ fn a_crash_between_the_two_copies_keeps_the_newer_one() {
         let lock = held(&ws);
         let mut log = Log::open(&ws, None, &lock, None).unwrap();
         let next;
-        (next, record3) = log.next_line(&log.head().clone(), "run.end", None, b"{}");
+        (next, record3) = one_line(&log);
         assert_eq!(next.seq, 3);
         let committed = log.head().clone();
         log.write_head(&committed, Some(&next)).unwrap();
@@ -771,4 +771,133 @@ fn skipped_stages_are_one_verifiable_record_listing_them_in_order() {
         assert_eq!(record["hash"], record_hash(record));
     }
     assert_eq!(check(&ws, None, None).unwrap().records, 2);
+}
+
+/// The line of one `run.end` record after the head of `log`, and the head it makes.
+fn one_line(log: &Log) -> (Head, Vec<u8>) {
+    let mut line = Vec::new();
+    let next = log.next_line(&log.head().clone(), "run.end", None, b"{}", &mut line);
+    (next, line)
+}
+
+/// A marker of a map stage whose paths and params need escaping, with several items.
+fn sample_marker() -> Marker {
+    use crate::fingerprint::{Ingredients, ProcessorIdentity};
+    use crate::marker::{ItemEntry, OutputEntry, MARKER_VERSION};
+    let names = [
+        "a.txt",
+        "b \"quoted\".txt",
+        "c/ü\\ñ.txt",
+        "d\n\t\u{1}.txt",
+        "z€.txt",
+    ];
+    Marker {
+        version: MARKER_VERSION,
+        stage: "map".into(),
+        fingerprint: "f".repeat(64),
+        run_id: "r1".into(),
+        finished_at: "2026-11-30T09:00:00.000Z".into(),
+        outputs: names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| OutputEntry {
+                path: n.to_string(),
+                size: (i as u64) * 1_000_000_007,
+                blake3: format!("{i:064x}"),
+            })
+            .collect(),
+        ingredients: Ingredients {
+            schema: 3,
+            stage: "map".into(),
+            processor: ProcessorIdentity {
+                command: vec!["python3".into(), "p \"x\".py".into()],
+                version: "1".into(),
+                files: [("p \"x\".py".to_string(), "e".repeat(64))].into(),
+            },
+            params: json!({"z": [1, {"b": null, "a": 2.5}], "mode": "ascii", "é": "\"\\"}),
+            inputs: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("input/{n}"), format!("{:064x}", i + 7)))
+                .collect(),
+        },
+        items: names
+            .iter()
+            .map(|n| {
+                (
+                    format!("input/{n}"),
+                    ItemEntry {
+                        fingerprint: "c".repeat(64),
+                        outputs: vec![n.to_string()],
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// What the audit data of a stage with a marker was before it was written without `Value`s: the
+/// marker read whole, its lists turned into `Value`s, the object written canonically.
+fn data_through_values(mut data: Value, marker: &Path) -> Vec<u8> {
+    match Marker::read(marker) {
+        Ok(Some(m)) => {
+            data["fingerprint"] = m.fingerprint.into();
+            data["processor"] = json!(m.ingredients.processor);
+            data["params"] = m.ingredients.params;
+            data["inputs"] = json!(m.ingredients.inputs);
+            data["outputs"] = json!(m.outputs);
+        }
+        Ok(None) => data["marker"] = "missing".into(),
+        Err(why) => data["marker"] = why.into(),
+    }
+    let mut out = Vec::new();
+    write_canonical(&data, &mut out);
+    out
+}
+
+#[test]
+fn audit_data_with_a_marker_is_byte_identical_to_the_value_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(".map.done");
+    let same = |path: &Path| {
+        let base = json!({"reason": "map: 5 of 5 items would run: \"x\"", "attempts": 5});
+        let Value::Object(map) = base.clone() else {
+            unreachable!()
+        };
+        let new = with_marker(map, path);
+        assert_eq!(
+            String::from_utf8(new.clone()).unwrap(),
+            String::from_utf8(data_through_values(base, path)).unwrap()
+        );
+        new
+    };
+    // No marker, an unreadable one, one of another version, then a real one.
+    assert!(String::from_utf8(same(&path))
+        .unwrap()
+        .contains("\"missing\""));
+    std::fs::write(&path, b"{\"version\": 1, \"stage\": ").unwrap();
+    same(&path);
+    let mut other = serde_json::to_value(sample_marker()).unwrap();
+    other["version"] = 7.into();
+    atomic::write_json(&path, &other).unwrap();
+    same(&path);
+    atomic::write_json(&path, &sample_marker()).unwrap();
+    let bytes = same(&path);
+    let text = String::from_utf8(bytes).unwrap();
+    assert!(text.contains(r#""path":"b \"quoted\".txt""#), "{text}");
+    // And a whole record made from it hashes as `record_hash` of the parsed line says.
+    let (_dir, ws) = workspace();
+    let lock = held(&ws);
+    let mut log = Log::open(&ws, None, &lock, Some("r1")).unwrap();
+    let Value::Object(map) = json!({"outcome": "completed"}) else {
+        unreachable!()
+    };
+    log.queue_canonical("publish.recover", Some("map"), with_marker(map, &path));
+    log.flush().unwrap();
+    let line = lines(&ws).pop().unwrap();
+    let record: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["hash"], record_hash(&record));
+    assert_eq!(to_json_line(&record), line);
+    assert_eq!(record["data"]["outputs"][1]["path"], "b \"quoted\".txt");
+    check(&ws, None, None).unwrap();
 }
