@@ -50,9 +50,37 @@ impl Ingredients {
 
     /// The fingerprint: blake3 of the canonical encoding, hex.
     pub fn key(&self) -> String {
-        let canonical = canonical(&serde_json::to_value(self).expect("ingredients serialise"));
-        let bytes = serde_json::to_vec(&canonical).expect("canonical JSON serialises");
-        blake3::hash(&bytes).to_hex().to_string()
+        let mut hasher = blake3::Hasher::new();
+        self.write_canonical(&mut hasher)
+            .expect("hashing does not fail");
+        hasher.finalize().to_hex().to_string()
+    }
+
+    /// The canonical encoding (compact JSON, object keys sorted at every level: the bytes of
+    /// `serde_json::to_vec(&canonical(&to_value(self)))`), streamed into `out`. The input list
+    /// is written from the map itself (a `BTreeMap<String, _>` iterates in canonical key order):
+    /// a map stage's list of 100,000 inputs is never copied into `Value`s.
+    pub fn write_canonical(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let json = |err: serde_json::Error| std::io::Error::other(err);
+        out.write_all(b"{\"inputs\":{")?;
+        for (i, (path, blake3)) in self.inputs.iter().enumerate() {
+            if i > 0 {
+                out.write_all(b",")?;
+            }
+            serde_json::to_writer(&mut *out, path).map_err(json)?;
+            out.write_all(b":")?;
+            serde_json::to_writer(&mut *out, blake3).map_err(json)?;
+        }
+        out.write_all(b"},\"params\":")?;
+        serde_json::to_writer(&mut *out, &canonical(&self.params)).map_err(json)?;
+        out.write_all(b",\"processor\":")?;
+        let processor = serde_json::to_value(&self.processor).map_err(json)?;
+        serde_json::to_writer(&mut *out, &canonical(&processor)).map_err(json)?;
+        out.write_all(b",\"schema\":")?;
+        serde_json::to_writer(&mut *out, &self.schema).map_err(json)?;
+        out.write_all(b",\"stage\":")?;
+        serde_json::to_writer(&mut *out, &self.stage).map_err(json)?;
+        out.write_all(b"}")
     }
 }
 
@@ -238,6 +266,45 @@ mod tests {
                 ("in/b.txt".into(), "2222".into()),
             ]),
         }
+    }
+
+    /// The key as it was computed before the encoding was streamed: the whole ingredients as a
+    /// canonical `Value`, serialised, hashed.
+    fn key_through_values(i: &Ingredients) -> String {
+        let canonical = canonical(&serde_json::to_value(i).unwrap());
+        blake3::hash(&serde_json::to_vec(&canonical).unwrap())
+            .to_hex()
+            .to_string()
+    }
+
+    #[test]
+    fn the_streamed_encoding_is_the_canonical_value_form() {
+        let mut cases = vec![base(), base().without_inputs()];
+        let mut odd = base();
+        odd.stage = "s\"t\\ü\u{1}".into();
+        odd.params = json!({"z": [3, {"y": null, "b": 1.5}], "a": "é\n", "m": {"k": true}});
+        odd.processor
+            .files
+            .insert("dir/ü \"f\".py".into(), "bbbb".into());
+        odd.inputs = (0..500)
+            .map(|i| (format!("in/{i}\t\"€\"/{}", 500 - i), format!("{i:064x}")))
+            .collect();
+        cases.push(odd);
+        for i in &cases {
+            let mut bytes = Vec::new();
+            i.write_canonical(&mut bytes).unwrap();
+            let want = serde_json::to_vec(&canonical(&serde_json::to_value(i).unwrap())).unwrap();
+            assert_eq!(
+                String::from_utf8(bytes).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+            assert_eq!(i.key(), key_through_values(i));
+        }
+        // Pinned: a fingerprint written by an earlier build must still match.
+        assert_eq!(
+            base().key(),
+            "0649f2fb5d0f5f613aa2757a76b075b88a8d392f35d0cb16d6c9655d1604d2ca"
+        );
     }
 
     /// Every ingredient changes the key, and the diff names it.
