@@ -46,12 +46,43 @@ impl StatKey {
 #[serde(rename_all = "camelCase")]
 struct Entry {
     stat: StatKey,
-    blake3: String,
+    /// Held as its 32 bytes (the file has it in hex): two entries per item of a map stage.
+    blake3: Digest,
     hashed_at_ns: i128,
     /// Looked up or written by this process: the file existed a moment ago, so pruning need
     /// not stat it again.
     #[serde(skip)]
     seen: bool,
+}
+
+/// A blake3 digest, written and read as lowercase hex (64 digits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Digest([u8; 32]);
+
+impl Digest {
+    fn from_hex(hex: &str) -> Option<Digest> {
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .filter(|_| hex.bytes().all(|b| !b.is_ascii_uppercase()))
+            .map(|h| Digest(*h.as_bytes()))
+    }
+
+    fn to_hex(self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(blake3::Hash::from_bytes(self.0).to_hex().as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let hex = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        Digest::from_hex(&hex).ok_or_else(|| serde::de::Error::custom("not a blake3 hex digest"))
+    }
 }
 
 /// The stat cache: absolute path → hash of the file version with that stat.
@@ -112,7 +143,7 @@ impl StatCache {
             if entry.stat == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns {
                 entry.seen = true;
                 return Ok(FileHash {
-                    blake3: entry.blake3.clone(),
+                    blake3: entry.blake3.to_hex(),
                     size: stat.size,
                 });
             }
@@ -120,12 +151,15 @@ impl StatCache {
         let hashed_at_ns = now_ns();
         let blake3 = hash_file(path, stat.size)?;
         // Only remember the hash if the file did not change while it was read.
-        if StatKey::of(&std::fs::metadata(path)?) == stat {
+        if let (true, Some(digest)) = (
+            StatKey::of(&std::fs::metadata(path)?) == stat,
+            Digest::from_hex(&blake3),
+        ) {
             self.entries.insert(
                 key,
                 Entry {
                     stat,
-                    blake3: blake3.clone(),
+                    blake3: digest,
                     hashed_at_ns,
                     seen: true,
                 },
@@ -141,11 +175,18 @@ impl StatCache {
     /// Records a hash the engine just computed for a file it wrote (e.g. a published output).
     pub fn remember(&mut self, path: &Path, blake3: &str) -> io::Result<()> {
         let stat = StatKey::of(&std::fs::metadata(path)?);
+        let key = path.to_string_lossy().into_owned();
+        let Some(digest) = Digest::from_hex(blake3) else {
+            // Not a hash this cache could have computed: nothing is remembered, and what was
+            // remembered for the path is forgotten (the file is hashed when next asked for).
+            self.dirty |= self.entries.remove(&key).is_some();
+            return Ok(());
+        };
         self.entries.insert(
-            path.to_string_lossy().into_owned(),
+            key,
             Entry {
                 stat,
-                blake3: blake3.to_string(),
+                blake3: digest,
                 hashed_at_ns: now_ns(),
                 seen: true,
             },
@@ -214,17 +255,20 @@ mod tests {
         assert_eq!(first.blake3, blake3::hash(b"hello").to_hex().to_string());
         assert_eq!(first.size, 5);
         // Poison the cached hash: if the cache is trusted, the poisoned value comes back.
+        let poisoned = blake3::hash(b"poisoned").to_hex().to_string();
         cache
             .entries
             .values_mut()
-            .for_each(|e| e.blake3 = "poisoned".into());
-        assert_eq!(cache.hash(&file).unwrap().blake3, "poisoned");
+            .for_each(|e| e.blake3 = Digest::from_hex(&poisoned).unwrap());
+        assert_eq!(cache.hash(&file).unwrap().blake3, poisoned);
         let path = dir.path().join("cache.json");
         cache.save(&path).unwrap();
-        assert_eq!(
-            StatCache::load(&path).hash(&file).unwrap().blake3,
-            "poisoned"
-        );
+        // The file holds the hash in hex, as it always did.
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let key = file.to_string_lossy().into_owned();
+        assert_eq!(saved["entries"][&key]["blake3"], poisoned.as_str());
+        assert_eq!(StatCache::load(&path).hash(&file).unwrap().blake3, poisoned);
     }
 
     #[test]
@@ -237,7 +281,7 @@ mod tests {
         cache
             .entries
             .values_mut()
-            .for_each(|e| e.blake3 = "poisoned".into());
+            .for_each(|e| e.blake3 = Digest(*blake3::hash(b"poisoned").as_bytes()));
         // Just written: within the racy window, so the file is read again.
         assert_eq!(
             cache.hash(&file).unwrap().blake3,
@@ -273,6 +317,36 @@ mod tests {
             hash_file(&file, data.len() as u64).unwrap(),
             blake3::hash(&data).to_hex().to_string()
         );
+    }
+
+    #[test]
+    fn digests_round_trip_as_lowercase_hex_and_nothing_else_is_one() {
+        let hex = blake3::hash(b"x").to_hex().to_string();
+        let d = Digest::from_hex(&hex).unwrap();
+        assert_eq!(d.to_hex(), hex);
+        assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{hex}\""));
+        assert_eq!(
+            serde_json::from_str::<Digest>(&format!("\"{hex}\"")).unwrap(),
+            d
+        );
+        for bad in [
+            "",
+            "poisoned",
+            &hex[1..],
+            &hex.to_uppercase(),
+            &format!("{hex}0"),
+        ] {
+            assert!(Digest::from_hex(bad).is_none(), "{bad}");
+        }
+        // A hash that is no digest is not remembered, and forgets what was.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.txt");
+        std::fs::write(&file, b"x").unwrap();
+        let mut cache = StatCache::default();
+        cache.remember(&file, &hex).unwrap();
+        assert_eq!(cache.entries.len(), 1);
+        cache.remember(&file, "poisoned").unwrap();
+        assert!(cache.entries.is_empty());
     }
 
     #[test]
