@@ -416,17 +416,18 @@ impl StageJob {
         let store = Store::new(&self.ws.cache_dir());
         let mut entries = BTreeMap::new();
         let mut to_run = Vec::new();
+        // Each item's strings move into its entry: no copy per item.
         for item in items {
-            match &item.action {
+            match item.action {
                 ItemAction::Keep(outputs) => {
-                    for path in outputs {
+                    for path in &outputs {
                         link_or_copy(&target.output_dir.join(path), &target.staging.join(path))?;
                     }
                     entries.insert(
-                        item.input.clone(),
+                        item.input,
                         ItemEntry {
-                            fingerprint: item.fingerprint.clone(),
-                            outputs: outputs.clone(),
+                            fingerprint: item.fingerprint,
+                            outputs,
                         },
                     );
                 }
@@ -434,9 +435,9 @@ impl StageJob {
                     match restore_item(&store, &item.fingerprint, &target.staging) {
                         Ok(outputs) => {
                             entries.insert(
-                                item.input.clone(),
+                                item.input,
                                 ItemEntry {
-                                    fingerprint: item.fingerprint.clone(),
+                                    fingerprint: item.fingerprint,
                                     outputs,
                                 },
                             );
@@ -493,9 +494,9 @@ impl StageJob {
             match outcome.result {
                 Ok(outputs) => {
                     entries.insert(
-                        item.input.clone(),
+                        item.input,
                         ItemEntry {
-                            fingerprint: item.fingerprint.clone(),
+                            fingerprint: item.fingerprint,
                             outputs,
                         },
                     );
@@ -1039,7 +1040,11 @@ fn adopt_item_outputs(
         finished_at: state::now_rfc3339(),
         outputs: outputs.clone(),
     })?;
-    Ok(outputs.into_iter().map(|o| o.path).collect())
+    // Not collected in place: that would keep the entries' allocation (four of them, for one
+    // output) for the lifetime of the item's marker entry.
+    let mut paths = Vec::with_capacity(outputs.len());
+    paths.extend(outputs.into_iter().map(|o| o.path));
+    Ok(paths)
 }
 
 /// Restores a cached item into the staging folder; its output paths on success.
@@ -1047,7 +1052,7 @@ fn restore_item(store: &Store, fingerprint: &str, staging: &Path) -> Result<Vec<
     let entry = store
         .usable_action(fingerprint)
         .ok_or("the cache entry is gone")?;
-    let mut outputs = Vec::new();
+    let mut outputs = Vec::with_capacity(entry.outputs.len());
     for o in &entry.outputs {
         if !publish::is_relative_inside(&o.path) {
             return Err(format!(
