@@ -205,6 +205,11 @@ impl StageJob {
             input_bytes: input_sizes.iter().flatten().sum(),
             ..StageMetrics::default()
         };
+        if self.map_items.is_some() {
+            // A map stage's items carry their own inputs; the stage's list (one entry per
+            // item) is not needed again.
+            self.inputs.files = BTreeMap::new();
+        }
         let attempted = self.attempts(tx, &mut metrics, &mut hashes, &input_sizes);
         let (status, attempts, retries) = match attempted {
             Ok(done) => done,
@@ -248,7 +253,11 @@ impl StageJob {
         if self.resume.is_none() {
             reset_staging(&target.staging, &target.progress)?;
         }
-        let base_env = self.environment()?;
+        // A map stage's items each get an environment of their own (`run_item`).
+        let base_env = match self.map_items {
+            Some(_) => Vec::new(),
+            None => self.environment()?,
+        };
         let policy = self.stage.retry.clone();
         let name = self.stage.name.clone();
         let mut lines_by_input: BTreeMap<u64, u64> = BTreeMap::new();
