@@ -42,17 +42,76 @@ impl StatKey {
     }
 }
 
+/// One file's cached hash, held compactly (the cache has two per item of a map stage): times as
+/// 64-bit nanoseconds (until the year 2262), the digest as its 32 bytes. The file holds the form
+/// it always had ([`WireEntry`]); an entry that does not fit makes the file unusable, which only
+/// costs rehashing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(into = "WireEntry", try_from = "WireEntry")]
 struct Entry {
-    stat: StatKey,
-    /// Held as its 32 bytes (the file has it in hex): two entries per item of a map stage.
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    inode: u64,
     blake3: Digest,
-    hashed_at_ns: i128,
+    hashed_at_ns: i64,
     /// Looked up or written by this process: the file existed a moment ago, so pruning need
     /// not stat it again.
-    #[serde(skip)]
     seen: bool,
+}
+
+impl Entry {
+    /// `None` when a time does not fit in 64 bits (such a file is not cached).
+    fn new(stat: StatKey, blake3: Digest, hashed_at_ns: i128) -> Option<Entry> {
+        Some(Entry {
+            size: stat.size,
+            mtime_ns: i64::try_from(stat.mtime_ns).ok()?,
+            ctime_ns: i64::try_from(stat.ctime_ns).ok()?,
+            inode: stat.inode,
+            blake3,
+            hashed_at_ns: i64::try_from(hashed_at_ns).ok()?,
+            seen: true,
+        })
+    }
+
+    fn stat(&self) -> StatKey {
+        StatKey {
+            size: self.size,
+            mtime_ns: self.mtime_ns.into(),
+            ctime_ns: self.ctime_ns.into(),
+            inode: self.inode,
+        }
+    }
+}
+
+/// An entry as `cache/stat-v1.json` holds it.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireEntry {
+    stat: StatKey,
+    blake3: Digest,
+    hashed_at_ns: i128,
+}
+
+impl From<Entry> for WireEntry {
+    fn from(entry: Entry) -> WireEntry {
+        WireEntry {
+            stat: entry.stat(),
+            blake3: entry.blake3,
+            hashed_at_ns: entry.hashed_at_ns.into(),
+        }
+    }
+}
+
+impl TryFrom<WireEntry> for Entry {
+    type Error = &'static str;
+
+    fn try_from(wire: WireEntry) -> Result<Entry, &'static str> {
+        let mut entry = Entry::new(wire.stat, wire.blake3, wire.hashed_at_ns)
+            .ok_or("a time out of the 64-bit range")?;
+        entry.seen = false;
+        Ok(entry)
+    }
 }
 
 /// A blake3 digest, written and read as lowercase hex (64 digits).
@@ -89,7 +148,7 @@ impl<'de> Deserialize<'de> for Digest {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StatCache {
     version: u32,
-    entries: HashMap<String, Entry>,
+    entries: HashMap<Box<str>, Entry>,
     #[serde(skip)]
     dirty: bool,
 }
@@ -138,9 +197,9 @@ impl StatCache {
     pub fn hash(&mut self, path: &Path) -> io::Result<FileHash> {
         let meta = std::fs::metadata(path)?;
         let stat = StatKey::of(&meta);
-        let key = path.to_string_lossy().into_owned();
-        if let Some(entry) = self.entries.get_mut(&key) {
-            if entry.stat == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns {
+        let key = path.to_string_lossy();
+        if let Some(entry) = self.entries.get_mut(&*key) {
+            if entry.stat() == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns.into() {
                 entry.seen = true;
                 return Ok(FileHash {
                     blake3: entry.blake3.to_hex(),
@@ -151,20 +210,13 @@ impl StatCache {
         let hashed_at_ns = now_ns();
         let blake3 = hash_file(path, stat.size)?;
         // Only remember the hash if the file did not change while it was read.
-        if let (true, Some(digest)) = (
-            StatKey::of(&std::fs::metadata(path)?) == stat,
-            Digest::from_hex(&blake3),
-        ) {
-            self.entries.insert(
-                key,
-                Entry {
-                    stat,
-                    blake3: digest,
-                    hashed_at_ns,
-                    seen: true,
-                },
-            );
-            self.dirty = true;
+        if StatKey::of(&std::fs::metadata(path)?) == stat {
+            if let Some(entry) =
+                Digest::from_hex(&blake3).and_then(|d| Entry::new(stat, d, hashed_at_ns))
+            {
+                self.entries.insert(key.into(), entry);
+                self.dirty = true;
+            }
         }
         Ok(FileHash {
             blake3,
@@ -175,22 +227,16 @@ impl StatCache {
     /// Records a hash the engine just computed for a file it wrote (e.g. a published output).
     pub fn remember(&mut self, path: &Path, blake3: &str) -> io::Result<()> {
         let stat = StatKey::of(&std::fs::metadata(path)?);
-        let key = path.to_string_lossy().into_owned();
-        let Some(digest) = Digest::from_hex(blake3) else {
-            // Not a hash this cache could have computed: nothing is remembered, and what was
-            // remembered for the path is forgotten (the file is hashed when next asked for).
+        let key: Box<str> = path.to_string_lossy().into();
+        let Some(entry) = Digest::from_hex(blake3).and_then(|d| Entry::new(stat, d, now_ns()))
+        else {
+            // Not a hash this cache could have computed (or a time it cannot hold): nothing is
+            // remembered, and what was remembered for the path is forgotten (the file is hashed
+            // when next asked for).
             self.dirty |= self.entries.remove(&key).is_some();
             return Ok(());
         };
-        self.entries.insert(
-            key,
-            Entry {
-                stat,
-                blake3: digest,
-                hashed_at_ns: now_ns(),
-                seen: true,
-            },
-        );
+        self.entries.insert(key, entry);
         self.dirty = true;
         Ok(())
     }
@@ -208,7 +254,7 @@ impl StatCache {
     pub fn prune_missing(&mut self) {
         let before = self.entries.len();
         self.entries
-            .retain(|path, entry| entry.seen || Path::new(path).exists());
+            .retain(|path, entry| entry.seen || Path::new(&**path).exists());
         self.dirty |= self.entries.len() != before;
     }
 }
@@ -347,6 +393,43 @@ mod tests {
         assert_eq!(cache.entries.len(), 1);
         cache.remember(&file, "poisoned").unwrap();
         assert!(cache.entries.is_empty());
+    }
+
+    #[test]
+    fn the_file_keeps_its_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.txt");
+        std::fs::write(&file, b"x").unwrap();
+        age(&file, 60);
+        let hex = blake3::hash(b"x").to_hex().to_string();
+        let meta = std::fs::metadata(&file).unwrap();
+        let stat = StatKey::of(&meta);
+        // Written by an earlier version (the same shape): read, trusted, written back the same.
+        let text = format!(
+            r#"{{"version":1,"entries":{{{path}:{{"stat":{{"size":1,"mtimeNs":{m},"ctimeNs":{c},"inode":{i}}},"blake3":"{hex}","hashedAtNs":{h}}}}}}}"#,
+            path = serde_json::to_string(&file.to_string_lossy()).unwrap(),
+            m = stat.mtime_ns,
+            c = stat.ctime_ns,
+            i = stat.inode,
+            h = now_ns(),
+        );
+        let path = dir.path().join("cache.json");
+        std::fs::write(&path, &text).unwrap();
+        let mut cache = StatCache::load(&path);
+        assert_eq!(cache.entries.len(), 1);
+        assert!(!cache.entries.values().next().unwrap().seen);
+        assert_eq!(cache.hash(&file).unwrap().blake3, hex);
+        cache.dirty = true;
+        cache.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        // A time beyond 64 bits: the file is not used (it only costs rehashing).
+        let far = text.replace(
+            &format!("\"mtimeNs\":{}", stat.mtime_ns),
+            &format!("\"mtimeNs\":{}", i128::MAX),
+        );
+        assert_ne!(far, text);
+        std::fs::write(&path, &far).unwrap();
+        assert!(StatCache::load(&path).entries.is_empty());
     }
 
     #[test]
