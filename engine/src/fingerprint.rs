@@ -61,9 +61,18 @@ impl Ingredients {
     /// is written from the map itself (a `BTreeMap<String, _>` iterates in canonical key order):
     /// a map stage's list of 100,000 inputs is never copied into `Value`s.
     pub fn write_canonical(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        // Every field by name: a field added to `Ingredients` fails to compile here until it is
+        // written (in its sorted place), so it can never be left out of the fingerprint.
+        let Ingredients {
+            schema,
+            stage,
+            processor,
+            params,
+            inputs,
+        } = self;
         let json = |err: serde_json::Error| std::io::Error::other(err);
         out.write_all(b"{\"inputs\":{")?;
-        for (i, (path, blake3)) in self.inputs.iter().enumerate() {
+        for (i, (path, blake3)) in inputs.iter().enumerate() {
             if i > 0 {
                 out.write_all(b",")?;
             }
@@ -72,14 +81,14 @@ impl Ingredients {
             serde_json::to_writer(&mut *out, blake3).map_err(json)?;
         }
         out.write_all(b"},\"params\":")?;
-        serde_json::to_writer(&mut *out, &canonical(&self.params)).map_err(json)?;
+        serde_json::to_writer(&mut *out, &canonical(params)).map_err(json)?;
         out.write_all(b",\"processor\":")?;
-        let processor = serde_json::to_value(&self.processor).map_err(json)?;
+        let processor = serde_json::to_value(processor).map_err(json)?;
         serde_json::to_writer(&mut *out, &canonical(&processor)).map_err(json)?;
         out.write_all(b",\"schema\":")?;
-        serde_json::to_writer(&mut *out, &self.schema).map_err(json)?;
+        serde_json::to_writer(&mut *out, schema).map_err(json)?;
         out.write_all(b",\"stage\":")?;
-        serde_json::to_writer(&mut *out, &self.stage).map_err(json)?;
+        serde_json::to_writer(&mut *out, stage).map_err(json)?;
         out.write_all(b"}")
     }
 }
