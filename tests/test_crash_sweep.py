@@ -30,6 +30,7 @@ ENGINE_POINTS = [
     "atomic.after-dir-fsync",
     "publish.after-old-marker-removed",
     "publish.after-output-rename",
+    "publish.after-folder-rename",  # a staged folder new to the output folder, moved whole
     "publish.after-outputs-synced",
     "publish.after-staging-removed",
     "publish.after-marker",

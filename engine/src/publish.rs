@@ -9,8 +9,10 @@
 //! remove the old marker; move each staged file into place with a rename (same filesystem: the
 //! staging folder lives inside the output folder); remove outputs of the old marker that the new
 //! run did not produce; fsync the folders; remove the staging folder; write the marker; remove the
-//! journal. [`recover`] finishes the same steps from the journal after a crash: every journal
-//! output is either still staged or already in place with its recorded hash.
+//! journal. When the journal names no old output to remove, its bytes are the marker's, and the
+//! last two steps are one: the journal is renamed onto the marker (see [`Journal`]). [`recover`]
+//! finishes the same steps from the journal after a crash: every journal output is either still
+//! staged or already in place with its recorded hash.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -36,12 +38,90 @@ pub struct Target {
     pub progress: PathBuf,
 }
 
-/// A publish in progress: the marker to write and the outputs of the marker it replaces.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// A publish in progress: the marker to write and the outputs of the marker it replaces that it
+/// does not produce again (they are removed).
+///
+/// On disk the journal is the marker's own fields plus `previousOutputs` when that list is not
+/// empty; so a publish that replaces no outputs (a stage's first, or one whose previous marker
+/// listed only paths it produces again) has a journal whose bytes are exactly the marker's, and it ends by renaming the
+/// journal onto the marker: no second file, no second fsync. Journals written before 2026-11-30
+/// (`{"marker": {...}, "previousOutputs": [...]}`) are still read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "JournalFile")]
 pub struct Journal {
     pub marker: Marker,
     pub previous_outputs: Vec<String>,
+}
+
+/// The journal as written ([`JournalFlatRef`]): the marker flattened, and the previous outputs
+/// when there are any.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JournalFlat {
+    #[serde(flatten)]
+    marker: Marker,
+    #[serde(default)]
+    previous_outputs: Vec<String>,
+}
+
+/// The journal as earlier versions wrote it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JournalNested {
+    marker: Marker,
+    previous_outputs: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum JournalFile {
+    Nested(JournalNested),
+    Flat(JournalFlat),
+}
+
+impl From<JournalFile> for Journal {
+    fn from(file: JournalFile) -> Journal {
+        match file {
+            JournalFile::Nested(j) => Journal {
+                marker: j.marker,
+                previous_outputs: j.previous_outputs,
+            },
+            JournalFile::Flat(j) => Journal {
+                marker: j.marker,
+                previous_outputs: j.previous_outputs,
+            },
+        }
+    }
+}
+
+/// [`JournalFlat`] borrowed: what a journal is written as, without a copy of its marker (a map
+/// stage's lists every item).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JournalFlatRef<'a> {
+    #[serde(flatten)]
+    marker: &'a Marker,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    previous_outputs: &'a [String],
+}
+
+impl Serialize for Journal {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        JournalFlatRef {
+            marker: &self.marker,
+            previous_outputs: &self.previous_outputs,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// The blake3 of the bytes [`atomic::write_json`] writes for `value`, streamed (no copy of a big
+/// marker in memory).
+fn json_digest<T: Serialize>(value: &T) -> io::Result<blake3::Hash> {
+    let mut hasher = blake3::Hasher::new();
+    serde_json::to_writer_pretty(&mut hasher, value).map_err(atomic::json_error)?;
+    hasher.update(b"\n");
+    Ok(hasher.finalize())
 }
 
 /// Publishes the staged outputs and writes the marker. Returns the marker written. The marker
@@ -76,17 +156,36 @@ pub fn publish(
             ingredients: std::mem::replace(ingredients, ingredients.without_inputs()),
             items: std::mem::take(items),
         },
+        previous_outputs: Vec::new(),
+    };
+    // Only the old outputs this publish does not replace need naming (they are removed): a rerun
+    // that produces the same paths writes a journal that is the marker byte for byte.
+    let journal = Journal {
         previous_outputs: previous
-            .map(|m| m.outputs.iter().map(|o| o.path.clone()).collect())
+            .map(|m| {
+                let produced: BTreeSet<&str> = journal
+                    .marker
+                    .outputs
+                    .iter()
+                    .map(|o| o.path.as_str())
+                    .collect();
+                m.outputs
+                    .iter()
+                    .filter(|o| !produced.contains(o.path.as_str()))
+                    .map(|o| o.path.clone())
+                    .collect()
+            })
             .unwrap_or_default(),
+        ..journal
     };
     if let Err(err) = atomic::write_json(&target.journal, &journal) {
         *ingredients = journal.marker.ingredients;
         *items = journal.marker.items;
         return Err(err);
     }
+    let written = json_digest(&journal)?;
     failpoint::hit("publish.after-journal");
-    complete(target, journal, cache)
+    complete(target, journal, written, cache)
 }
 
 /// What [`recover`] found.
@@ -109,7 +208,7 @@ pub fn recover(target: &Target, cache: &mut StatCache) -> io::Result<Recovery> {
         Err(err) => return Err(err),
     };
     let outcome = match serde_json::from_slice::<Journal>(&bytes) {
-        Ok(journal) => match complete(target, journal, cache) {
+        Ok(journal) => match complete(target, journal, blake3::hash(&bytes), cache) {
             Ok(_) => return Ok(Recovery::Completed),
             Err(err) if err.kind() == io::ErrorKind::InvalidData => err.to_string(),
             Err(err) => return Err(err),
@@ -122,8 +221,14 @@ pub fn recover(target: &Target, cache: &mut StatCache) -> io::Result<Recovery> {
     Ok(Recovery::Abandoned(outcome))
 }
 
-/// Steps after the journal: idempotent, so a crash anywhere in them can be followed by a rerun.
-fn complete(target: &Target, journal: Journal, cache: &mut StatCache) -> io::Result<Marker> {
+/// Steps after the journal (`written`: the digest of the journal file's content): idempotent, so a crash
+/// anywhere in them can be followed by a rerun.
+fn complete(
+    target: &Target,
+    journal: Journal,
+    written: blake3::Hash,
+    cache: &mut StatCache,
+) -> io::Result<Marker> {
     let out = &target.output_dir;
     if atomic::remove_if_exists(&target.progress)? {
         failpoint::hit("publish.after-progress-removed");
@@ -133,17 +238,30 @@ fn complete(target: &Target, journal: Journal, cache: &mut StatCache) -> io::Res
         failpoint::hit("publish.after-old-marker-removed");
     }
     let mut touched: BTreeSet<PathBuf> = BTreeSet::from([out.to_path_buf()]);
+    if let Some(entry) = journal
+        .marker
+        .outputs
+        .iter()
+        .find(|e| !is_relative_inside(&e.path))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("journal names `{}` outside the output folder", entry.path),
+        ));
+    }
+    let moved_whole = move_new_folders(target, &journal.marker.outputs)?;
     for entry in &journal.marker.outputs {
-        if !is_relative_inside(&entry.path) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("journal names `{}` outside the output folder", entry.path),
-            ));
-        }
         let staged = target.staging.join(&entry.path);
         let dest = out.join(&entry.path);
         let parent = dest.parent().expect("an output has a folder");
-        if staged.is_file() {
+        let top = entry
+            .path
+            .split('/')
+            .next()
+            .expect("a path has a component");
+        if moved_whole.contains(top) {
+            // Moved with its folder just now.
+        } else if staged.is_file() {
             std::fs::create_dir_all(parent)?;
             if dest.is_dir() {
                 std::fs::remove_dir_all(&dest)?;
@@ -189,6 +307,16 @@ fn complete(target: &Target, journal: Journal, cache: &mut StatCache) -> io::Res
         _ => {}
     }
     failpoint::hit("publish.after-staging-removed");
+    if json_digest(&journal.marker)? == written {
+        // The journal, written durably (fsynced) before any output moved, is the marker byte for
+        // byte: one rename makes it the marker and retires the journal at once, atomically. A
+        // power cut that undoes the rename leaves the journal and no marker, which the next build
+        // completes again.
+        std::fs::rename(&target.journal, &target.marker)?;
+        atomic::sync_dir(out)?;
+        failpoint::hit("publish.after-marker");
+        return Ok(journal.marker);
+    }
     atomic::write_json(&target.marker, &journal.marker)?;
     failpoint::hit("publish.after-marker");
     // The journal's removal is not synced: if a power cut undoes it, the next build finds the
@@ -197,6 +325,75 @@ fn complete(target: &Target, journal: Journal, cache: &mut StatCache) -> io::Res
     // sweep's `publish.after-marker`). One folder sync fewer per stage.
     atomic::remove_if_exists(&target.journal)?;
     Ok(journal.marker)
+}
+
+/// Moves each staged top-level folder that does not exist in the output folder yet with one
+/// rename, instead of creating it there and moving its files one by one (and removing it from the
+/// staging folder after): only when it holds exactly the journal's outputs below it, as regular
+/// files, and no empty folder, so the published tree is the same either way. Returns the folders
+/// moved. A crash after any of these renames is completed like one after a file's: the outputs
+/// are then in place with their recorded hashes.
+fn move_new_folders(target: &Target, outputs: &[OutputEntry]) -> io::Result<BTreeSet<String>> {
+    let mut groups: BTreeMap<&str, usize> = BTreeMap::new();
+    for entry in outputs {
+        if let Some((top, _)) = entry.path.split_once('/') {
+            *groups.entry(top).or_default() += 1;
+        }
+    }
+    let mut moved = BTreeSet::new();
+    for (top, listed) in groups {
+        let staged = target.staging.join(top);
+        let dest = target.output_dir.join(top);
+        let is_dir = std::fs::symlink_metadata(&staged).is_ok_and(|m| m.is_dir());
+        if !is_dir || std::fs::symlink_metadata(&dest).is_ok() {
+            continue;
+        }
+        if !holds_only_files(&staged, listed, top, outputs)? {
+            continue;
+        }
+        std::fs::rename(&staged, &dest)?;
+        failpoint::check("publish.after-folder-rename")?;
+        moved.insert(top.to_string());
+    }
+    Ok(moved)
+}
+
+/// Whether the staged folder `dir` (the top-level folder `top`) holds exactly `listed` regular
+/// files, each one an output of the journal, and no empty folder and nothing else.
+fn holds_only_files(
+    dir: &Path,
+    listed: usize,
+    top: &str,
+    outputs: &[OutputEntry],
+) -> io::Result<bool> {
+    let mut files = 0usize;
+    let mut dirs_seen = 0usize;
+    let mut parents_of_entries: BTreeSet<PathBuf> = BTreeSet::new();
+    for entry in WalkDir::new(dir) {
+        let entry = entry.map_err(io::Error::other)?;
+        let kind = entry.file_type();
+        if kind.is_dir() {
+            dirs_seen += 1;
+        } else if kind.is_file() {
+            files += 1;
+        } else {
+            return Ok(false);
+        }
+        if entry.depth() > 0 {
+            if let Some(parent) = entry.path().parent() {
+                parents_of_entries.insert(parent.to_path_buf());
+            }
+        }
+    }
+    if files != listed || parents_of_entries.len() != dirs_seen {
+        return Ok(false);
+    }
+    let prefix = format!("{top}/");
+    let staging = dir.parent().expect("below the staging folder");
+    Ok(outputs
+        .iter()
+        .filter(|o| o.path.starts_with(&prefix))
+        .all(|o| staging.join(&o.path).is_file()))
 }
 
 /// Every regular file under `staging`, relative and `/`-separated, sorted.
@@ -240,6 +437,192 @@ pub fn remove_empty_dirs(mut dir: Option<&Path>, stop: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes [`atomic::write_json`] writes for `value`.
+    fn json_bytes<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+        let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
+
+    #[test]
+    fn the_digest_is_that_of_the_file_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".s.publishing");
+        for previous_outputs in [vec![], vec!["old.txt".to_string()]] {
+            let journal = Journal {
+                marker: marker(),
+                previous_outputs,
+            };
+            atomic::write_json(&path, &journal).unwrap();
+            let on_disk = std::fs::read(&path).unwrap();
+            assert_eq!(json_digest(&journal).unwrap(), blake3::hash(&on_disk));
+            assert_eq!(on_disk, json_bytes(&journal).unwrap());
+        }
+    }
+
+    fn marker() -> Marker {
+        let mut items = BTreeMap::new();
+        items.insert(
+            "a.txt".to_string(),
+            ItemEntry {
+                fingerprint: "f1".into(),
+                outputs: vec!["a.txt".into()],
+            },
+        );
+        Marker {
+            version: MARKER_VERSION,
+            stage: "s".into(),
+            fingerprint: "abc".into(),
+            run_id: "r1".into(),
+            finished_at: "2026-11-30T09:00:00Z".into(),
+            outputs: vec![OutputEntry {
+                path: "a.txt".into(),
+                size: u64::MAX,
+                blake3: "00ff".into(),
+            }],
+            ingredients: Ingredients {
+                schema: 1,
+                stage: "s".into(),
+                processor: crate::fingerprint::ProcessorIdentity {
+                    command: vec!["builtin:upper@1".into()],
+                    version: "1".into(),
+                    files: BTreeMap::from([("p.py".to_string(), "aa".to_string())]),
+                },
+                params: serde_json::json!({"mode": "ascii", "n": -3, "x": 1.5, "deep": {"b": [1, null]}}),
+                inputs: BTreeMap::from([("in/a.txt".to_string(), "bb".to_string())]),
+            },
+            items,
+        }
+    }
+
+    #[test]
+    fn a_journal_without_previous_outputs_is_the_marker_byte_for_byte() {
+        let journal = Journal {
+            marker: marker(),
+            previous_outputs: Vec::new(),
+        };
+        let bytes = json_bytes(&journal).unwrap();
+        assert_eq!(bytes, json_bytes(&journal.marker).unwrap());
+        let back: Journal = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, journal);
+        // And what was renamed into place reads as the marker.
+        let read: Marker = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(read, journal.marker);
+    }
+
+    #[test]
+    fn a_journal_with_previous_outputs_round_trips_and_is_not_a_marker() {
+        let journal = Journal {
+            marker: marker(),
+            previous_outputs: vec!["old.txt".into()],
+        };
+        let bytes = json_bytes(&journal).unwrap();
+        assert_ne!(bytes, json_bytes(&journal.marker).unwrap());
+        let back: Journal = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, journal);
+    }
+
+    #[test]
+    fn a_journal_of_the_earlier_nested_format_is_still_read() {
+        let m = marker();
+        let old = serde_json::json!({"marker": m, "previousOutputs": ["old.txt"]});
+        let back: Journal = serde_json::from_slice(old.to_string().as_bytes()).unwrap();
+        assert_eq!(back.marker, m);
+        assert_eq!(back.previous_outputs, vec!["old.txt".to_string()]);
+    }
+
+    fn tree(root: &Path) -> Vec<String> {
+        let mut found: Vec<String> = WalkDir::new(root)
+            .min_depth(1)
+            .into_iter()
+            .map(|e| {
+                let e = e.unwrap();
+                let rel = e
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                if e.file_type().is_dir() {
+                    format!("{rel}/")
+                } else {
+                    format!("{rel}={}", std::fs::read_to_string(e.path()).unwrap())
+                }
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn new_folders_move_whole_and_the_published_tree_is_the_same_either_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let target = Target {
+            stage: "s".into(),
+            staging: out.join(".pipe-staging"),
+            output_dir: out.clone(),
+            marker: out.join(".s.done"),
+            journal: out.join(".s.publishing"),
+            progress: dir.path().join("progress_s.json"),
+        };
+        let put = |rel: &str, text: &str| {
+            let path = target.staging.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        put("top.txt", "t");
+        put("new/x.txt", "x");
+        put("new/deep/y.txt", "y");
+        put("has-empty/z.txt", "z"); // holds an empty folder: moved file by file
+        std::fs::create_dir_all(target.staging.join("has-empty/empty")).unwrap();
+        put("old/w.txt", "w"); // exists in the output folder already: moved file by file
+        std::fs::create_dir_all(out.join("old")).unwrap();
+        std::fs::write(out.join("old/keep.txt"), "k").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
+        let (new_ino, has_empty_ino) = (
+            ino(target.staging.join("new")),
+            ino(target.staging.join("has-empty")),
+        );
+        let mut ingredients = marker().ingredients;
+        let mut cache = StatCache::default();
+        let m = publish(
+            &target,
+            None,
+            "r",
+            "f",
+            &mut ingredients,
+            &mut BTreeMap::new(),
+            &mut cache,
+        )
+        .unwrap();
+        assert_eq!(m.outputs.len(), 5);
+        assert_eq!(
+            tree(&out),
+            vec![
+                ".s.done=".to_string() + &String::from_utf8(json_bytes(&m).unwrap()).unwrap(),
+                "has-empty/".into(),
+                "has-empty/z.txt=z".into(),
+                "new/".into(),
+                "new/deep/".into(),
+                "new/deep/y.txt=y".into(),
+                "new/x.txt=x".into(),
+                "old/".into(),
+                "old/keep.txt=k".into(),
+                "old/w.txt=w".into(),
+                "top.txt=t".into(),
+            ]
+        );
+        assert_eq!(ino(out.join("new")), new_ino, "`new` was moved whole");
+        assert_ne!(ino(out.join("has-empty")), has_empty_ino);
+        assert!(!target.staging.exists() && !target.journal.exists());
+        // The stat cache learnt every published file, moved whole or not.
+        for o in &m.outputs {
+            assert!(cache.remember(&out.join(&o.path), &o.blake3).is_ok());
+        }
+    }
 
     #[test]
     fn marker_paths_must_stay_inside() {
