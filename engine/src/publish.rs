@@ -184,7 +184,7 @@ pub fn publish(
         "a journal without previous outputs must serialise as its marker"
     );
     failpoint::hit("publish.after-journal");
-    complete(target, journal, is_marker, cache)
+    complete(target, journal, is_marker, Staged::JustListed, cache)
 }
 
 /// The paths of `outputs`.
@@ -216,7 +216,7 @@ pub fn recover(target: &Target, cache: &mut StatCache) -> io::Result<Recovery> {
             // Renamed onto the marker only if its bytes are exactly the marker's (a journal of the
             // earlier nested format, or an edited one, is not).
             let is_marker = json_digest(&journal.marker)? == blake3::hash(&bytes);
-            match complete(target, journal, is_marker, cache) {
+            match complete(target, journal, is_marker, Staged::AsFound, cache) {
                 Ok(_) => return Ok(Recovery::Completed),
                 Err(err) if err.kind() == io::ErrorKind::InvalidData => err.to_string(),
                 Err(err) => return Err(err),
@@ -230,12 +230,24 @@ pub fn recover(target: &Target, cache: &mut StatCache) -> io::Result<Recovery> {
     Ok(Recovery::Abandoned(outcome))
 }
 
+/// What [`complete`] may assume about the staging folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Staged {
+    /// [`publish`] listed it a moment ago under the workspace lock: every journal output is a
+    /// regular file there, so each is renamed first and asked about only if that fails.
+    JustListed,
+    /// [`recover`] after a crash: any output may be staged or already moved, so each is looked at
+    /// before it is moved.
+    AsFound,
+}
+
 /// Steps after the journal (`journal_is_marker`: the journal file's bytes are the marker's, so it
 /// is renamed onto it): idempotent, so a crash anywhere in them can be followed by a rerun.
 fn complete(
     target: &Target,
     journal: Journal,
     journal_is_marker: bool,
+    staged_state: Staged,
     cache: &mut StatCache,
 ) -> io::Result<Marker> {
     let out = &target.output_dir;
@@ -259,6 +271,8 @@ fn complete(
         ));
     }
     let moved_whole = move_new_folders(target, &journal.marker.outputs)?;
+    // The staging folders the moves below empty (removed after the outputs are synced).
+    let mut emptied: BTreeSet<PathBuf> = BTreeSet::new();
     for entry in &journal.marker.outputs {
         let staged = target.staging.join(&entry.path);
         let dest = out.join(&entry.path);
@@ -270,13 +284,9 @@ fn complete(
             .expect("a path has a component");
         if moved_whole.contains(top) {
             // Moved with its folder just now.
-        } else if staged.is_file() {
-            std::fs::create_dir_all(parent)?;
-            if dest.is_dir() {
-                std::fs::remove_dir_all(&dest)?;
-            }
-            std::fs::rename(&staged, &dest)?;
+        } else if move_output(&staged, &dest, staged_state)? {
             failpoint::check("publish.after-output-rename")?;
+            emptied.insert(staged.parent().expect("below staging").to_path_buf());
         } else {
             // Moved before the crash: it must be in place, unchanged.
             let intact = dest.is_file()
@@ -295,22 +305,23 @@ fn complete(
         cache.remember(&dest, &entry.blake3)?;
     }
     // A journal of the earlier format lists every old output, those produced again included.
+    // The folders an output was moved into exist; those an old output was removed from may have
+    // been removed with it (when it left them empty).
     let produced = produced_paths(&journal.marker.outputs);
+    let mut pruned: BTreeSet<PathBuf> = BTreeSet::new();
     for old in &journal.previous_outputs {
         if !produced.contains(old.as_str()) && is_relative_inside(old) {
             let path = out.join(old);
             if atomic::remove_if_exists(&path)? {
-                touched.insert(path.parent().expect("has a folder").to_path_buf());
+                pruned.insert(path.parent().expect("has a folder").to_path_buf());
                 remove_empty_dirs(path.parent(), out);
             }
         }
     }
-    atomic::sync_dirs(touched.iter().filter(|d| d.is_dir()).map(PathBuf::as_path))?;
+    pruned.retain(|d| !touched.contains(d) && d.is_dir());
+    atomic::sync_dirs(touched.iter().chain(&pruned).map(PathBuf::as_path))?;
     failpoint::hit("publish.after-outputs-synced");
-    match std::fs::remove_dir_all(&target.staging) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
-        _ => {}
-    }
+    remove_staging(&target.staging, emptied)?;
     failpoint::hit("publish.after-staging-removed");
     if journal_is_marker {
         // The journal, written durably (fsynced) before any output moved, is the marker byte for
@@ -332,6 +343,57 @@ fn complete(
     Ok(journal.marker)
 }
 
+/// Moves the staged output `staged` to `dest`, creating `dest`'s folder and replacing a folder
+/// in its place. `Ok(false)` if `staged` is not a regular file (so not staged any more).
+///
+/// A publish's outputs were all regular files when it listed them, so it renames first, which
+/// for the usual output (its folder there, no folder in its way) is the only system call; only a
+/// failed rename is looked into. Recovery looks first: what a crash left is not known.
+fn move_output(staged: &Path, dest: &Path, staged_state: Staged) -> io::Result<bool> {
+    if staged_state == Staged::JustListed && std::fs::rename(staged, dest).is_ok() {
+        return Ok(true);
+    }
+    if !staged.is_file() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dest.parent().expect("an output has a folder"))?;
+    if dest.is_dir() {
+        std::fs::remove_dir_all(dest)?;
+    }
+    std::fs::rename(staged, dest)?;
+    Ok(true)
+}
+
+/// Removes the staging folder once its outputs are moved out: the folders those moves emptied,
+/// deepest first, then the staging folder itself, one `rmdir` each (where removing the whole tree
+/// would open and read every folder first). Anything else left in it (an empty folder the
+/// processor made, say) makes an `rmdir` fail, and then the rest of the tree is removed whole.
+fn remove_staging(staging: &Path, emptied: BTreeSet<PathBuf>) -> io::Result<()> {
+    let mut folders = emptied;
+    for dir in folders.clone() {
+        folders.extend(
+            dir.ancestors()
+                .skip(1)
+                .take_while(|a| a.starts_with(staging))
+                .map(Path::to_path_buf),
+        );
+    }
+    folders.insert(staging.to_path_buf());
+    // In path order a folder comes before everything below it, so in reverse every folder comes
+    // after its contents.
+    for dir in folders.iter().rev() {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(_) => break,
+        }
+    }
+    match std::fs::remove_dir_all(staging) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
 /// Moves each staged top-level folder that does not exist in the output folder yet with one
 /// rename, instead of creating it there and moving its files one by one (and removing it from the
 /// staging folder after): only when it holds exactly the journal's outputs below it, as regular
@@ -349,8 +411,10 @@ fn move_new_folders(target: &Target, outputs: &[OutputEntry]) -> io::Result<BTre
     for (top, listed) in groups {
         let staged = target.staging.join(top);
         let dest = target.output_dir.join(top);
-        let is_dir = std::fs::symlink_metadata(&staged).is_ok_and(|m| m.is_dir());
-        if !is_dir || std::fs::symlink_metadata(&dest).is_ok() {
+        // The destination first: on a rerun it exists, and that settles it with one stat.
+        if std::fs::symlink_metadata(&dest).is_ok()
+            || !std::fs::symlink_metadata(&staged).is_ok_and(|m| m.is_dir())
+        {
             continue;
         }
         if !holds_only_files(&staged, listed, top, outputs)? {
@@ -627,6 +691,81 @@ mod tests {
         for o in &m.outputs {
             assert!(cache.remember(&out.join(&o.path), &o.blake3).is_ok());
         }
+    }
+
+    #[test]
+    fn a_rerun_replaces_outputs_makes_missing_folders_removes_old_ones_and_the_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let target = Target {
+            stage: "s".into(),
+            staging: out.join(".pipe-staging"),
+            output_dir: out.clone(),
+            marker: out.join(".s.done"),
+            journal: out.join(".s.publishing"),
+            progress: dir.path().join("progress_s.json"),
+        };
+        let put = |root: &Path, rel: &str, text: &str| {
+            let path = root.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        // The previous run's outputs, and a folder where this run publishes a file.
+        for (rel, text) in [
+            ("a/1.txt", "old1"),
+            ("b/2.txt", "old2"),
+            ("gone/x/old.txt", "o"),
+        ] {
+            put(&out, rel, text);
+        }
+        put(&out, "c.txt/junk", "j");
+        let mut previous = marker();
+        previous.outputs = ["a/1.txt", "b/2.txt", "gone/x/old.txt"]
+            .iter()
+            .map(|p| OutputEntry {
+                path: p.to_string(),
+                size: 1,
+                blake3: "00".into(),
+            })
+            .collect();
+        for (rel, text) in [
+            ("a/1.txt", "new1"),
+            ("a/sub/deeper/4.txt", "four"),
+            ("b/2.txt", "new2"),
+            ("c.txt", "c"),
+            ("top.txt", "t"),
+        ] {
+            put(&target.staging, rel, text);
+        }
+        let mut cache = StatCache::default();
+        let m = publish(
+            &target,
+            Some(&previous),
+            "r2",
+            "f2",
+            &mut marker().ingredients,
+            &mut BTreeMap::new(),
+            &mut cache,
+        )
+        .unwrap();
+        let mut expected = vec![
+            "a/".to_string(),
+            "a/1.txt=new1".into(),
+            "a/sub/".into(),
+            "a/sub/deeper/".into(),
+            "a/sub/deeper/4.txt=four".into(),
+            "b/".into(),
+            "b/2.txt=new2".into(),
+            "c.txt=c".into(),
+            "top.txt=t".into(),
+        ];
+        expected.insert(
+            0,
+            ".s.done=".to_string() + &String::from_utf8(json_bytes(&m).unwrap()).unwrap(),
+        );
+        assert_eq!(tree(&out), expected);
+        assert!(!target.staging.exists() && !target.journal.exists());
+        assert_eq!(m.outputs.len(), 5);
     }
 
     #[test]
