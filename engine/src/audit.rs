@@ -721,18 +721,154 @@ fn read_last_lines(path: &Path, count: usize) -> io::Result<Vec<Vec<u8>>> {
     Ok(bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect())
 }
 
+/// One group-commit batch: the head it is chained from, the head it leads to, its lines.
+#[derive(Debug)]
+struct Batch {
+    committed: Head,
+    next: Head,
+    lines: Vec<u8>,
+}
+
+/// Writes batches to the log and its head file: the only code that changes them once the log is
+/// open.
+#[derive(Debug)]
+struct Writer {
+    log: PathBuf,
+    head_file: PathBuf,
+    state_dir: PathBuf,
+    key: Option<Key>,
+    /// Generation of the head file's copies (0: the file is not in two-copy form yet).
+    generation: u64,
+    /// The two-copy head file, open for updates in place.
+    head_writer: Option<File>,
+}
+
+/// Where the [`Writer`] is.
+#[derive(Debug)]
+enum WriterSlot {
+    Here(Writer),
+    Away(Background),
+    /// It failed on its thread: nothing more is written.
+    Gone,
+}
+
+/// The writer on a thread of its own, fed batches in order.
+#[derive(Debug)]
+struct Background {
+    batches: std::sync::mpsc::Sender<Batch>,
+    /// Set when a write failed (the thread then stops taking batches).
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Hands the writer back when the channel closes, with the error that stopped it, if any.
+    thread: std::thread::JoinHandle<(Writer, Option<io::Error>)>,
+}
+
+impl Background {
+    fn start(mut writer: Writer) -> io::Result<Background> {
+        let (batches, rx) = std::sync::mpsc::channel::<Batch>();
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("pipe-audit".into())
+            .spawn(move || {
+                for batch in rx {
+                    if let Err(err) = writer.write_batch(&batch) {
+                        flag.store(true, std::sync::atomic::Ordering::Release);
+                        return (writer, Some(err));
+                    }
+                }
+                (writer, None)
+            })?;
+        Ok(Background {
+            batches,
+            failed,
+            thread,
+        })
+    }
+}
+
+/// The writer in `slot`, which [`Log::writer_here`] just brought back.
+fn writer_of(slot: &mut WriterSlot) -> &mut Writer {
+    match slot {
+        WriterSlot::Here(writer) => writer,
+        _ => unreachable!("the writer is here"),
+    }
+}
+
+impl Writer {
+    /// Appends one batch (see [`Log::flush`]): intent in the head, lines appended and fsynced,
+    /// head committed.
+    fn write_batch(&mut self, batch: &Batch) -> io::Result<()> {
+        self.write_head(&batch.committed, Some(&batch.next))?;
+        self.write_lines(&batch.lines)?;
+        failpoint::hit("audit.after-append");
+        self.write_head(&batch.next, None)
+    }
+
+    /// Writes the head (see [`read_head`]): both copies in place, each fdatasynced before the
+    /// other is touched. A file not yet in two-copy form (missing, or written by an earlier
+    /// version) is first replaced atomically by one holding the new head twice.
+    fn write_head(&mut self, head: &Head, pending: Option<&Head>) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = HeadFile {
+            version: HEAD_VERSION,
+            seq: head.seq,
+            hash: head.hash.clone(),
+            hmac: self.key.as_ref().map(|k| k.sign_head(head.seq, &head.hash)),
+            pending: pending.cloned(),
+        };
+        let copy = head_copy_bytes(&file, self.generation + 1)?;
+        if self.generation == 0 {
+            // Missing, or in the form of an earlier version: replaced atomically, once.
+            atomic::write(
+                &self.head_file,
+                &[copy.as_slice(), copy.as_slice()].concat(),
+            )?;
+            self.generation = 1;
+            return Ok(());
+        }
+        let writer = match &self.head_writer {
+            Some(writer) => writer,
+            None => self
+                .head_writer
+                .insert(OpenOptions::new().write(true).open(&self.head_file)?),
+        };
+        writer.write_all_at(&copy, 0)?;
+        writer.sync_data()?;
+        failpoint::hit("audit.after-first-head-copy");
+        writer.write_all_at(&copy, HEAD_COPY_SIZE as u64)?;
+        writer.sync_data()?;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Appends `lines` (canonical records, each with its newline) to the log, durably.
+    fn write_lines(&self, lines: &[u8]) -> io::Result<()> {
+        std::fs::create_dir_all(&self.state_dir)?;
+        let created = !self.log.exists();
+        let mut file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log)?;
+        file.write_all(lines)?;
+        file.sync_all()?;
+        if created {
+            atomic::sync_dir(&self.state_dir)?;
+        }
+        Ok(())
+    }
+}
+
 /// The appender. Open it under the workspace lock; the thread holding it is the only writer.
 #[derive(Debug)]
 pub struct Log {
     log: PathBuf,
     head_file: PathBuf,
-    state_dir: PathBuf,
     key: Option<Key>,
+    /// The head after every batch taken so far (some may still be written by the background
+    /// writer, see [`Log::flush_in_background`]).
     head: Head,
-    /// Generation of the head file's copies (0: the file is not in two-copy form yet).
-    generation: u64,
-    /// The two-copy head file, open for updates in place.
-    head_writer: Option<File>,
+    /// What writes the batches: here, or on the background writer's thread.
+    writer: WriterSlot,
     run: Option<String>,
     actor: Actor,
     /// Skipped stages not yet recorded: they go into one `stages.skip` record, appended before
@@ -742,6 +878,26 @@ pub struct Log {
     /// Records queued for the next [`Log::flush`]: action, stage and the canonical bytes of
     /// `data`, in order.
     queued: Vec<(String, Option<String>, Vec<u8>)>,
+}
+
+/// The writer's steps one by one, for the crash tests.
+#[cfg(test)]
+impl Log {
+    fn write_head(&mut self, head: &Head, pending: Option<&Head>) -> io::Result<()> {
+        self.writer_here()?.write_head(head, pending)
+    }
+
+    fn write_lines(&mut self, lines: &[u8]) -> io::Result<()> {
+        self.writer_here()?.write_lines(lines)
+    }
+}
+
+impl Drop for Log {
+    /// Batches given to the background writer are written before the log is let go (as a
+    /// synchronous flush would have written them); an error is only reported by a flush.
+    fn drop(&mut self) {
+        let _ = self.writer_here();
+    }
 }
 
 impl Log {
@@ -759,23 +915,28 @@ impl Log {
         let mut this = Log {
             log,
             head_file,
-            state_dir,
-            key,
+            key: key.clone(),
             skipped: Vec::new(),
             queued: Vec::new(),
             head: Head {
                 seq: 0,
                 hash: GENESIS.into(),
             },
-            generation: 0,
-            head_writer: None,
+            writer: WriterSlot::Here(Writer {
+                log: log_path(&state_dir),
+                head_file: head_path(&state_dir),
+                state_dir: state_dir.clone(),
+                key: key.clone(),
+                generation: 0,
+                head_writer: None,
+            }),
             run: run.map(str::to_string),
             actor: Actor::current(),
         };
         let tail = read_tail(&this.log)?;
         let head = match read_head(&this.head_file).map_err(AuditError::Mismatch)? {
             Some((head, HeadLayout::Copies { generation, .. })) => {
-                this.generation = generation;
+                this.writer_here()?.generation = generation;
                 Some(head)
             }
             Some((head, HeadLayout::Whole)) => Some(head),
@@ -857,7 +1018,7 @@ impl Log {
                     file.set_len(tail.complete_len)?;
                     file.sync_all()?;
                 }
-                this.write_head(&last, None)?;
+                this.writer_here()?.write_head(&last, None)?;
                 this.head = last;
                 Ok(this)
             }
@@ -883,43 +1044,6 @@ impl Log {
     /// The current head.
     pub fn head(&self) -> &Head {
         &self.head
-    }
-
-    /// Writes the head (see [`read_head`]): both copies in place, each fdatasynced before the
-    /// other is touched. A file not yet in two-copy form (missing, or written by an earlier
-    /// version) is first replaced atomically by one holding the new head twice.
-    fn write_head(&mut self, head: &Head, pending: Option<&Head>) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let file = HeadFile {
-            version: HEAD_VERSION,
-            seq: head.seq,
-            hash: head.hash.clone(),
-            hmac: self.key.as_ref().map(|k| k.sign_head(head.seq, &head.hash)),
-            pending: pending.cloned(),
-        };
-        let copy = head_copy_bytes(&file, self.generation + 1)?;
-        if self.generation == 0 {
-            // Missing, or in the form of an earlier version: replaced atomically, once.
-            atomic::write(
-                &self.head_file,
-                &[copy.as_slice(), copy.as_slice()].concat(),
-            )?;
-            self.generation = 1;
-            return Ok(());
-        }
-        let writer = match &self.head_writer {
-            Some(writer) => writer,
-            None => self
-                .head_writer
-                .insert(OpenOptions::new().write(true).open(&self.head_file)?),
-        };
-        writer.write_all_at(&copy, 0)?;
-        writer.sync_data()?;
-        failpoint::hit("audit.after-first-head-copy");
-        writer.write_all_at(&copy, HEAD_COPY_SIZE as u64)?;
-        writer.sync_data()?;
-        self.generation += 1;
-        Ok(())
     }
 
     /// The record following `prev` with `data` (its canonical bytes): its line (canonical bytes,
@@ -1002,16 +1126,84 @@ impl Log {
     /// head, lines appended and fsynced once, head committed. Five syncs however many records:
     /// the group commit that keeps a build of many short stages from paying them per stage.
     pub fn flush(&mut self) -> io::Result<()> {
+        self.writer_here()?;
         let Some((next, lines)) = self.take_batch() else {
             return Ok(());
         };
-        let committed = self.head.clone();
-        self.write_head(&committed, Some(&next))?;
-        self.write_lines(&lines)?;
-        failpoint::hit("audit.after-append");
-        self.write_head(&next, None)?;
-        self.head = next;
+        let batch = Batch {
+            committed: self.head.clone(),
+            next,
+            lines,
+        };
+        self.head = batch.next.clone();
+        writer_of(&mut self.writer).write_batch(&batch)
+    }
+
+    /// Like [`Log::flush`], but the batch is written by a writer thread while this one goes on
+    /// (started on first use; batches are written one after the other, in order, so the log on
+    /// disk goes through exactly the states synchronous flushes would leave). The build's
+    /// coordinator flushes this way whenever it would wait for a stage, so the syncs of its group
+    /// commit no longer hold up starting the next stage. A write error stops the writer; it is
+    /// returned by the next flush of either kind (and nothing after the failed batch is written).
+    pub fn flush_in_background(&mut self) -> io::Result<()> {
+        let failed = match &self.writer {
+            WriterSlot::Here(_) => false,
+            WriterSlot::Away(away) => away.failed.load(std::sync::atomic::Ordering::Acquire),
+            WriterSlot::Gone => true,
+        };
+        if failed {
+            self.writer_here()?; // its error
+        }
+        let Some((next, lines)) = self.take_batch() else {
+            return Ok(());
+        };
+        let batch = Batch {
+            committed: self.head.clone(),
+            next,
+            lines,
+        };
+        self.head = batch.next.clone();
+        if let WriterSlot::Here(_) = self.writer {
+            let WriterSlot::Here(writer) = std::mem::replace(&mut self.writer, WriterSlot::Gone)
+            else {
+                unreachable!()
+            };
+            self.writer = WriterSlot::Away(Background::start(writer)?);
+        }
+        let WriterSlot::Away(away) = &self.writer else {
+            unreachable!("just started")
+        };
+        if away.batches.send(batch).is_err() {
+            // The writer stopped on an error: it is returned now.
+            self.writer_here()?;
+        }
         Ok(())
+    }
+
+    /// The writer, back on this thread: waits for the background writer (if any) to write what
+    /// it was given, and returns its error if it failed.
+    fn writer_here(&mut self) -> io::Result<&mut Writer> {
+        if let WriterSlot::Away(_) = self.writer {
+            let WriterSlot::Away(away) = std::mem::replace(&mut self.writer, WriterSlot::Gone)
+            else {
+                unreachable!()
+            };
+            let Background {
+                batches, thread, ..
+            } = away;
+            drop(batches);
+            match thread.join() {
+                Ok((writer, None)) => self.writer = WriterSlot::Here(writer),
+                Ok((_, Some(err))) => return Err(err),
+                Err(_) => return Err(io::Error::other("the audit log writer panicked")),
+            }
+        }
+        match &mut self.writer {
+            WriterSlot::Here(writer) => Ok(writer),
+            _ => Err(io::Error::other(
+                "the audit log writer failed earlier; nothing more is appended",
+            )),
+        }
     }
 
     /// The queued records (and the skipped stages held) as the lines of one batch, chained from
@@ -1027,22 +1219,6 @@ impl Log {
             next = self.next_line(&next, &action, stage.as_deref(), &data, &mut lines);
         }
         Some((next, lines))
-    }
-
-    /// Appends `lines` (canonical records, each with its newline) to the log, durably.
-    fn write_lines(&self, lines: &[u8]) -> io::Result<()> {
-        std::fs::create_dir_all(&self.state_dir)?;
-        let created = !self.log.exists();
-        let mut file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&self.log)?;
-        file.write_all(lines)?;
-        file.sync_all()?;
-        if created {
-            atomic::sync_dir(&self.state_dir)?;
-        }
-        Ok(())
     }
 
     // ------------------------------------------------------------- the actions pipe records

@@ -390,7 +390,9 @@ impl Coordinator<'_> {
         let mut sched = Scheduler::new(order, upstream, needs, capacity, machine_cores);
         // Long-lived worker threads: a processor's parent-death signal fires when the thread that
         // spawned it exits, so the spawning threads must outlive the processors.
-        // Built when the first stage runs: a no-op build starts no worker threads.
+        // Built when the first stage runs: a no-op build starts no worker threads. Twice `jobs`:
+        // up to `jobs` stages run their processors while up to `jobs` more publish
+        // (`Scheduler::release`), so a stage that starts always finds a thread.
         let mut pool: Option<rayon::ThreadPool> = None;
         let (tx, rx) = mpsc::channel::<JobMessage>();
         let mut stop = false;
@@ -429,7 +431,7 @@ impl Coordinator<'_> {
                         let workers = match pool.take() {
                             Some(workers) => workers,
                             None => rayon::ThreadPoolBuilder::new()
-                                .num_threads(jobs as usize)
+                                .num_threads(2 * jobs as usize)
                                 .thread_name(|i| format!("pipe-worker-{i}"))
                                 .build()
                                 .map_err(io::Error::other)?,
@@ -447,7 +449,7 @@ impl Coordinator<'_> {
                 );
                 self.record(i, StageStatus::NotRun, reason, 0, 0, report)?;
             }
-            if sched.running() == 0 {
+            if sched.unfinished() == 0 {
                 if stop || self.interrupted() || sched.next().is_none() {
                     for i in sched.abandon_waiting() {
                         self.record(
@@ -468,11 +470,13 @@ impl Coordinator<'_> {
             let message = match rx.try_recv() {
                 Ok(message) => message,
                 Err(_) => {
-                    // Nothing to do until a running stage reports: make the queued audit records
-                    // durable meanwhile. Stages that end during this flush queue theirs for the
-                    // next one, so the records of many short stages share one append (group
-                    // commit) instead of costing five syncs each on this thread.
-                    self.audit.flush()?;
+                    // Nothing to do until a running stage reports: have the queued audit records
+                    // made durable meanwhile, by the log's writer thread, so that this thread is
+                    // free to start the next stage as soon as one reports. Stages that end while
+                    // a batch is written queue theirs for the next one, so the records of many
+                    // short stages share one append (group commit) instead of costing five syncs
+                    // each.
+                    self.audit.flush_in_background()?;
                     rx.recv().expect("a running stage holds a sender")
                 }
             };
@@ -494,6 +498,9 @@ impl Coordinator<'_> {
                     pid, start_time, ..
                 } => self.processes.exited(pid, start_time)?,
                 JobMessage::RecordFailed(err) => return Err(err.into()),
+                JobMessage::Released(i) => {
+                    sched.release(i);
+                }
                 JobMessage::Done(i, result) => {
                     let JobResult {
                         status,

@@ -35,6 +35,9 @@ pub struct Capacity {
 pub enum Phase {
     Waiting,
     Running,
+    /// Its processor is done and its resources are back in the pool, but it is not finished: its
+    /// outputs are being published, so stages that depend on it still wait.
+    Publishing,
     Succeeded,
     /// Failed, or will never run (upstream failed, build stopped).
     Failed,
@@ -50,6 +53,7 @@ pub struct Scheduler {
     phase: Vec<Phase>,
     used: Need,
     running: usize,
+    publishing: usize,
     /// Cores handed to running stages (for CPU pinning), by stage.
     cores: Vec<Vec<usize>>,
     free_cores: BTreeSet<usize>,
@@ -81,6 +85,7 @@ impl Scheduler {
             needs,
             capacity,
             phase: vec![Phase::Waiting; n],
+            publishing: 0,
             used: Need {
                 cpus: 0,
                 memory_mb: 0,
@@ -163,16 +168,37 @@ impl Scheduler {
         self.phase[stage] = Phase::Succeeded;
     }
 
-    /// Marks `stage` finished and releases its resources.
+    /// Hands back the resources of a running stage whose processor is done, while its outputs are
+    /// published: the next stage's processor may start meanwhile, and stages that depend on it
+    /// still wait for [`Scheduler::finish`]. At most `jobs` stages publish at once; past that the
+    /// stage keeps its resources until it finishes. Returns whether they were handed back.
+    pub fn release(&mut self, stage: usize) -> bool {
+        if self.phase[stage] != Phase::Running || self.publishing >= self.capacity.jobs as usize {
+            return false;
+        }
+        self.give_back(stage);
+        self.publishing += 1;
+        self.phase[stage] = Phase::Publishing;
+        true
+    }
+
+    /// Returns a running stage's resources.
+    fn give_back(&mut self, stage: usize) {
+        let need = self.needs[stage];
+        self.running -= 1;
+        self.used.cpus -= need.cpus;
+        self.used.memory_mb -= need.memory_mb;
+        self.used.io -= need.io;
+        self.free_cores
+            .extend(std::mem::take(&mut self.cores[stage]));
+    }
+
+    /// Marks `stage` finished and releases its resources (if [`Scheduler::release`] did not).
     pub fn finish(&mut self, stage: usize, succeeded: bool) {
-        if self.phase[stage] == Phase::Running {
-            let need = self.needs[stage];
-            self.running -= 1;
-            self.used.cpus -= need.cpus;
-            self.used.memory_mb -= need.memory_mb;
-            self.used.io -= need.io;
-            self.free_cores
-                .extend(std::mem::take(&mut self.cores[stage]));
+        match self.phase[stage] {
+            Phase::Running => self.give_back(stage),
+            Phase::Publishing => self.publishing -= 1,
+            _ => {}
         }
         self.phase[stage] = if succeeded {
             Phase::Succeeded
@@ -215,8 +241,14 @@ impl Scheduler {
         blocked
     }
 
+    /// Stages holding resources (their processors run).
     pub fn running(&self) -> usize {
         self.running
+    }
+
+    /// Stages not finished yet: running, or publishing after [`Scheduler::release`].
+    pub fn unfinished(&self) -> usize {
+        self.running + self.publishing
     }
 
     pub fn phase(&self, stage: usize) -> Phase {
@@ -230,8 +262,8 @@ impl Scheduler {
 
     /// Whether every stage has finished (or will never run).
     pub fn done(&self) -> bool {
-        // Before `waiting_from` every stage is running or finished.
-        self.running == 0
+        // Before `waiting_from` every stage is running, publishing or finished.
+        self.unfinished() == 0
             && self.order[self.waiting_from()..]
                 .iter()
                 .all(|&i| matches!(self.phase[i], Phase::Succeeded | Phase::Failed))
@@ -277,6 +309,37 @@ mod tests {
         s.finish(0, true);
         assert_eq!(s.next(), Some(2));
         assert_eq!(s.start(2), vec![0], "the freed core is reused");
+    }
+
+    #[test]
+    fn a_publishing_stage_frees_its_quota_but_its_dependents_wait_for_it() {
+        // 0 → 1, and 2 independent; one CPU, one job at a time.
+        let mut s = Scheduler::new(
+            vec![0, 1, 2],
+            vec![vec![], vec![0], vec![]],
+            vec![need(1, 0, 1); 3],
+            capacity(1, None, 1, 1),
+            1,
+        );
+        assert_eq!(s.next(), Some(0));
+        s.start(0);
+        assert_eq!(s.next(), None);
+        assert!(
+            s.release(0),
+            "its processor is done: the quota is handed back"
+        );
+        assert_eq!((s.running(), s.unfinished()), (0, 1));
+        assert_eq!(s.next(), Some(2), "1 still waits for 0 to publish");
+        s.start(2);
+        assert!(!s.release(2), "one stage publishes at a time under -j1");
+        s.finish(0, true);
+        assert_eq!(s.next(), None, "2 still holds the only CPU");
+        s.finish(2, true);
+        assert_eq!(s.next(), Some(1));
+        s.start(1);
+        assert!(!s.done());
+        s.finish(1, true);
+        assert!(s.done());
     }
 
     #[test]
@@ -361,19 +424,21 @@ mod tests {
     }
 
     proptest! {
-        /// With a fake runner that finishes running stages in a random order (and fails some):
-        /// no stage starts before its dependencies succeeded, no quota is ever exceeded, and the
-        /// build always ends.
+        /// With a fake runner that finishes running stages in a random order (and fails some),
+        /// some after handing their resources back to publish: no stage starts before its
+        /// dependencies succeeded (a publishing one has not), no quota is ever exceeded by the
+        /// stages holding resources, at most `jobs` publish at once, and the build always ends.
         #[test]
         fn quotas_and_dependencies_always_hold((upstream, needs, cap, choices) in dag_and_needs()) {
             let n = needs.len();
             let mut s = Scheduler::new((0..n).collect(), upstream.clone(), needs.clone(), cap, cap.cpus as usize);
             let mut running: Vec<usize> = Vec::new();
+            let mut publishing: Vec<usize> = Vec::new();
             let mut choice = choices.into_iter().cycle();
             let mut steps = 0;
             while !s.done() {
                 steps += 1;
-                prop_assert!(steps < 10 * n + 10, "the build does not end");
+                prop_assert!(steps < 20 * n + 10, "the build does not end");
                 while let Some(i) = s.next() {
                     for &u in &upstream[i] {
                         prop_assert_eq!(s.phase(u), Phase::Succeeded, "stage {} started before {}", i, u);
@@ -386,13 +451,34 @@ mod tests {
                     prop_assert!(cap.memory_mb.is_none_or(|m| used.memory_mb <= m));
                 }
                 s.blocked();
-                if running.is_empty() {
+                if running.is_empty() && publishing.is_empty() {
                     prop_assert!(s.done(), "nothing runs, nothing can start, but the build is not done");
                     break;
                 }
+                prop_assert!(!s.done());
                 let c = choice.next().unwrap() as usize;
-                let finished = running.remove(c % running.len());
+                if !running.is_empty() && c.is_multiple_of(3) {
+                    // A processor is done: its stage publishes with its resources handed back.
+                    let i = running[c / 3 % running.len()];
+                    let was_publishing = publishing.len();
+                    if s.release(i) {
+                        prop_assert!(was_publishing < cap.jobs as usize);
+                        running.retain(|&r| r != i);
+                        publishing.push(i);
+                        prop_assert_eq!(s.phase(i), Phase::Publishing);
+                    } else {
+                        prop_assert_eq!(was_publishing, cap.jobs as usize);
+                    }
+                    prop_assert_eq!(s.running(), running.len());
+                    prop_assert_eq!(s.unfinished(), running.len() + publishing.len());
+                    continue;
+                }
+                let mut unfinished: Vec<usize> = running.iter().chain(&publishing).copied().collect();
+                let finished = unfinished.remove(c % unfinished.len());
+                running.retain(|&r| r != finished);
+                publishing.retain(|&r| r != finished);
                 s.finish(finished, !c.is_multiple_of(7));
+                prop_assert_eq!(s.running(), running.len());
             }
         }
     }

@@ -74,6 +74,10 @@ pub enum JobMessage {
         pid: u32,
         start_time: u64,
     },
+    /// The stage's processor is done and succeeded: what is left is publishing (moving the outputs
+    /// into place, syncing, the marker, the cache, the stage record), which needs none of the
+    /// stage's resources. The coordinator may hand them to the next stage meanwhile.
+    Released(usize),
     /// The stage is done.
     Done(usize, Box<JobResult>),
 }
@@ -388,6 +392,7 @@ impl StageJob {
         if !matches!(status, StageStatus::Succeeded | StageStatus::Restored) {
             return Ok((status, attempt, retries));
         }
+        let _ = tx.send(JobMessage::Released(self.index));
         let marker = self.publish_retrying(tx, &target, &policy, hashes)?;
         metrics.output_bytes = marker.outputs.iter().map(|o| o.size).sum();
         let _ = tx.send(JobMessage::Event(Event::StagePublished {

@@ -502,7 +502,7 @@ fn a_crash_between_the_two_copies_keeps_the_newer_one() {
     // The record itself was appended before the crash: the intent names it, so it is no tampering.
     {
         let lock = held(&ws);
-        let log = Log::open(&ws, None, &lock, None).unwrap();
+        let mut log = Log::open(&ws, None, &lock, None).unwrap();
         log.write_lines(&record3).unwrap();
     }
     let ok = check(&ws, None, None).unwrap();
@@ -900,4 +900,66 @@ fn audit_data_with_a_marker_is_byte_identical_to_the_value_form() {
     assert_eq!(to_json_line(&record), line);
     assert_eq!(record["data"]["outputs"][1]["path"], "b \"quoted\".txt");
     check(&ws, None, None).unwrap();
+}
+
+#[test]
+fn background_flushes_write_the_batches_in_order_and_a_synchronous_flush_waits_for_them() {
+    let (_dir, ws) = workspace();
+    let key = Key::from_bytes(b"k");
+    let lock = held(&ws);
+    let mut log = Log::open(&ws, Some(key.clone()), &lock, Some("r1")).unwrap();
+    for i in 1..=20u64 {
+        log.queue("test.step", Some("s"), json!({"i": i}));
+        if i % 3 == 0 {
+            log.flush_in_background().unwrap();
+        }
+    }
+    log.append("test.last", None, json!({})).unwrap();
+    assert_eq!(log.head().seq, 21);
+    // The append waited for every background batch: all of them are on disk, chained, with the
+    // head file at the last one.
+    let verified = check(&ws, Some(&key), None).unwrap();
+    assert_eq!(verified.records, 21);
+    assert_eq!(verified.head.as_ref(), Some(log.head()));
+    let steps: Vec<u64> = lines(&ws)
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["data"]["i"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=20).collect::<Vec<_>>());
+    // Dropping the log after a background flush still writes it.
+    log.queue("test.dropped", None, json!({}));
+    log.flush_in_background().unwrap();
+    drop(log);
+    assert_eq!(check(&ws, Some(&key), None).unwrap().records, 22);
+}
+
+#[test]
+fn a_background_write_error_is_returned_by_the_next_flush_and_nothing_follows_it() {
+    let (_dir, ws) = workspace();
+    let lock = held(&ws);
+    let mut log = Log::open(&ws, None, &lock, Some("r1")).unwrap();
+    log.append("test.first", None, json!({})).unwrap();
+    // The log file replaced by a folder: appending to it fails.
+    let path = log_path(&ws.state_dir());
+    let kept = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    log.queue("test.lost", None, json!({}));
+    log.flush_in_background().unwrap();
+    assert!(log.flush().is_err(), "the writer's error comes back");
+    log.queue("test.after", None, json!({}));
+    assert!(
+        log.flush().is_err(),
+        "nothing is appended after a failed batch"
+    );
+    assert!(log.flush_in_background().is_err());
+    drop(log);
+    std::fs::remove_dir(&path).unwrap();
+    std::fs::write(&path, kept).unwrap();
+    // The failed batch's intent is in the head; the log (its one record) is still consistent, and
+    // the next appender goes on from it.
+    assert_eq!(check(&ws, None, None).unwrap().records, 1);
+    let mut log = Log::open(&ws, None, &lock, Some("r2")).unwrap();
+    log.append("test.next", None, json!({})).unwrap();
+    assert_eq!(check(&ws, None, None).unwrap().records, 2);
 }
