@@ -658,13 +658,22 @@ impl Coordinator<'_> {
         self.save_run_lazily()
     }
 
-    /// Writes the run's metrics (JSON and Prometheus) and its final run record.
+    /// Writes the run's metrics (JSON and Prometheus, side by side: for 10,000 stages they are
+    /// 2 and 6 MB, each rendered and synced) and then its final run record.
     fn save_metrics_and_run(&mut self, metrics: &Metrics) -> io::Result<()> {
-        atomic::write_json(&self.ws.metrics_file(&self.run.run_id), metrics)?;
-        atomic::write(
-            &self.ws.metrics_prom_file(&self.run.run_id),
-            crate::prometheus::render(metrics).as_bytes(),
-        )?;
+        let json = self.ws.metrics_file(&self.run.run_id);
+        let prom = self.ws.metrics_prom_file(&self.run.run_id);
+        let (json, prom) = std::thread::scope(|scope| {
+            let prom =
+                scope.spawn(|| atomic::write(&prom, crate::prometheus::render(metrics).as_bytes()));
+            let json = atomic::write_json(&json, metrics);
+            (
+                json,
+                prom.join().expect("rendering the metrics does not panic"),
+            )
+        });
+        json?;
+        prom?;
         self.save_run()
     }
 
