@@ -90,6 +90,12 @@ pub fn resolve(spec: &Spec, stage: &Stage) -> Result<ResolvedInputs, InputError>
     })
 }
 
+/// Lists the files under `rel` (following symlinks) into `files` and its folders into `dirs`.
+///
+/// Walked first without following links: that needs no loop detection, for which `walkdir`
+/// resolves the root's real path (a `readlink` per component of every input folder, 10,000 of
+/// them for a fan-in over 10,000 folders). Only if a symlink turns up is the folder walked again,
+/// following links, so the result is the same either way.
 fn walk(
     spec: &Spec,
     rel: &str,
@@ -97,8 +103,35 @@ fn walk(
     dirs: &mut Vec<PathBuf>,
     keep: impl Fn(&str) -> bool,
 ) -> Result<(), InputError> {
+    let mut found = Vec::new();
+    let mut found_dirs = Vec::new();
+    if walk_with(spec, rel, false, &keep, &mut found, &mut found_dirs)? == Walked::SawSymlink {
+        found.clear();
+        found_dirs.clear();
+        walk_with(spec, rel, true, &keep, &mut found, &mut found_dirs)?;
+    }
+    files.extend(found);
+    dirs.extend(found_dirs);
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Walked {
+    Complete,
+    /// Not following links, a symlink was met: the walk stopped there.
+    SawSymlink,
+}
+
+fn walk_with(
+    spec: &Spec,
+    rel: &str,
+    follow_links: bool,
+    keep: &impl Fn(&str) -> bool,
+    files: &mut Vec<(String, PathBuf)>,
+    dirs: &mut Vec<PathBuf>,
+) -> Result<Walked, InputError> {
     let walker = WalkDir::new(spec.path(rel))
-        .follow_links(true)
+        .follow_links(follow_links)
         .sort_by_file_name()
         .into_iter();
     for entry in walker
@@ -112,6 +145,9 @@ fn walk(
                 .into_io_error()
                 .unwrap_or_else(|| io::Error::other("filesystem loop")),
         })?;
+        if !follow_links && entry.file_type().is_symlink() {
+            return Ok(Walked::SawSymlink);
+        }
         if entry.file_type().is_dir() {
             dirs.push(entry.into_path());
             continue;
@@ -134,10 +170,10 @@ fn walk(
             .collect::<Vec<_>>()
             .join("/");
         if keep(&relative) {
-            files.insert(relative, entry.into_path());
+            files.push((relative, entry.into_path()));
         }
     }
-    Ok(())
+    Ok(Walked::Complete)
 }
 
 /// The deepest folder containing every one of `folders` (root-relative).
@@ -166,5 +202,76 @@ mod tests {
         assert_eq!(root(&["data/a", "data/b/c"]), "data");
         assert_eq!(root(&["a", "b"]), "");
         assert_eq!(root(&[]), "");
+    }
+
+    /// A project whose one stage takes the folder `in` as its input.
+    fn project(dir: &std::path::Path) -> Spec {
+        let file = dir.join("Pipefile.json");
+        let stages = serde_json::json!([{"name": "s", "processor": {"builtin": "copy", "version": "1"},
+            "inputs": ["in"], "outputDir": "out"}]);
+        std::fs::write(
+            &file,
+            serde_json::json!({"version": 1, "stages": stages}).to_string(),
+        )
+        .unwrap();
+        Spec::load(&file).unwrap()
+    }
+
+    fn listed(spec: &Spec) -> Result<(Vec<String>, usize), InputError> {
+        let resolved = resolve(spec, &spec.stages[0])?;
+        Ok((resolved.files.into_keys().collect(), resolved.dirs.len()))
+    }
+
+    #[test]
+    fn symlinks_in_an_input_folder_are_followed_and_a_loop_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |rel: &str| {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, rel).unwrap();
+        };
+        put("in/a.txt");
+        put("in/sub/b.txt");
+        put("elsewhere/c.txt");
+        put("elsewhere/deep/d.txt");
+        put("other.txt");
+        std::fs::create_dir_all(dir.path().join("in/.pipe-staging")).unwrap();
+        put("in/.pipe-staging/internal.txt");
+        let spec = project(dir.path());
+        // No symlink: listed without following links.
+        assert_eq!(
+            listed(&spec).unwrap(),
+            (vec!["in/a.txt".to_string(), "in/sub/b.txt".into()], 2)
+        );
+        // A symlink to a file and one to a folder, found after plain entries: both followed,
+        // listed under their own names.
+        std::os::unix::fs::symlink(
+            dir.path().join("other.txt"),
+            dir.path().join("in/z-file.txt"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join("in/z-dir"))
+            .unwrap();
+        assert_eq!(
+            listed(&spec).unwrap(),
+            (
+                vec![
+                    "in/a.txt".to_string(),
+                    "in/sub/b.txt".into(),
+                    "in/z-dir/c.txt".into(),
+                    "in/z-dir/deep/d.txt".into(),
+                    "in/z-file.txt".into(),
+                ],
+                4
+            )
+        );
+        // A link back to an ancestor: a loop, reported.
+        std::os::unix::fs::symlink(dir.path().join("in"), dir.path().join("in/sub/loop")).unwrap();
+        assert!(matches!(listed(&spec), Err(InputError::Unreadable { .. })));
+        // A dangling link: unreadable too, as when links are followed from the start.
+        std::fs::remove_file(dir.path().join("in/sub/loop")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("in/dangling"))
+            .unwrap();
+        assert!(matches!(listed(&spec), Err(InputError::Unreadable { .. })));
     }
 }
