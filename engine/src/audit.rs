@@ -1135,8 +1135,9 @@ impl Log {
             next,
             lines,
         };
-        self.head = batch.next.clone();
-        writer_of(&mut self.writer).write_batch(&batch)
+        writer_of(&mut self.writer).write_batch(&batch)?;
+        self.head = batch.next;
+        Ok(())
     }
 
     /// Like [`Log::flush`], but the batch is written by a writer thread while this one goes on
