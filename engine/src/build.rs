@@ -26,7 +26,7 @@ use crate::processes::{self, ProcessLog, RunningProcess};
 use crate::procfs;
 use crate::publish::{self, Recovery};
 use crate::runlog::RunLog;
-use crate::scheduler::{Capacity, Need, Scheduler};
+use crate::scheduler::{Capacity, Need, Scheduler, PUBLISHING_PER_JOB};
 use crate::spec::Spec;
 use crate::stage_job::{JobMessage, JobResult, StageJob};
 use crate::state::{
@@ -390,9 +390,9 @@ impl Coordinator<'_> {
         let mut sched = Scheduler::new(order, upstream, needs, capacity, machine_cores);
         // Long-lived worker threads: a processor's parent-death signal fires when the thread that
         // spawned it exits, so the spawning threads must outlive the processors.
-        // Built when the first stage runs: a no-op build starts no worker threads. Twice `jobs`:
-        // up to `jobs` stages run their processors while up to `jobs` more publish
-        // (`Scheduler::release`), so a stage that starts always finds a thread.
+        // Built when the first stage runs: a no-op build starts no worker threads. Up to `jobs`
+        // stages run their processors while up to `PUBLISHING_PER_JOB` × `jobs` more publish
+        // (`Scheduler::release`): one thread each, so a stage that starts always finds one.
         let mut pool: Option<rayon::ThreadPool> = None;
         let (tx, rx) = mpsc::channel::<JobMessage>();
         let mut stop = false;
@@ -431,7 +431,7 @@ impl Coordinator<'_> {
                         let workers = match pool.take() {
                             Some(workers) => workers,
                             None => rayon::ThreadPoolBuilder::new()
-                                .num_threads(2 * jobs as usize)
+                                .num_threads((1 + PUBLISHING_PER_JOB) * jobs as usize)
                                 .thread_name(|i| format!("pipe-worker-{i}"))
                                 .build()
                                 .map_err(io::Error::other)?,

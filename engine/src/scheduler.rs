@@ -11,6 +11,10 @@
 
 use std::collections::BTreeSet;
 
+/// How many stages may publish at once per job slot (see [`Scheduler::release`]): a publish
+/// mostly waits for syncs, and a journaling filesystem commits concurrent ones together.
+pub const PUBLISHING_PER_JOB: usize = 4;
+
 /// What one stage needs while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Need {
@@ -170,16 +174,21 @@ impl Scheduler {
 
     /// Hands back the resources of a running stage whose processor is done, while its outputs are
     /// published: the next stage's processor may start meanwhile, and stages that depend on it
-    /// still wait for [`Scheduler::finish`]. At most `jobs` stages publish at once; past that the
-    /// stage keeps its resources until it finishes. Returns whether they were handed back.
+    /// still wait for [`Scheduler::finish`]. At most [`PUBLISHING_PER_JOB`] × `jobs` stages
+    /// publish at once; past that the stage keeps its resources until it finishes. Returns whether
+    /// they were handed back.
     pub fn release(&mut self, stage: usize) -> bool {
-        if self.phase[stage] != Phase::Running || self.publishing >= self.capacity.jobs as usize {
+        if self.phase[stage] != Phase::Running || self.publishing >= self.publishing_cap() {
             return false;
         }
         self.give_back(stage);
         self.publishing += 1;
         self.phase[stage] = Phase::Publishing;
         true
+    }
+
+    fn publishing_cap(&self) -> usize {
+        PUBLISHING_PER_JOB * self.capacity.jobs as usize
     }
 
     /// Returns a running stage's resources.
@@ -331,15 +340,39 @@ mod tests {
         assert_eq!((s.running(), s.unfinished()), (0, 1));
         assert_eq!(s.next(), Some(2), "1 still waits for 0 to publish");
         s.start(2);
-        assert!(!s.release(2), "one stage publishes at a time under -j1");
+        assert!(s.release(2));
         s.finish(0, true);
-        assert_eq!(s.next(), None, "2 still holds the only CPU");
-        s.finish(2, true);
         assert_eq!(s.next(), Some(1));
         s.start(1);
         assert!(!s.done());
         s.finish(1, true);
+        assert!(!s.done(), "2 is still publishing");
+        s.finish(2, true);
         assert!(s.done());
+    }
+
+    #[test]
+    fn past_the_publishing_cap_a_stage_keeps_its_quota_until_it_finishes() {
+        let n = PUBLISHING_PER_JOB + 2;
+        let mut s = Scheduler::new(
+            (0..n).collect(),
+            vec![vec![]; n],
+            vec![need(1, 0, 0); n],
+            capacity(1, None, 1, 1),
+            1,
+        );
+        for i in 0..PUBLISHING_PER_JOB {
+            s.start(i);
+            assert!(s.release(i));
+        }
+        let last = PUBLISHING_PER_JOB;
+        s.start(last);
+        assert!(!s.release(last), "the cap is reached");
+        assert_eq!(s.next(), None, "it still holds the only CPU");
+        s.finish(0, true);
+        assert_eq!(s.next(), None);
+        s.finish(last, true);
+        assert_eq!(s.next(), Some(last + 1));
     }
 
     #[test]
@@ -427,7 +460,8 @@ mod tests {
         /// With a fake runner that finishes running stages in a random order (and fails some),
         /// some after handing their resources back to publish: no stage starts before its
         /// dependencies succeeded (a publishing one has not), no quota is ever exceeded by the
-        /// stages holding resources, at most `jobs` publish at once, and the build always ends.
+        /// stages holding resources, at most `PUBLISHING_PER_JOB` × `jobs` publish at once, and
+        /// the build always ends.
         #[test]
         fn quotas_and_dependencies_always_hold((upstream, needs, cap, choices) in dag_and_needs()) {
             let n = needs.len();
@@ -462,12 +496,12 @@ mod tests {
                     let i = running[c / 3 % running.len()];
                     let was_publishing = publishing.len();
                     if s.release(i) {
-                        prop_assert!(was_publishing < cap.jobs as usize);
+                        prop_assert!(was_publishing < PUBLISHING_PER_JOB * cap.jobs as usize);
                         running.retain(|&r| r != i);
                         publishing.push(i);
                         prop_assert_eq!(s.phase(i), Phase::Publishing);
                     } else {
-                        prop_assert_eq!(was_publishing, cap.jobs as usize);
+                        prop_assert_eq!(was_publishing, PUBLISHING_PER_JOB * cap.jobs as usize);
                     }
                     prop_assert_eq!(s.running(), running.len());
                     prop_assert_eq!(s.unfinished(), running.len() + publishing.len());
