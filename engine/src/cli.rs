@@ -213,7 +213,7 @@ struct BuildArgs {
     /// Run stages not downstream of a failure
     #[arg(short, long)]
     keep_going: bool,
-    /// Run at most N stages at once [default: the CPU quota]
+    /// Run at most N stages' processors at once [default: the CPU quota]
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     jobs: Option<u32>,
     /// Wait for the workspace lock (optionally at most SECONDS) instead of failing with exit 3
