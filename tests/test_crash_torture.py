@@ -126,3 +126,91 @@ def test_sigkill_at_random_instants_resumes_to_identical_output(tmp_path, kind):
     # per kill) and far less than twice in all.
     work = lines_per_build * rounds
     assert work - EVERY_LINES * len(kill_times) <= handled < 2 * work, (handled, work)
+
+
+STAGES = 120
+
+
+def make_parallel_project(root: Path) -> Path:
+    """`STAGES` independent ASCII `upper` stages and a fan-in `copy` of all their output folders."""
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "café", "straße"]
+    for i in range(STAGES):
+        path = root / "input" / f"f{i:03d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(" ".join(rng.choice(words) for _ in range(6)) + "\n" for _ in range(20)), encoding="utf-8")
+    upper = {"builtin": "upper", "version": "1"}
+    stages = [
+        {"name": f"u{i:03d}", "processor": upper, "params": {"mode": "ascii"}, "inputs": [f"input/f{i:03d}.txt"], "outputDir": f"out/u{i:03d}"}
+        for i in range(STAGES)
+    ]
+    stages.append({"name": "fanin", "processor": {"builtin": "copy", "version": "1"}, "inputs": [f"out/u{i:03d}" for i in range(STAGES)], "outputDir": "all"})
+    (root / "Pipefile.json").write_text(json.dumps({"version": 1, "stages": stages}, indent=1))
+    return root
+
+
+def expected_outputs(root: Path) -> dict[str, bytes]:
+    """What an uninterrupted build publishes: each input upper-cased (a-z only), in its stage's
+    folder and again in the fan-in's."""
+    table = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    expected = {}
+    for i in range(STAGES):
+        data = (root / "input" / f"f{i:03d}.txt").read_bytes().translate(table)
+        expected[f"out/u{i:03d}/f{i:03d}.txt"] = data
+        expected[f"all/u{i:03d}/f{i:03d}.txt"] = data
+    return expected
+
+
+def published(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for folder in ("out", "all")
+        for p in sorted((root / folder).rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+
+
+def test_sigkill_during_a_parallel_build_of_many_stages_keeps_the_audit_chain_and_the_outputs(tmp_path):
+    """Stages publish in the background while the next ones run, and audit batches are written
+    by a writer thread: a SIGKILL at any instant of a `-j2` build must leave a log that verifies,
+    and the next build must publish exactly the uninterrupted outputs."""
+    reference = make_parallel_project(tmp_path / "ref")
+    started = time.monotonic()
+    done = subprocess.run([PIPE, "build", "-q", "-j2"], cwd=reference, env=env(), capture_output=True, timeout=300)
+    duration = time.monotonic() - started
+    assert done.returncode == 0, done.stderr.decode()
+    assert published(reference) == expected_outputs(reference)
+
+    project = make_parallel_project(tmp_path / "torture")
+    rng = random.Random(20261130)
+    kills = builds = 0
+    while kills < 6:
+        builds += 1
+        assert builds <= 30, "builds keep finishing before their kill instants"
+        proc = subprocess.Popen([PIPE, "build", "-q", "-j2"], cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # The kill instant is the randomised variable under test, not a synchronisation.
+            proc.wait(timeout=duration * rng.uniform(0.1, 0.9))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            kills += 1
+        else:
+            assert proc.returncode == 0
+            assert published(project) == expected_outputs(project)
+            # Start the next round from scratch (outputs and cache gone), so it has work to kill.
+            cleaned = subprocess.run([PIPE, "clean", "--cache"], cwd=project, env=env(), capture_output=True, timeout=60)
+            assert cleaned.returncode == 0, cleaned.stderr.decode()
+        verified = subprocess.run([PIPE, "audit", "verify"], cwd=project, env=env(), capture_output=True, timeout=60)
+        assert verified.returncode == 0, (builds, verified.stdout.decode(), verified.stderr.decode())
+        if builds % 3 == 0:
+            for i in rng.sample(range(STAGES), 3):
+                with open(project / "input" / f"f{i:03d}.txt", "a", encoding="utf-8") as f:
+                    f.write(f"edited before build {builds + 1}\n")
+    final = subprocess.run([PIPE, "build", "-j2"], cwd=project, env=env(), capture_output=True, timeout=300)
+    assert final.returncode == 0, final.stderr.decode()
+    assert published(project) == expected_outputs(project)
+    assert subprocess.run([PIPE, "audit", "verify"], cwd=project, env=env(), capture_output=True, timeout=60).returncode == 0
+    again = subprocess.run([PIPE, "build"], cwd=project, env=env(), capture_output=True, timeout=300, text=True)
+    assert again.returncode == 0
+    assert f"0 ran, {STAGES + 1} skipped" in again.stdout + again.stderr, again.stdout + again.stderr
