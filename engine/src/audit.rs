@@ -1127,13 +1127,8 @@ impl Log {
     /// the group commit that keeps a build of many short stages from paying them per stage.
     pub fn flush(&mut self) -> io::Result<()> {
         self.writer_here()?;
-        let Some((next, lines)) = self.take_batch() else {
+        let Some(batch) = self.take_batch() else {
             return Ok(());
-        };
-        let batch = Batch {
-            committed: self.head.clone(),
-            next,
-            lines,
         };
         writer_of(&mut self.writer).write_batch(&batch)?;
         self.head = batch.next;
@@ -1155,13 +1150,8 @@ impl Log {
         if failed {
             self.writer_here()?; // its error
         }
-        let Some((next, lines)) = self.take_batch() else {
+        let Some(batch) = self.take_batch() else {
             return Ok(());
-        };
-        let batch = Batch {
-            committed: self.head.clone(),
-            next,
-            lines,
         };
         self.head = batch.next.clone();
         if let WriterSlot::Here(_) = self.writer {
@@ -1207,9 +1197,9 @@ impl Log {
         }
     }
 
-    /// The queued records (and the skipped stages held) as the lines of one batch, chained from
-    /// the head, with the head they lead to; `None` when nothing is queued.
-    fn take_batch(&mut self) -> Option<(Head, Vec<u8>)> {
+    /// The queued records (and the skipped stages held) as one batch: their lines, chained from
+    /// the head, and the head they lead to; `None` when nothing is queued.
+    fn take_batch(&mut self) -> Option<Batch> {
         self.queue_skipped();
         if self.queued.is_empty() {
             return None;
@@ -1219,7 +1209,11 @@ impl Log {
         for (action, stage, data) in std::mem::take(&mut self.queued) {
             next = self.next_line(&next, &action, stage.as_deref(), &data, &mut lines);
         }
-        Some((next, lines))
+        Some(Batch {
+            committed: self.head.clone(),
+            next,
+            lines,
+        })
     }
 
     // ------------------------------------------------------------- the actions pipe records

@@ -624,18 +624,24 @@ mod tests {
         found
     }
 
-    #[test]
-    fn new_folders_move_whole_and_the_published_tree_is_the_same_either_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
+    /// Stage `s` publishing into `dir/out`: the output folder and the target.
+    fn target_in(dir: &Path) -> (PathBuf, Target) {
+        let out = dir.join("out");
         let target = Target {
             stage: "s".into(),
             staging: out.join(".pipe-staging"),
             output_dir: out.clone(),
             marker: out.join(".s.done"),
             journal: out.join(".s.publishing"),
-            progress: dir.path().join("progress_s.json"),
+            progress: dir.join("progress_s.json"),
         };
+        (out, target)
+    }
+
+    #[test]
+    fn new_folders_move_whole_and_the_published_tree_is_the_same_either_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, target) = target_in(dir.path());
         let put = |rel: &str, text: &str| {
             let path = target.staging.join(rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -696,15 +702,7 @@ mod tests {
     #[test]
     fn a_rerun_replaces_outputs_makes_missing_folders_removes_old_ones_and_the_staging() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        let target = Target {
-            stage: "s".into(),
-            staging: out.join(".pipe-staging"),
-            output_dir: out.clone(),
-            marker: out.join(".s.done"),
-            journal: out.join(".s.publishing"),
-            progress: dir.path().join("progress_s.json"),
-        };
+        let (out, target) = target_in(dir.path());
         let put = |root: &Path, rel: &str, text: &str| {
             let path = root.join(rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -544,8 +544,11 @@ fn crash_in_a_batch(ws: &Workspace, key: Option<Key>, n: u64, batch: u64, keep: 
     for i in 1..=batch {
         log.queue("stage.run", Some(&format!("s{i}")), json!({"i": i}));
     }
-    let (next, lines) = log.take_batch().unwrap();
-    let committed = log.head().clone();
+    let Batch {
+        committed,
+        next,
+        lines,
+    } = log.take_batch().unwrap();
     log.write_head(&committed, Some(&next)).unwrap();
     log.write_lines(&lines[..keep]).unwrap();
     lines
