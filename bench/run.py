@@ -464,6 +464,35 @@ def section_memory(ctx: Ctx) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem holding `path` (Linux: from /proc/self/mountinfo), and for ext4
+    whether it has a journal (/proc/fs/jbd2 lists the devices with one): without one, every new
+    inode is checked against those freed in about the last minute, which moves the one-touch and
+    full-build rows of pipe and its peers alike."""
+    try:
+        best = None
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            mount_point = left.split()[4].replace("\\040", " ")
+            fstype, source = right.split()[:2]
+            if path == Path(mount_point) or Path(mount_point) in path.parents:
+                if best is None or len(mount_point) > len(best[0]):
+                    best = (mount_point, fstype, source)
+        if best is None:
+            return "unknown"
+        _, fstype, source = best
+        if fstype != "ext4":
+            return fstype
+        device = os.path.basename(source)
+        journals = os.listdir("/proc/fs/jbd2") if os.path.isdir("/proc/fs/jbd2") else []
+        if any(j.startswith(device + "-") for j in journals):
+            return "ext4 with a journal"
+        return ("ext4 without a journal (one-touch and full-build rows depend on the inodes freed "
+                "in the minutes before: see bench/README.md)")
+    except (OSError, IndexError, ValueError):
+        return "unknown"
+
+
 def write_results(ctx: Ctx, args, started: float) -> Path:
     commit = sh("git rev-parse --short HEAD", cwd=HERE, check=False).stdout.strip() or "unknown"
     dirty = sh("git status --porcelain --untracked-files=no", cwd=HERE, check=False).stdout.strip()
@@ -475,6 +504,7 @@ def write_results(ctx: Ctx, args, started: float) -> Path:
         f"- machine: {os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().release}; load average now "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the machine skews timings)",
         f"- commit: {commit}{' (+ uncommitted changes)' if dirty else ''}; binary `{ctx.pipe}` ({version})",
+        f"- workloads in `{ctx.work}`: {filesystem_of(ctx.work)}",
         f"- hyperfine: {ctx.runs} runs after {ctx.warmup} warm-up per command; every number is a median",
         "- tools: " + ", ".join(f"{k} {'✓' if v else 'missing'}" for k, v in ctx.tools.items()),
         "- ratio = pipe median ÷ median of the fastest peer in the same hyperfine run (< 1: pipe faster)",

@@ -28,6 +28,11 @@ def test_bench_smoke_runs_and_writes_a_row_per_section(tmp_path, pipe_bin):
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "## Summary" in table
     assert table in done.stdout  # the table is also printed
+    # The header names the filesystem the workloads were on (it decides what one-touch and full-build
+    # rows measure, see bench/README.md).
+    workloads = [line for line in table.splitlines() if line.startswith("- workloads in `")]
+    assert len(workloads) == 1, table
+    assert not workloads[0].endswith(": unknown"), workloads[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| section")]
     for section in SECTIONS:
         assert any(row.startswith(f"| {section} |") for row in rows), f"no row for section {section}:\n{table}"
