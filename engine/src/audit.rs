@@ -729,6 +729,19 @@ struct Batch {
     lines: Vec<u8>,
 }
 
+impl Batch {
+    /// This batch and `next` (taken after it, so chained from where this one ends) as one.
+    fn followed_by(mut self, next: Batch) -> Batch {
+        debug_assert_eq!(next.committed, self.next, "batches are taken in order");
+        self.lines.extend_from_slice(&next.lines);
+        Batch {
+            committed: self.committed,
+            next: next.next,
+            lines: self.lines,
+        }
+    }
+}
+
 /// Writes batches to the log and its head file: the only code that changes them once the log is
 /// open.
 #[derive(Debug)]
@@ -770,8 +783,8 @@ impl Background {
         let thread = std::thread::Builder::new()
             .name("pipe-audit".into())
             .spawn(move || {
-                for batch in rx {
-                    if let Err(err) = writer.write_batch(&batch) {
+                while let Ok(batch) = rx.recv() {
+                    if let Err(err) = writer.write_streak(batch, || rx.try_recv().ok()) {
                         flag.store(true, std::sync::atomic::Ordering::Release);
                         return (writer, Some(err));
                     }
@@ -795,13 +808,42 @@ fn writer_of(slot: &mut WriterSlot) -> &mut Writer {
 }
 
 impl Writer {
-    /// Appends one batch (see [`Log::flush`]): intent in the head, lines appended and fsynced,
-    /// head committed.
-    fn write_batch(&mut self, batch: &Batch) -> io::Result<()> {
+    /// Appends `first` (see [`Log::flush`]: intent in the head, lines appended and fsynced, head
+    /// committed) and every batch `queued` hands over meanwhile, with fewer head writes
+    /// than a write of each alone, and leaves the head committed. Batches already
+    /// queued are merged into one (as if they had been taken as one, which the crash rule
+    /// accepts: any prefix of a batch); and when more arrived while lines were being written,
+    /// the head that commits those lines also names the next batch as pending, so a streak of
+    /// batches costs one head write each plus one at its end, not two each. The states the files
+    /// pass through are those of synchronous flushes of the merged batches, minus the
+    /// intermediate "committed, nothing pending" heads: a crash in any of them is repaired by
+    /// the next appender.
+    fn write_streak(
+        &mut self,
+        first: Batch,
+        mut queued: impl FnMut() -> Option<Batch>,
+    ) -> io::Result<()> {
+        // The next batch and every one queued behind it, as one.
+        let mut take = |first: Option<Batch>| {
+            let mut batch = first.or_else(&mut queued)?;
+            while let Some(next) = queued() {
+                batch = batch.followed_by(next);
+            }
+            Some(batch)
+        };
+        let mut batch = take(Some(first)).expect("there is a first batch");
         self.write_head(&batch.committed, Some(&batch.next))?;
-        self.write_lines(&batch.lines)?;
-        failpoint::hit("audit.after-append");
-        self.write_head(&batch.next, None)
+        loop {
+            self.write_lines(&batch.lines)?;
+            failpoint::hit("audit.after-append");
+            match take(None) {
+                Some(next) => {
+                    self.write_head(&batch.next, Some(&next.next))?;
+                    batch = next;
+                }
+                None => return self.write_head(&batch.next, None),
+            }
+        }
     }
 
     /// Writes the head (see [`read_head`]): both copies in place, each fdatasynced before the
@@ -1130,14 +1172,17 @@ impl Log {
         let Some(batch) = self.take_batch() else {
             return Ok(());
         };
-        writer_of(&mut self.writer).write_batch(&batch)?;
-        self.head = batch.next;
+        let next = batch.next.clone();
+        writer_of(&mut self.writer).write_streak(batch, || None)?;
+        self.head = next;
         Ok(())
     }
 
     /// Like [`Log::flush`], but the batch is written by a writer thread while this one goes on
     /// (started on first use; batches are written one after the other, in order, so the log on
-    /// disk goes through exactly the states synchronous flushes would leave). The build's
+    /// disk goes through states synchronous flushes would leave: batches that queue up while the
+    /// writer syncs are written as one, and a streak of them commits one while naming the next
+    /// as pending, see [`Writer::write_streak`]). The build's
     /// coordinator flushes this way whenever it would wait for a stage, so the syncs of its group
     /// commit no longer hold up starting the next stage. A write error stops the writer; it is
     /// returned by the next flush of either kind (and nothing after the failed batch is written).

@@ -966,3 +966,96 @@ fn a_background_write_error_is_returned_by_the_next_flush_and_nothing_follows_it
     log.append("test.next", None, json!({})).unwrap();
     assert_eq!(check(&ws, None, None).unwrap().records, 2);
 }
+
+/// Three batches of one record each (`test.b1`..`test.b3`), taken from `log` without writing.
+fn three_batches(log: &mut Log) -> [Batch; 3] {
+    [1, 2, 3].map(|i| {
+        log.queue(&format!("test.b{i}"), None, json!({"i": i}));
+        let batch = log.take_batch().unwrap();
+        log.head = batch.next.clone();
+        batch
+    })
+}
+
+#[test]
+fn a_streak_of_batches_is_written_in_order_with_one_head_write_per_batch_plus_one() {
+    for key in [None, Some(Key::from_bytes(b"k"))] {
+        // Queued behind the first: merged with it (one batch, two head writes).
+        let (_dir, ws) = workspace();
+        log_with(&ws, 1, key.clone());
+        let lock = held(&ws);
+        let mut log = Log::open(&ws, key.clone(), &lock, Some("r2")).unwrap();
+        let [b1, b2, b3] = three_batches(&mut log);
+        let mut queue = vec![b2, b3].into_iter();
+        let writer = log.writer_here().unwrap();
+        let before = writer.generation;
+        writer.write_streak(b1, || queue.next()).unwrap();
+        assert_eq!(writer.generation - before, 2, "queued batches are merged");
+        let verified = check(&ws, key.as_ref(), None).unwrap();
+        assert_eq!((verified.records, verified.notes.len()), (4, 0));
+        assert_eq!(verified.head.as_ref(), Some(log.head()));
+
+        // Arriving while lines are written: the head that commits one names the next as pending
+        // (four head writes for three batches instead of six).
+        let (_dir, ws) = workspace();
+        log_with(&ws, 1, key.clone());
+        let mut log = Log::open(&ws, key.clone(), &lock, Some("r2")).unwrap();
+        let [b1, b2, b3] = three_batches(&mut log);
+        let mut arrivals = vec![None, Some(b2), None, Some(b3), None, None].into_iter();
+        let writer = log.writer_here().unwrap();
+        let before = writer.generation;
+        writer
+            .write_streak(b1, || arrivals.next().flatten())
+            .unwrap();
+        assert_eq!(writer.generation - before, 4);
+        let verified = check(&ws, key.as_ref(), None).unwrap();
+        assert_eq!((verified.records, verified.notes.len()), (4, 0));
+        assert_eq!(verified.head.as_ref(), Some(log.head()));
+        let actions: Vec<String> = lines(&ws)
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["action"].to_string())
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                r#""test.step""#,
+                r#""test.b1""#,
+                r#""test.b2""#,
+                r#""test.b3""#
+            ]
+        );
+    }
+}
+
+#[test]
+fn a_crash_after_a_head_that_commits_one_batch_and_names_the_next_is_repaired() {
+    // The states a kill leaves after a streak's head write (it commits batch 1 and names batch
+    // 2 as pending): the log ends at batch 1, or batch 2's lines are there too.
+    for with_next_lines in [false, true] {
+        let (_dir, ws) = workspace();
+        log_with(&ws, 1, None);
+        let lock = held(&ws);
+        let mut log = Log::open(&ws, None, &lock, Some("r2")).unwrap();
+        let [b1, b2, _] = three_batches(&mut log);
+        let writer = log.writer_here().unwrap();
+        writer.write_streak(b1, || None).unwrap();
+        writer.write_head(&b2.committed, Some(&b2.next)).unwrap();
+        if with_next_lines {
+            writer.write_lines(&b2.lines).unwrap();
+        }
+        drop(log);
+        let extra = u64::from(with_next_lines);
+        let verified = check(&ws, None, None).unwrap();
+        assert_eq!(
+            (verified.records, verified.notes.len() as u64),
+            (2 + extra, extra),
+            "{:?}",
+            verified.notes
+        );
+        let mut log = Log::open(&ws, None, &lock, Some("r3")).unwrap();
+        assert_eq!(log.head().seq, 2 + extra, "rolled forward over batch 2");
+        log.append("test.next", None, json!({})).unwrap();
+        let verified = check(&ws, None, None).unwrap();
+        assert_eq!((verified.records, verified.notes.len()), (3 + extra, 0));
+    }
+}
