@@ -104,7 +104,8 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Above this many folders, [`sync_dirs`] syncs their filesystem once instead.
+/// Above this many folders or files, [`sync_dirs`] and [`sync_files`] sync their filesystem once
+/// instead.
 const SYNCFS_ABOVE: usize = 8;
 
 /// Makes renames and removals in all of `dirs` (on one filesystem) durable: a few with one fsync
@@ -116,6 +117,18 @@ pub fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> io::Result<()>
         return sync_filesystem(dirs[0]);
     }
     dirs.into_iter().try_for_each(sync_dir)
+}
+
+/// Makes the contents of `files` (on one filesystem) durable: a few with one fdatasync each;
+/// many with a single `syncfs`. Cheap for a file its writer synced already (nothing is dirty).
+pub fn sync_files<'a>(files: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
+    let files: Vec<&Path> = files.into_iter().collect();
+    if files.len() > SYNCFS_ABOVE {
+        return sync_filesystem(files[0]);
+    }
+    files
+        .into_iter()
+        .try_for_each(|file| File::open(file)?.sync_data())
 }
 
 /// `syncfs` of the filesystem holding `path` (or its nearest existing ancestor): every dirty

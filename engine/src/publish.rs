@@ -4,7 +4,8 @@
 //! with their marker, or no marker at all; and an interrupted publish is completed by the next
 //! build (rolled forward) rather than redone.
 //!
-//! The order: hash the staged files into the marker-to-be; write it as a journal
+//! The order: hash the staged files into the marker-to-be and make them durable (fdatasync, or
+//! one `syncfs` for many: a processor need not have synced them); write it as a journal
 //! (`<outputDir>/.<stage>.publishing`, atomically); forget the stage's progress (its work is done);
 //! remove the old marker; move each staged file into place with a rename (same filesystem: the
 //! staging folder lives inside the output folder); remove outputs of the old marker that the new
@@ -136,15 +137,21 @@ pub fn publish(
     items: &mut BTreeMap<String, ItemEntry>,
     cache: &mut StatCache,
 ) -> io::Result<Marker> {
-    let mut outputs = Vec::new();
-    for (rel, abs) in staged_files(&target.staging)? {
-        let size = std::fs::metadata(&abs)?.len();
+    let staged = staged_files(&target.staging)?;
+    let mut outputs = Vec::with_capacity(staged.len());
+    for (rel, abs) in &staged {
+        let size = std::fs::metadata(abs)?.len();
         outputs.push(OutputEntry {
-            path: rel,
+            path: rel.clone(),
             size,
-            blake3: hash_file(&abs, size)?,
+            blake3: hash_file(abs, size)?,
         });
     }
+    // The marker will vouch for these bytes, so they must survive a power cut before anything
+    // names them: a processor without an SDK (a shell command, say) never syncs what it wrote.
+    // An SDK's processor synced them with its last checkpoint, and then this costs next to
+    // nothing.
+    atomic::sync_files(staged.iter().map(|(_, abs)| abs.as_path()))?;
     // Only the old outputs this publish does not produce again need naming (they are removed):
     // without them the journal's bytes are the marker's (see [`Journal`]).
     let previous_outputs = previous
