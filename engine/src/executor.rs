@@ -345,6 +345,10 @@ pub fn run(
     drop(command); // its copy of the channel's helper end
     let pid = child.id() as libc::pid_t;
     drop(child); // reaped below with wait4, which also reports resource usage
+                 // The helper began as a vfork of this process (posix_spawn), so at its exec the kernel
+                 // folded this process's peak memory into the `ru_maxrss` wait4 will report. Read after the
+                 // spawn returned (the child has exec'd by then): a `ru_maxrss` above it is the processor's.
+    let engine_peak_kb = crate::procfs::own_peak_rss_kb();
     on_spawn(pid as u32);
 
     let (tx, rx) = mpsc::channel();
@@ -370,6 +374,7 @@ pub fn run(
     let mut eof = false;
     let mut supervised = false;
     let mut kill_at: Option<Instant> = None;
+    let mut reported_peak_kb: Option<u64> = None;
     let mut exit_seen_at: Option<Instant> = None;
     // A message taken from the channel while skipping past superseded checkpoints.
     let mut held: Option<Message> = None;
@@ -425,6 +430,9 @@ pub fn run(
                 }
                 if report.error.is_some() {
                     outcome.sandbox_error = report.error;
+                }
+                if let Some(kb) = report.peak_rss_kb {
+                    reported_peak_kb = Some(kb);
                 }
                 if let Some(err) = report.exec_error {
                     outcome.protocol_error = Some(format!(
@@ -495,7 +503,11 @@ pub fn run(
     }
     outcome.user_ms = timeval_ms(usage.ru_utime);
     outcome.sys_ms = timeval_ms(usage.ru_stime);
-    outcome.max_rss_kb = usage.ru_maxrss.max(0) as u64;
+    outcome.max_rss_kb = processor_peak_kb(
+        reported_peak_kb,
+        usage.ru_maxrss.max(0) as u64,
+        engine_peak_kb,
+    );
     if let Some(cp) = grace.end(outcome.succeeded()) {
         persist(checkpoints, cp, &mut outcome, group);
     }
@@ -637,6 +649,19 @@ fn join_argv(argv: &[OsString]) -> String {
         .collect::<Vec<_>>()
         .join(" ");
     text.chars().take(200).collect()
+}
+
+/// The processor's own peak resident memory, as far as it is known: what a built-in reported;
+/// else `ru_maxrss` when it is above the engine's own peak at the spawn (the kernel folds that
+/// into a vfork child's `ru_maxrss`, so at or below it, `ru_maxrss` says nothing about the
+/// processor); else 0, and the memory watchdog's samples of the process group are what is known
+/// (the caller takes the larger).
+fn processor_peak_kb(reported: Option<u64>, ru_maxrss_kb: u64, engine_peak_kb: Option<u64>) -> u64 {
+    match (reported, engine_peak_kb) {
+        (Some(kb), _) => kb,
+        (None, Some(engine)) if ru_maxrss_kb > engine => ru_maxrss_kb,
+        _ => 0,
+    }
 }
 
 /// The supervisor thread: reads the helper's report messages from `report` (the first may carry
@@ -920,6 +945,18 @@ mod tests {
         let mut succeeded = Grace::new(t0);
         assert_eq!(succeeded.arrived(cp(2, 7), HOLD, t0 + MS, false), None);
         assert_eq!(succeeded.end(true), None, "the stage publishes");
+    }
+
+    #[test]
+    fn a_processor_peak_is_what_a_builtin_reported_or_a_maxrss_above_the_engines() {
+        // A built-in's own report wins, whatever wait4 said.
+        assert_eq!(processor_peak_kb(Some(8_000), 70_000, Some(70_000)), 8_000);
+        // Above the engine's peak: the processor's own.
+        assert_eq!(processor_peak_kb(None, 200_000, Some(70_000)), 200_000);
+        // At or below it: it may be only the engine's (the watchdog's samples decide).
+        assert_eq!(processor_peak_kb(None, 70_000, Some(70_000)), 0);
+        assert_eq!(processor_peak_kb(None, 9_000, Some(70_000)), 0);
+        assert_eq!(processor_peak_kb(None, 9_000, None), 0);
     }
 
     #[test]

@@ -39,6 +39,18 @@ pub fn stat(pid: i32) -> Option<ProcStat> {
     parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// This process's peak resident memory since its last `exec` (`VmHWM`), in KiB.
+pub fn own_peak_rss_kb() -> Option<u64> {
+    parse_peak_rss_kb(&fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The `VmHWM` of a `/proc/<pid>/status` text, in KiB.
+fn parse_peak_rss_kb(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let value = line["VmHWM:".len()..].trim().strip_suffix("kB")?;
+    value.trim().parse().ok()
+}
+
 /// Total resident memory of every process in group `pgrp`, in KiB.
 pub fn group_rss_kb(pgrp: i32) -> u64 {
     let page_kb = (rustix::param::page_size() / 1024) as u64;
@@ -57,6 +69,14 @@ pub fn group_rss_kb(pgrp: i32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_peak_resident_memory_from_a_status_text_and_of_this_process() {
+        let status = "Name:\tpipe\nVmPeak:\t  20000 kB\nVmHWM:\t    8132 kB\nVmRSS:\t    8000 kB\n";
+        assert_eq!(parse_peak_rss_kb(status), Some(8132));
+        assert_eq!(parse_peak_rss_kb("Name:\tpipe\n"), None);
+        assert!(own_peak_rss_kb().is_some_and(|kb| kb > 0));
+    }
 
     #[test]
     fn parses_stat_lines_even_with_odd_command_names() {

@@ -62,6 +62,12 @@ pub struct Report {
     /// `execve` of the processor failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_error: Option<String>,
+    /// A built-in processor ended: its peak resident memory in KiB (sent just before it exits).
+    /// The engine cannot learn it from `wait4`: the helper began as a `posix_spawn` (vfork) child
+    /// of the engine, and at its `exec` the kernel folded the engine's own peak into the
+    /// `ru_maxrss` the engine would read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_kb: Option<u64>,
 }
 
 /// Parsed arguments.
@@ -209,9 +215,18 @@ pub fn main(args: &[OsString]) -> u8 {
     if let Some(name) = builtin_of(&args.argv) {
         // A built-in processor is this very binary: run it here, confined exactly as an exec'd
         // one would be (same process, same environment), and spare a second exec of `pipe`.
-        // The report channel closes first, as close-on-exec would close it.
+        // The report channel stays open (the built-in never uses it) for the one thing the
+        // engine cannot measure itself: the processor's peak memory.
+        let code = pipe_processors::builtins::run(&name);
+        send(
+            &Report {
+                peak_rss_kb: crate::procfs::own_peak_rss_kb(),
+                ..Report::default()
+            },
+            None,
+        );
         drop(channel);
-        std::process::exit(pipe_processors::builtins::run(&name));
+        std::process::exit(code);
     }
     let err = command.exec();
     eprintln!(
