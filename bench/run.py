@@ -448,12 +448,43 @@ def section_processing(ctx: Ctx, mib: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def section_memory(ctx: Ctx) -> None:
+def memory_by_input_size(ctx: Ctx, mib: int) -> None:
+    """Peak RSS of a first `pipe build` of the demo pipeline (copy → upper, both streaming) over
+    one ASCII input of mib/64, mib/8 and mib MiB, and each processor's own peak (`maxRssKb` of the
+    run's metrics): constant with the input's size is the target for streaming stages."""
+    sizes = sorted({max(1, mib // 64), max(1, mib // 8), mib})
+    peaks = []
+    for size in sizes:
+        d = ctx.work / f"memory-{size}"
+        shutil.rmtree(d, ignore_errors=True)
+        make_text(d / "input" / "data.txt", size, "ascii")
+        (d / "Pipefile.json").write_text(json.dumps({"version": 1, "stages": [
+            {"name": "copy", "processor": {"builtin": "copy", "version": "1"}, "inputs": ["input"], "outputDir": "work"},
+            {"name": "upper", "processor": {"builtin": "upper", "version": "1"}, "inputs": ["work"],
+             "outputDir": "output"}]}))
+        wall, rss = timed_rss(f"{q(ctx.pipe)} build -q --run-id m", d)
+        stages = json.loads((d / "state" / "metrics_m.json").read_text())["stages"]
+        peaks.append((size, rss))
+        ctx.rows.append(Row("memory", f"demo (copy → upper) over {size:,} MiB", note=(
+            f"peak RSS of pipe build {rss / 1024:.1f} MiB; processors (maxRssKb) copy "
+            f"{stages['copy']['maxRssKb'] / 1024:.1f} MiB, upper {stages['upper']['maxRssKb'] / 1024:.1f} MiB "
+            f"(build {wall:.1f} s, one sample)")))
+        shutil.rmtree(d, ignore_errors=True)
+    (small, small_rss), (big, big_rss) = peaks[0], peaks[-1]
+    if big > small and small_rss:
+        ctx.rows.append(Row("memory", f"demo: peak RSS at {big:,} vs {small:,} MiB of input",
+                            ratio=big_rss / small_rss, target="constant (streaming stages)",
+                            met="yes" if big_rss <= 1.5 * small_rss else "no",
+                            note=f"{big_rss / 1024:.1f} vs {small_rss / 1024:.1f} MiB for {big / small:.0f}× the input"))
+
+
+def section_memory(ctx: Ctx, mib: int) -> None:
     if not os.path.exists("/usr/bin/time"):
         ctx.skip("memory", "peak RSS", "/usr/bin/time not installed (apt-get install time)")
         return
+    memory_by_input_size(ctx, mib)
     if not MEMORY:
-        ctx.skip("memory", "peak RSS", "no workload was built in this run (run it with noop, full or mapnoop)")
+        ctx.skip("memory", "peak RSS of a graph", "no workload was built in this run (run it with noop, full or mapnoop)")
         return
     for label, wall, first, noop in MEMORY:
         ctx.rows.append(Row("memory", label, note=f"peak RSS: first build {first / 1024:.1f} MiB, "
@@ -601,7 +632,7 @@ def main() -> int:
             if not args.keep:
                 shutil.rmtree(ctx.work / f"map-{n}", ignore_errors=True)
     if "memory" in sections:
-        section_memory(ctx)
+        section_memory(ctx, mib)
     path = write_results(ctx, args, started)
     print(path.read_text())
     log(f"results: {path}")

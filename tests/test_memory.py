@@ -44,12 +44,12 @@ def test_fingerprinting_a_big_input_keeps_peak_memory_bounded(make_project):
         f.truncate(320 * MIB)
     # --dry-run hashes the input in full every time (it writes no stat cache).
     peak = peak_rss_kib(project, "build", "--dry-run")
-    assert peak < 160 * 1024, f"peak RSS {peak} KiB while fingerprinting a 320 MiB input"
+    assert peak < 96 * 1024, f"peak RSS {peak} KiB while fingerprinting a 320 MiB input"
 
 
 def test_a_builtin_stage_reports_its_own_peak_memory_not_the_engines(make_project):
-    # The engine maps a 48 MiB input while fingerprinting it, so its own peak is well above
-    # that; `upper` streams the input through a few 1 MiB buffers. A processor starts as a
+    # The engine maps the 48 MiB input 16 MiB at a time while fingerprinting it, so its own peak
+    # is well above `upper`'s, which streams the input through a few 1 MiB buffers. A processor starts as a
     # vfork of the engine, and the kernel then counts the engine's peak in the processor's
     # ru_maxrss: the stage's `maxRssKb` must not be that.
     line = b"the quick brown fox jumps over the lazy dog 0123456789 abcdefgh\n"
@@ -60,7 +60,7 @@ def test_a_builtin_stage_reports_its_own_peak_memory_not_the_engines(make_projec
         files={"input/big.txt": line * (48 * MIB // len(line))},
     )
     engine_peak = peak_rss_kib(project, "build", "--run-id", "r")
-    assert engine_peak > 48 * 1024, f"the engine's peak ({engine_peak} KiB) is too low for this test to tell"
+    assert engine_peak > 20 * 1024, f"the engine's peak ({engine_peak} KiB) is too low for this test to tell"
     stage_peak = project.metrics("r")["stages"]["up"]["maxRssKb"]
-    assert 0 < stage_peak < 32 * 1024, f"maxRssKb {stage_peak} KiB (the engine's peak: {engine_peak} KiB)"
+    assert 0 < stage_peak < engine_peak - 8 * 1024, f"maxRssKb {stage_peak} KiB (the engine's peak: {engine_peak} KiB)"
     assert project.read("out/big.txt")[: len(line)] == line.upper()

@@ -262,7 +262,7 @@ impl StatCache {
 /// How much of a big file is mapped at once while it is hashed. Mapping the whole file made every
 /// page of it count in the engine's resident memory: a build over a 1 GiB input peaked at 1 GiB
 /// RSS. Window by window, the peak stays bounded whatever the size of the inputs.
-const HASH_WINDOW_BYTES: u64 = 64 << 20;
+const HASH_WINDOW_BYTES: u64 = 16 << 20;
 
 /// The blake3 of a file's content, hex-encoded; big files on all cores.
 pub fn hash_file(path: &Path, size: u64) -> io::Result<String> {

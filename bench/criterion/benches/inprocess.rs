@@ -1,7 +1,7 @@
 //! In-process costs the black-box benchmarks (bench/run.sh) cannot separate from process spawning:
 //!
 //! - `hash_file`: the engine's content hash of a file (blake3; reader below 16 MiB, mmap + rayon at
-//!   and above, 64 MiB mapped at a time), 1 MiB and 64 MiB, page cache warm;
+//!   and above, 16 MiB mapped at a time), 1 MiB and 64 MiB, page cache warm;
 //! - `stat_cache_hit`: the engine's per-input cost of a no-op build once the stat cache knows the
 //!   file (a `stat` and a map lookup);
 //! - `upper`: the built-in `upper` transform on a 1 MiB buffer of ASCII-only and of
