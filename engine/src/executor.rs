@@ -344,10 +344,11 @@ pub fn run(
     let child = command.spawn()?;
     drop(command); // its copy of the channel's helper end
     let pid = child.id() as libc::pid_t;
-    drop(child); // reaped below with wait4, which also reports resource usage
-                 // The helper began as a vfork of this process (posix_spawn), so at its exec the kernel
-                 // folded this process's peak memory into the `ru_maxrss` wait4 will report. Read after the
-                 // spawn returned (the child has exec'd by then): a `ru_maxrss` above it is the processor's.
+    // Reaped below with wait4, which also reports resource usage.
+    drop(child);
+    // The helper began as a vfork of this process (posix_spawn), so at its exec the kernel folded
+    // this process's peak memory into the `ru_maxrss` wait4 will report. Read after the spawn
+    // returned (the child has exec'd by then): a `ru_maxrss` above it is the processor's.
     let engine_peak_kb = crate::procfs::own_peak_rss_kb();
     on_spawn(pid as u32);
 
