@@ -435,7 +435,11 @@ pub fn main() -> ExitCode {
         }
     }
     let _ = crate::sandbox::install_engine_filter();
-    ExitCode::from(run(cli))
+    let code = run(cli);
+    // The spawn server, if a build started one, ends now and is reaped here (it would otherwise
+    // end only when this process is gone, left for init to reap).
+    crate::sandbox::zygote::shutdown();
+    ExitCode::from(code)
 }
 
 /// Whether this command line is a build that runs on Slurm: `--executor slurm`, or no

@@ -7,12 +7,13 @@
 //! stdin closed and stdout/stderr appended to a log file, an environment cut to an allowlist
 //! ([`crate::sandbox::env`]), the write end of a progress pipe as fd 3 (`PIPELINE_PROGRESS_FD=3`)
 //! and the report channel of the helper as fd 4 (close-on-exec in the helper, so the processor
-//! never sees it). The helper is started with `posix_spawn` and sets these up itself (see
-//! [`crate::sandbox::helper`]): a fork of the engine would copy its page tables, a cost that grows
-//! with the build.
+//! never sees it). The helper is forked by the build's spawn server ([`crate::sandbox::zygote`]),
+//! which reaps it and reports its end; without one it is started with `posix_spawn` and sets
+//! these up itself (see [`crate::sandbox::helper`]): a fork of the engine would copy its page
+//! tables, a cost that grows with the build.
 //!
 //! Four threads: a reader turns checkpoint lines into messages; a waiter reaps the child with
-//! `wait4` to get its resource usage; a supervisor reads the helper's report (which layers it
+//! `wait4` (or hears from the spawn server) to get its resource usage; a supervisor reads the helper's report (which layers it
 //! applied) and answers the seccomp notifications of network attempts (the offender is killed, the
 //! attempt recorded as a violation); the calling thread hands checkpoints to [`Checkpoints`]
 //! (persisted at once, or held for a grace period), enforces the timeout and the memory cap and
@@ -187,6 +188,14 @@ enum Message {
     Supervised,
 }
 
+/// How the end of the helper is learnt.
+enum Ended {
+    /// It is this process's child: `wait4`.
+    Reaped,
+    /// The spawn server reaps it and tells.
+    Told(mpsc::Receiver<sandbox::zygote::Exit>),
+}
+
 /// The helper command line of an invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
@@ -336,20 +345,45 @@ pub fn run(
         .env_clear()
         .envs(prepared.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&inv.cwd)
-        .stdin(Stdio::from(helper_end))
-        .stdout(log.try_clone()?)
-        .stderr(log)
         .process_group(0);
     let started = Instant::now();
-    let child = command.spawn()?;
-    drop(command); // its copy of the channel's helper end
-    let pid = child.id() as libc::pid_t;
-    // Reaped below with wait4, which also reports resource usage.
-    drop(child);
-    // The helper began as a vfork of this process (posix_spawn), so at its exec the kernel folded
-    // this process's peak memory into the `ru_maxrss` wait4 will report. Read after the spawn
-    // returned (the child has exec'd by then): a `ru_maxrss` above it is the processor's.
-    let engine_peak_kb = crate::procfs::own_peak_rss_kb();
+    // The spawn server forks the helper (see `sandbox::zygote`); without one, or if it fails,
+    // the helper is posix_spawned here.
+    let forked = sandbox::zygote::shared(&prepared.program).and_then(|zygote| {
+        zygote
+            .spawn(
+                &prepared.args[1..],
+                &prepared.env,
+                &inv.cwd,
+                &helper_end,
+                &log,
+            )
+            .ok()
+    });
+    let (pid, ended, engine_peak_kb) = match forked {
+        Some((pid, ended)) => {
+            drop(command);
+            drop(helper_end);
+            // Its ru_maxrss starts from the small server, not from this process.
+            (pid, Ended::Told(ended), Some(0))
+        }
+        None => {
+            command
+                .stdin(Stdio::from(helper_end))
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            let child = command.spawn()?;
+            drop(command); // its copy of the channel's helper end
+            let pid = child.id() as libc::pid_t;
+            // Reaped below with wait4, which also reports resource usage.
+            drop(child);
+            // The helper began as a vfork of this process (posix_spawn), so at its exec the
+            // kernel folded this process's peak memory into the `ru_maxrss` wait4 will report.
+            // Read after the spawn returned (the child has exec'd by then): a `ru_maxrss` above
+            // it is the processor's.
+            (pid, Ended::Reaped, crate::procfs::own_peak_rss_kb())
+        }
+    };
     on_spawn(pid as u32);
 
     let (tx, rx) = mpsc::channel();
@@ -358,7 +392,16 @@ pub fn run(
     let supervisor_tx = tx.clone();
     std::thread::spawn(move || supervise(report, wake_reader, supervisor_tx));
     std::thread::spawn(move || {
-        let (status, usage) = wait4(pid);
+        let (status, usage) = match ended {
+            Ended::Reaped => wait4(pid),
+            Ended::Told(told) => match told.recv() {
+                Ok(exit) => (exit.status, exit.usage),
+                // The server went away, and its children with it, killed by their parent-death
+                // signal: that is the status.
+                // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+                Err(_) => (libc::SIGKILL, unsafe { std::mem::zeroed() }),
+            },
+        };
         let _ = tx.send(Message::Exited { status, usage });
     });
 

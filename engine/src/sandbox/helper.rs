@@ -82,6 +82,9 @@ struct Args {
     address_space: Option<u64>,
     spec: Option<String>,
     probe: bool,
+    /// This process is already in a network namespace of its own build's making (the spawn
+    /// server's, see `sandbox::zygote`): a built-in processor stays in it.
+    shared_netns: bool,
     argv: Vec<OsString>,
 }
 
@@ -93,6 +96,7 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
         address_space: None,
         spec: None,
         probe: false,
+        shared_netns: false,
         argv: Vec::new(),
     };
     let mut it = args.iter();
@@ -130,6 +134,7 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
                 );
             }
             Some("--probe") => parsed.probe = true,
+            Some("--shared-netns") => parsed.shared_netns = true,
             Some("--") => {
                 parsed.argv = it.cloned().collect();
                 break;
@@ -198,7 +203,10 @@ pub fn main(args: &[OsString]) -> u8 {
     };
     let mut command = std::process::Command::new(program);
     command.args(&args.argv[1..]);
-    let listener = match apply(&spec, channel.is_some()) {
+    // Only a built-in (this binary's own code, which opens no socket) may share the namespace
+    // with the build's other built-ins; any other processor gets one of its own.
+    let shared_netns = args.shared_netns && builtin_of(&args.argv).is_some();
+    let listener = match apply(&spec, channel.is_some(), shared_netns) {
         Ok((layers, listener)) => {
             send(
                 &Report {
@@ -351,13 +359,23 @@ fn close_inherited_descriptors() {
 }
 
 /// Applies `spec` to this process; returns what was applied and the seccomp listener.
-fn apply(spec: &HelperSpec, notify: bool) -> Result<(Layers, Option<OwnedFd>), String> {
+fn apply(
+    spec: &HelperSpec,
+    notify: bool,
+    shared_netns: bool,
+) -> Result<(Layers, Option<OwnedFd>), String> {
     let mut layers = Layers::default();
     let parent = rustix::process::getppid();
     let death_signal = rustix::process::parent_process_death_signal()
         .ok()
         .flatten();
-    if spec.netns {
+    if spec.netns && shared_netns {
+        layers.netns = true;
+        layers.notes.push(
+            "network namespace shared with the build's other built-in processors (made once by the spawn server)"
+                .into(),
+        );
+    } else if spec.netns {
         match netns::enter() {
             Ok(how) => {
                 layers.netns = true;

@@ -27,6 +27,7 @@ pub mod netns;
 pub mod pytokens;
 pub mod scan;
 pub mod seccomp;
+pub mod zygote;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,11 @@ pub fn hidden_command() -> Option<u8> {
         helper::SUBCOMMAND => {
             let _ = install_engine_filter();
             Some(helper::main(&rest))
+        }
+        zygote::SUBCOMMAND => {
+            // Its children inherit the engine filter, as a `pipe __exec` installs it first thing.
+            let _ = install_engine_filter();
+            Some(zygote::main())
         }
         crate::slurm::submitter::SUBCOMMAND => {
             // Not filtered: this process is the one that may reach Slurm (docs/offline.md).

@@ -1,0 +1,517 @@
+//! The spawn server, `pipe __zygote`: a small single-threaded process started once per build,
+//! which forks every processor attempt's helper instead of the engine `posix_spawn`ing a fresh
+//! `pipe __exec` each time.
+//!
+//! Why: in a build of many short stages most of the CPU went to starting processes — executing
+//! the 7 MB `pipe` binary, the dynamic loader, the C and Rust runtimes' CPU-feature probes (slow
+//! under a hypervisor) — once per attempt. A fork of this already-started process skips all of
+//! that, and the child then does exactly what `pipe __exec` does (the same [`helper::main`]):
+//! the same sandbox layers, a network namespace of its own included, applied to itself before the
+//! processor runs. A second gain: the child's `ru_maxrss` starts from this small process, not from
+//! the engine (a `posix_spawn` child inherits the engine's peak, see `executor::processor_peak_kb`).
+//!
+//! The protocol, on an `AF_UNIX` `SOCK_SEQPACKET` pair (the server's end is its stdin):
+//! - engine → server, per attempt, two messages: the [`Request`] (JSON) with the helper's report
+//!   channel attached (the child's stdin), then `log` with the attempt log attached (the child's
+//!   stdout and stderr);
+//! - server → engine: per request, in order, [`Reply::Spawned`] (the pid, which is also the child's
+//!   process group) or [`Reply::Failed`]; and whenever a child ends, [`Reply::Exited`] with its
+//!   wait status and resource usage (the server is the parent that reaps it).
+//!
+//! The server runs in a process group of its own (a Ctrl-C in the terminal reaches the engine,
+//! which stops processors the usual way), never has more than one thread (so forking it is
+//! sound), and exits when the engine's end closes — also when the engine is killed. Its children
+//! arm their parent-death signal against it, as they did against the engine, so a killed engine
+//! still takes its processors along. If it cannot be started or goes away, the engine falls back
+//! to `posix_spawn`ing `pipe __exec` (`executor::run`).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::{channel, helper};
+
+/// The hidden subcommand.
+pub const SUBCOMMAND: &str = "__zygote";
+/// The second message of a request, which carries the attempt log.
+const LOG_MESSAGE: &[u8] = b"log";
+/// Where the server keeps its end of the channel (above the descriptors a child sets up).
+const CONTROL_FD: RawFd = 10;
+
+/// One helper to start: what `pipe __exec` would have been given.
+#[derive(Debug, Serialize, Deserialize)]
+struct Request {
+    /// The helper's arguments after `__exec`, without `--parent-pid` (the server adds its own).
+    args: Vec<Word>,
+    /// The whole environment.
+    env: Vec<(Word, Word)>,
+    /// The working directory.
+    cwd: Word,
+}
+
+/// An `OsString` in JSON: a string when it is UTF-8 (nearly always), else its bytes.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Word {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl From<&std::ffi::OsStr> for Word {
+    fn from(word: &std::ffi::OsStr) -> Word {
+        match word.to_str() {
+            Some(text) => Word::Text(text.to_string()),
+            None => Word::Bytes(word.as_bytes().to_vec()),
+        }
+    }
+}
+
+impl From<&Word> for OsString {
+    fn from(word: &Word) -> OsString {
+        match word {
+            Word::Text(text) => OsString::from(text),
+            Word::Bytes(bytes) => OsString::from_vec(bytes.clone()),
+        }
+    }
+}
+
+/// What the server says.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Reply {
+    Spawned {
+        pid: i32,
+    },
+    Failed {
+        error: String,
+    },
+    Exited {
+        pid: i32,
+        status: i32,
+        user_us: u64,
+        sys_us: u64,
+        max_rss_kb: u64,
+    },
+}
+
+/// How a child ended, as `wait4` reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Exit {
+    pub status: i32,
+    pub usage: libc::rusage,
+}
+
+// ------------------------------------------------------------------------------- engine side
+
+/// The engine's handle on its spawn server.
+pub struct Zygote {
+    /// The server process, reaped by [`shutdown`].
+    server: Mutex<Option<std::process::Child>>,
+    control: OwnedFd,
+    /// Held for a request and its reply: requests are answered in order.
+    requests: Mutex<mpsc::Receiver<Result<i32, String>>>,
+    exits: Arc<Mutex<Exits>>,
+}
+
+#[derive(Default)]
+struct Exits {
+    /// Children whose end someone waits for.
+    waiting: HashMap<i32, mpsc::Sender<Exit>>,
+    /// Children that ended before anyone waited.
+    early: HashMap<i32, Exit>,
+    /// The server went away: nobody learns of an end any more.
+    gone: bool,
+}
+
+static SHARED: OnceLock<Option<Zygote>> = OnceLock::new();
+
+/// This process's spawn server (started on first use with `exe`); `None` if it cannot be started.
+pub fn shared(exe: &Path) -> Option<&'static Zygote> {
+    SHARED.get_or_init(|| Zygote::start(exe).ok()).as_ref()
+}
+
+impl Zygote {
+    fn start(exe: &Path) -> io::Result<Zygote> {
+        let (control, server_end) = channel::pair()?;
+        let mut command = Command::new(exe);
+        command
+            .arg(SUBCOMMAND)
+            .env_clear()
+            .stdin(Stdio::from(server_end))
+            .stdout(Stdio::null())
+            .process_group(0);
+        let server = command.spawn()?;
+        drop(command);
+        let (replies_tx, replies) = mpsc::channel();
+        let exits = Arc::new(Mutex::new(Exits::default()));
+        let reader_exits = Arc::clone(&exits);
+        let reader = control.try_clone()?;
+        std::thread::Builder::new()
+            .name("pipe-zygote".into())
+            .spawn(move || read_replies(reader, replies_tx, reader_exits))?;
+        Ok(Zygote {
+            server: Mutex::new(Some(server)),
+            control,
+            requests: Mutex::new(replies),
+            exits,
+        })
+    }
+
+    /// Starts `pipe __exec ARGS` (`args` without the subcommand and `--parent-pid`) with `env`
+    /// in `cwd`, the report channel `stdin` as its stdin and `log` as its stdout and stderr, in a
+    /// process group of its own. Returns its pid and where its end will be told.
+    pub fn spawn(
+        &self,
+        args: &[OsString],
+        env: &[(OsString, OsString)],
+        cwd: &Path,
+        stdin: &OwnedFd,
+        log: &File,
+    ) -> io::Result<(i32, mpsc::Receiver<Exit>)> {
+        let request = Request {
+            args: args.iter().map(|a| Word::from(a.as_os_str())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (Word::from(k.as_os_str()), Word::from(v.as_os_str())))
+                .collect(),
+            cwd: Word::from(cwd.as_os_str()),
+        };
+        let bytes = serde_json::to_vec(&request).map_err(io::Error::other)?;
+        if bytes.len() > channel::MAX_MESSAGE {
+            return Err(io::Error::other(
+                "the request is too long for the spawn server",
+            ));
+        }
+        let replies = self.requests.lock().expect("not poisoned");
+        channel::send(self.control.as_fd(), &bytes, Some(stdin.as_fd()))?;
+        channel::send(self.control.as_fd(), LOG_MESSAGE, Some(log.as_fd()))?;
+        let pid = match replies.recv() {
+            Ok(Ok(pid)) => pid,
+            Ok(Err(error)) => return Err(io::Error::other(error)),
+            Err(_) => return Err(io::Error::other("the spawn server went away")),
+        };
+        drop(replies);
+        let (tx, rx) = mpsc::channel();
+        let mut exits = self.exits.lock().expect("not poisoned");
+        if let Some(exit) = exits.early.remove(&pid) {
+            let _ = tx.send(exit);
+        } else if !exits.gone {
+            exits.waiting.insert(pid, tx);
+        }
+        Ok((pid, rx))
+    }
+}
+
+/// Ends this process's spawn server, if one was started, and reaps it: its end of the channel
+/// closes, and it exits (any child still running follows by its parent-death signal). Later
+/// attempts fall back to `posix_spawn`.
+pub fn shutdown() {
+    let Some(Some(zygote)) = SHARED.get() else {
+        return;
+    };
+    // SAFETY: shutdown only changes the state of this socket, which `zygote` owns.
+    unsafe { libc::shutdown(zygote.control.as_raw_fd(), libc::SHUT_RDWR) };
+    if let Some(mut server) = zygote.server.lock().expect("not poisoned").take() {
+        let _ = server.wait();
+    }
+}
+
+/// The engine's reader of the server's replies: spawn answers go to the requester, ends to
+/// whoever waits for that child (or are kept until someone does).
+fn read_replies(
+    control: OwnedFd,
+    replies: mpsc::Sender<Result<i32, String>>,
+    exits: Arc<Mutex<Exits>>,
+) {
+    let mut buf = vec![0u8; channel::MAX_MESSAGE];
+    while let Ok(Some((n, _))) = channel::recv(control.as_fd(), &mut buf) {
+        match serde_json::from_slice::<Reply>(&buf[..n]) {
+            Ok(Reply::Spawned { pid }) => {
+                let _ = replies.send(Ok(pid));
+            }
+            Ok(Reply::Failed { error }) => {
+                let _ = replies.send(Err(error));
+            }
+            Ok(Reply::Exited {
+                pid,
+                status,
+                user_us,
+                sys_us,
+                max_rss_kb,
+            }) => {
+                // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+                let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+                usage.ru_utime = timeval(user_us);
+                usage.ru_stime = timeval(sys_us);
+                usage.ru_maxrss = max_rss_kb as libc::c_long;
+                let exit = Exit { status, usage };
+                let mut exits = exits.lock().expect("not poisoned");
+                match exits.waiting.remove(&pid) {
+                    Some(tx) => {
+                        let _ = tx.send(exit);
+                    }
+                    None => {
+                        exits.early.insert(pid, exit);
+                    }
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let mut exits = exits.lock().expect("not poisoned");
+    exits.gone = true;
+    exits.waiting.clear(); // their receivers learn that no end will be told
+}
+
+fn timeval(us: u64) -> libc::timeval {
+    libc::timeval {
+        tv_sec: (us / 1_000_000) as libc::time_t,
+        tv_usec: (us % 1_000_000) as libc::suseconds_t,
+    }
+}
+
+// ------------------------------------------------------------------------------- server side
+
+/// `pipe __zygote`: serves requests until the engine's end closes.
+pub fn main() -> u8 {
+    match serve() {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("pipe {SUBCOMMAND}: {err}");
+            1
+        }
+    }
+}
+
+fn serve() -> io::Result<()> {
+    if !channel::is_socket(0) {
+        return Err(io::Error::other(
+            "stdin must be the engine's channel (this is started by `pipe build`, not by hand)",
+        ));
+    }
+    // SAFETY: dup2/open/close only manage descriptors of this single-threaded process: the
+    // channel moves from stdin to CONTROL_FD (close-on-exec), stdin becomes /dev/null.
+    let control = unsafe {
+        if libc::dup2(0, CONTROL_FD) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(CONTROL_FD)
+    };
+    rustix::io::fcntl_setfd(&control, rustix::io::FdFlags::CLOEXEC)?;
+    let null = File::open("/dev/null")?;
+    // SAFETY: as above; /dev/null onto stdin.
+    if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(null);
+    let (wake, woken) = rustix::pipe::pipe_with(
+        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+    )?;
+    // A handler that writes a byte to `woken`'s pipe: no thread.
+    signal_hook::low_level::pipe::register(libc::SIGCHLD, File::from(woken))?;
+    // One empty network namespace for the whole build's built-in processors, made here once
+    // instead of by each of them (creating and tearing one down was the largest remaining cost
+    // of a short built-in). Only where it needs no user namespace (as root): elsewhere every
+    // processor makes its own, as before.
+    let shared_netns = super::netns::enter_privileged();
+    let mut buf = vec![0u8; channel::MAX_MESSAGE];
+    let mut pending: Option<(Request, OwnedFd)> = None;
+    loop {
+        let mut fds = [
+            rustix::event::PollFd::new(&control, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(&wake, rustix::event::PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(err) => return Err(err.into()),
+        }
+        let (control_ready, wake_ready) =
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if wake_ready {
+            let mut drain = [0u8; 64];
+            while matches!(rustix::io::read(&wake, &mut drain), Ok(n) if n > 0) {}
+            reap(&control);
+        }
+        if !control_ready {
+            continue;
+        }
+        let (n, fd) = match channel::recv(control.as_fd(), &mut buf) {
+            Ok(Some(message)) => message,
+            // The engine is gone: so are we (the children's parent-death signal follows).
+            Ok(None) | Err(_) => return Ok(()),
+        };
+        let reply = match (pending.take(), fd) {
+            (None, Some(stdin)) => match serde_json::from_slice::<Request>(&buf[..n]) {
+                Ok(request) => {
+                    pending = Some((request, stdin));
+                    continue;
+                }
+                Err(err) => Reply::Failed {
+                    error: format!("bad request: {err}"),
+                },
+            },
+            (Some((request, stdin)), Some(log)) if &buf[..n] == LOG_MESSAGE => {
+                match fork_helper(&request, &stdin, &log, control.as_raw_fd(), shared_netns) {
+                    Ok(pid) => Reply::Spawned { pid },
+                    Err(err) => Reply::Failed {
+                        error: format!("cannot fork: {err}"),
+                    },
+                }
+            }
+            _ => Reply::Failed {
+                error: "a request out of order".into(),
+            },
+        };
+        send(&control, &reply)?;
+    }
+}
+
+fn send(control: &OwnedFd, reply: &Reply) -> io::Result<()> {
+    let bytes = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    channel::send(control.as_fd(), &bytes, None)
+}
+
+/// Reaps every child that ended and tells the engine.
+fn reap(control: &OwnedFd) {
+    loop {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 writes only into the two pointers, which point to live locals.
+        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut usage) };
+        if pid <= 0 {
+            return;
+        }
+        let us = |tv: libc::timeval| tv.tv_sec.max(0) as u64 * 1_000_000 + tv.tv_usec.max(0) as u64;
+        let _ = send(
+            control,
+            &Reply::Exited {
+                pid,
+                status,
+                user_us: us(usage.ru_utime),
+                sys_us: us(usage.ru_stime),
+                max_rss_kb: usage.ru_maxrss.max(0) as u64,
+            },
+        );
+    }
+}
+
+/// Forks the child that becomes `pipe __exec ARGS`; returns its pid.
+fn fork_helper(
+    request: &Request,
+    stdin: &OwnedFd,
+    log: &OwnedFd,
+    control: RawFd,
+    shared_netns: bool,
+) -> io::Result<i32> {
+    let parent = std::process::id();
+    // SAFETY: this process has one thread, so the child is a complete copy of it; the child
+    // only sets itself up and then runs the helper, never returning here.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        std::process::exit(i32::from(become_helper(
+            request,
+            stdin,
+            log,
+            control,
+            parent,
+            shared_netns,
+        )));
+    }
+    // Also from this side, so the group exists before the engine may signal it (the child sets
+    // it too; whichever runs first wins, the other's call is harmless).
+    // SAFETY: setpgid only changes the child's process group.
+    unsafe { libc::setpgid(pid, pid) };
+    Ok(pid)
+}
+
+/// In the forked child: the process state `pipe __exec` would have had, then the helper itself.
+fn become_helper(
+    request: &Request,
+    stdin: &OwnedFd,
+    log: &OwnedFd,
+    control: RawFd,
+    parent: u32,
+    shared_netns: bool,
+) -> u8 {
+    // SAFETY: this single-threaded child only resets its own signal handling, process group and
+    // descriptors before running the helper: SIGCHLD back to default (the server's handler wrote
+    // to the server's pipe), every signal unblocked, a process group of its own, the report
+    // channel on stdin and the log on stdout and stderr, the server's channel closed.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::setpgid(0, 0);
+        if libc::dup2(stdin.as_raw_fd(), 0) < 0
+            || libc::dup2(log.as_raw_fd(), 1) < 0
+            || libc::dup2(log.as_raw_fd(), 2) < 0
+        {
+            return helper::EXIT_SETUP_FAILED;
+        }
+        libc::close(control);
+    }
+    // SAFETY: single-threaded: nothing else reads or writes the environment meanwhile.
+    for (key, _) in std::env::vars_os() {
+        std::env::remove_var(key);
+    }
+    for (key, value) in &request.env {
+        std::env::set_var(OsString::from(key), OsString::from(value));
+    }
+    if let Err(err) = std::env::set_current_dir(OsString::from(&request.cwd)) {
+        eprintln!("pipe: cannot enter the processor's working directory: {err}");
+        return helper::EXIT_SETUP_FAILED;
+    }
+    let mut args: Vec<OsString> = vec!["--parent-pid".into(), parent.to_string().into()];
+    if shared_netns {
+        args.push("--shared-netns".into());
+    }
+    args.extend(request.args.iter().map(OsString::from));
+    helper::main(&args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_cross_the_channel_as_text_or_as_bytes_and_come_back_the_same() {
+        let words = [
+            OsString::from("PATH=/usr/bin"),
+            OsString::from("naïve ✓"),
+            OsString::from_vec(vec![b'a', 0xff, 0xfe, b'z']),
+            OsString::new(),
+        ];
+        let request = Request {
+            args: words.iter().map(|w| Word::from(w.as_os_str())).collect(),
+            env: vec![(
+                Word::from(words[0].as_os_str()),
+                Word::from(words[2].as_os_str()),
+            )],
+            cwd: Word::from(words[1].as_os_str()),
+        };
+        let json = serde_json::to_string(&request).unwrap();
+        assert!(
+            json.contains(r#""PATH=/usr/bin""#),
+            "UTF-8 goes as text: {json}"
+        );
+        let back: Request = serde_json::from_str(&json).unwrap();
+        let args: Vec<OsString> = back.args.iter().map(OsString::from).collect();
+        assert_eq!(args, words);
+        assert_eq!(OsString::from(&back.env[0].1), words[2]);
+        assert_eq!(OsString::from(&back.cwd), words[1]);
+    }
+}

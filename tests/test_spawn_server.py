@@ -1,0 +1,94 @@
+"""The spawn server (`pipe __zygote`): one small process per build forks every processor attempt.
+
+Why these tests exist: a build of many short stages spent most of its CPU starting a fresh
+`pipe __exec` per attempt; the server forks them instead (docs/offline.md). What users depend on
+must not change: every processor is still confined (a network namespace of its own for any
+processor that is not a built-in), a killed build still takes its processors along, and the
+server does not outlive its build. Every wait is on a file or a process state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from blackbox import process_alive, wait_for
+
+from test_lock_and_interrupt import blocking_project, start_blocked_build
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def shell_stage(name: str, script: str) -> dict:
+    return {
+        "name": name,
+        "processor": {"command": ["/bin/sh", "-c", script], "version": "1"},
+        "inputs": ["input/a.txt"],
+        "outputDir": f"out-{name}",
+    }
+
+
+WHO = (
+    'echo "$PPID" > "$PIPELINE_OUTPUT_DIR/ppid"; '
+    'tr "\\0" " " < "/proc/$PPID/cmdline" > "$PIPELINE_OUTPUT_DIR/parent"; '
+    'readlink /proc/self/ns/net > "$PIPELINE_OUTPUT_DIR/netns"'
+)
+
+
+def test_the_processors_of_a_build_are_forked_by_one_server_that_ends_with_the_build(make_project):
+    project = make_project(
+        spec={"version": 1, "stages": [shell_stage("one", WHO), shell_stage("two", WHO)]},
+        files={"input/a.txt": "a\n"},
+    )
+    project.ok("build", "--run-id", "r")
+    read = lambda stage, name: project.read(f"out-{stage}/{name}").decode().strip()  # noqa: E731
+    server = int(read("one", "ppid"))
+    assert int(read("two", "ppid")) == server, "both processors have the same parent"
+    assert " __zygote" in read("one", "parent"), read("one", "parent")
+    # A processor that is not a built-in gets a network namespace of its own: not the other
+    # processor's, not this test's. (The server's cannot be read from inside: Landlock denies a
+    # confined process ptrace-level access to processes outside its domain.)
+    mine = os.readlink("/proc/self/ns/net")
+    spaces = {read("one", "netns"), read("two", "netns"), mine}
+    assert len(spaces) == 3, spaces
+    assert all(s.startswith("net:[") for s in spaces), spaces
+    # The server ended with the build.
+    assert "__zygote" not in cmdline(server)
+
+
+def test_a_killed_build_takes_the_server_and_its_processor_along(make_project):
+    project = blocking_project(make_project)
+    build, processor = start_blocked_build(project, "first")
+    server = parent_of(processor)
+    assert server != build.pid and " __zygote" in cmdline(server), cmdline(server)
+
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait(timeout=10)
+    wait_for(lambda: not process_alive(processor), f"processor {processor} to die with pipe", timeout=10)
+    wait_for(lambda: "__zygote" not in cmdline(server), f"spawn server {server} to end", timeout=10)
+
+
+def test_built_in_processors_share_the_servers_network_namespace_as_root(make_project):
+    project = make_project(
+        spec={"version": 1, "stages": [
+            {"name": "up", "processor": {"builtin": "upper", "version": "1"}, "inputs": ["input/a.txt"], "outputDir": "out"},
+        ]},
+        files={"input/a.txt": "a\n"},
+    )
+    project.ok("build", "--run-id", "r")
+    sandbox = project.stage_record("up")["attempts"][0]["sandbox"]
+    assert sandbox["netns"] is True and sandbox["seccomp"] is True, sandbox
+    shared = any("shared with the build's other built-in processors" in n for n in sandbox.get("notes", []))
+    assert shared == (os.geteuid() == 0), sandbox
+    assert project.read("out/a.txt") == b"A\n"
