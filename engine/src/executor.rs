@@ -13,9 +13,9 @@
 //! tables, a cost that grows with the build.
 //!
 //! Four threads: a reader turns checkpoint lines into messages; a waiter reaps the child with
-//! `wait4` (or hears from the spawn server) to get its resource usage; a supervisor reads the helper's report (which layers it
-//! applied) and answers the seccomp notifications of network attempts (the offender is killed, the
-//! attempt recorded as a violation); the calling thread hands checkpoints to [`Checkpoints`]
+//! `wait4` (or hears from the spawn server) to get its resource usage; a supervisor reads the
+//! helper's report (which layers it applied) and answers the seccomp notifications of network
+//! attempts (the offender is killed, the attempt recorded as a violation); the calling thread hands checkpoints to [`Checkpoints`]
 //! (persisted at once, or held for a grace period), enforces the timeout and the memory cap and
 //! reacts to interruption: SIGTERM to the group, a grace period, then SIGKILL. When the processor
 //! exits, whatever it left in its group is killed.
@@ -698,8 +698,9 @@ fn join_argv(argv: &[OsString]) -> String {
 /// The processor's own peak resident memory, as far as it is known: what a built-in reported;
 /// else `ru_maxrss` when it is above the engine's own peak at the spawn (the kernel folds that
 /// into a vfork child's `ru_maxrss`, so at or below it, `ru_maxrss` says nothing about the
-/// processor); else 0, and the memory watchdog's samples of the process group are what is known
-/// (the caller takes the larger).
+/// processor; a child of the spawn server passes 0 here, its `ru_maxrss` being its own); else 0,
+/// and the memory watchdog's samples of the process group are what is known (the caller takes
+/// the larger).
 fn processor_peak_kb(reported: Option<u64>, ru_maxrss_kb: u64, engine_peak_kb: Option<u64>) -> u64 {
     match (reported, engine_peak_kb) {
         (Some(kb), _) => kb,

@@ -9,10 +9,12 @@
 //! hook in the multi-threaded engine) confines itself and then *becomes* the processor with
 //! `execve`: same pid, same process group (set by the engine), same stdio and progress pipe (fd 3).
 //!
-//! The engine starts the helper with `posix_spawn` (no hook between fork and exec), which costs
-//! the same whatever the engine's size: a `fork` copies the engine's page tables, and a map stage
-//! of 20,000 items spent a third of its time there. So everything a hook used to do is done
-//! here, first thing: the report channel arrives as stdin and the engine's first message on it
+//! Normally the build's spawn server ([`super::zygote`]) forks the helper and this code runs in
+//! the forked child, set up by the server as `posix_spawn` would have. Otherwise the engine
+//! starts the helper with `posix_spawn` (no hook between fork and exec), which costs the same
+//! whatever the engine's size: a `fork` copies the engine's page tables, and a map stage of
+//! 20,000 items spent a third of its time there. Either way everything a hook used to do is done
+//! here, first thing (against the server, in its child, for the parent checks): the report channel arrives as stdin and the engine's first message on it
 //! carries the progress pipe, which goes to fd 3 (the channel to fd 4, stdin back to `/dev/null`);
 //! then the parent-death signal is armed and the engine checked to be still there; then CPU
 //! affinity and the address-space limit are set.
@@ -63,9 +65,8 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_error: Option<String>,
     /// A built-in processor ended: its peak resident memory in KiB (sent just before it exits).
-    /// The engine cannot learn it from `wait4`: the helper began as a `posix_spawn` (vfork) child
-    /// of the engine, and at its `exec` the kernel folded the engine's own peak into the
-    /// `ru_maxrss` the engine would read.
+    /// A helper `posix_spawn`ed (vfork) by the engine cannot be measured by `wait4`: at its
+    /// `exec` the kernel folded the engine's own peak into the `ru_maxrss` the engine would read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_rss_kb: Option<u64>,
 }
