@@ -323,6 +323,10 @@ fn serve() -> io::Result<()> {
     // of a short built-in). Only where it needs no user namespace (as root): elsewhere every
     // processor makes its own, as before.
     let shared_netns = super::netns::enter_privileged();
+    // The runtime's CPU-feature probe (`cpuid`, slow under a hypervisor) runs once here and its
+    // result is inherited by every fork, instead of running again in each child.
+    #[cfg(target_arch = "x86_64")]
+    let _ = std::arch::is_x86_feature_detected!("avx2");
     let mut buf = vec![0u8; channel::MAX_MESSAGE];
     let mut pending: Option<(Request, OwnedFd)> = None;
     loop {
