@@ -146,6 +146,9 @@ impl Zygote {
         command
             .arg(SUBCOMMAND)
             .env_clear()
+            // A coverage build of pipe must keep writing its profile where it was told to (each
+            // child then has the variable again from its request's environment).
+            .envs(std::env::vars_os().filter(|(k, _)| k == "LLVM_PROFILE_FILE"))
             .stdin(Stdio::from(server_end))
             .stdout(Stdio::null())
             .process_group(0);
