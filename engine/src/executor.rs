@@ -130,8 +130,10 @@ pub struct Outcome {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub duration: Duration,
-    pub user_ms: u64,
-    pub sys_ms: u64,
+    /// CPU time in microseconds (a short processor's is well below a millisecond; summed over
+    /// many attempts or map items, milliseconds per attempt would round most of it away).
+    pub user_us: u64,
+    pub sys_us: u64,
     pub max_rss_kb: u64,
     pub timed_out: bool,
     pub interrupted: bool,
@@ -545,8 +547,8 @@ pub fn run(
     } else if libc::WIFSIGNALED(status) {
         outcome.signal = Some(libc::WTERMSIG(status));
     }
-    outcome.user_ms = timeval_ms(usage.ru_utime);
-    outcome.sys_ms = timeval_ms(usage.ru_stime);
+    outcome.user_us = timeval_us(usage.ru_utime);
+    outcome.sys_us = timeval_us(usage.ru_stime);
     outcome.max_rss_kb = processor_peak_kb(
         reported_peak_kb,
         usage.ru_maxrss.max(0) as u64,
@@ -886,9 +888,9 @@ fn wait4(pid: libc::pid_t) -> (i32, libc::rusage) {
     }
 }
 
-/// A `cpu_set_t` holding `cores`.
-fn timeval_ms(tv: libc::timeval) -> u64 {
-    (tv.tv_sec.max(0) as u64) * 1000 + (tv.tv_usec.max(0) as u64) / 1000
+/// A `timeval` in microseconds.
+fn timeval_us(tv: libc::timeval) -> u64 {
+    (tv.tv_sec.max(0) as u64) * 1_000_000 + tv.tv_usec.max(0) as u64
 }
 
 /// The last `lines` lines (at most 4 KiB) of a log file.

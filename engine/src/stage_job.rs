@@ -277,6 +277,8 @@ impl StageJob {
         } else if restored {
             StageStatus::Restored
         } else {
+            // CPU of the attempts (user, system), microseconds: summed before rounding.
+            let mut cpu_us = (0u64, 0u64);
             loop {
                 attempt += 1;
                 if attempt > 1 {
@@ -327,8 +329,7 @@ impl StageJob {
                     let seen = lines_by_input.entry(input).or_default();
                     *seen = (*seen).max(lines);
                 }
-                metrics.cpu_user_ms += outcome.user_ms;
-                metrics.cpu_sys_ms += outcome.sys_ms;
+                add_cpu(metrics, &mut cpu_us, outcome.user_us, outcome.sys_us);
                 metrics.max_rss_kb = metrics
                     .max_rss_kb
                     .max(outcome.max_rss_kb)
@@ -499,11 +500,12 @@ impl StageJob {
         });
         let (mut runs, mut retries, mut failures, mut interrupted) =
             (0u32, 0u32, Vec::new(), false);
+        // CPU of every item's attempts (user, system), microseconds: summed before rounding.
+        let mut cpu_us = (0u64, 0u64);
         for (item, outcome) in results.into_inner().expect("results") {
             runs += outcome.attempts;
             retries += outcome.attempts.saturating_sub(1);
-            metrics.cpu_user_ms += outcome.user_ms;
-            metrics.cpu_sys_ms += outcome.sys_ms;
+            add_cpu(metrics, &mut cpu_us, outcome.user_us, outcome.sys_us);
             metrics.max_rss_kb = metrics.max_rss_kb.max(outcome.max_rss_kb);
             match outcome.result {
                 Ok(outputs) => {
@@ -553,8 +555,8 @@ impl StageJob {
     ) -> ItemOutcome {
         let mut outcome = ItemOutcome {
             attempts: 0,
-            user_ms: 0,
-            sys_ms: 0,
+            user_us: 0,
+            sys_us: 0,
             max_rss_kb: 0,
             result: Err(ItemFailure::Interrupted),
         };
@@ -597,8 +599,8 @@ impl StageJob {
             let inv = self.invocation(env, log.clone(), item_sandbox.clone());
             let unit = Unit::Item { index: n, batch };
             let run = self.execute(&inv, unit, tx, &mut |_: Checkpoint| Ok(()));
-            outcome.user_ms += run.user_ms;
-            outcome.sys_ms += run.sys_ms;
+            outcome.user_us += run.user_us;
+            outcome.sys_us += run.sys_us;
             outcome.max_rss_kb = outcome
                 .max_rss_kb
                 .max(run.max_rss_kb)
@@ -989,11 +991,23 @@ fn root_join(root: &Path, relative: &str) -> PathBuf {
     }
 }
 
+/// Adds an attempt's (or a map item's) CPU time, in microseconds, to `total_us` (user, system)
+/// and sets the stage's metrics from the sum: rounding each attempt to milliseconds first would
+/// drop most of a stage of many short attempts (a map stage's items are a fraction of a
+/// millisecond each when forked by the spawn server).
+fn add_cpu(metrics: &mut StageMetrics, total_us: &mut (u64, u64), user_us: u64, sys_us: u64) {
+    total_us.0 += user_us;
+    total_us.1 += sys_us;
+    metrics.cpu_user_ms = total_us.0 / 1000;
+    metrics.cpu_sys_ms = total_us.1 / 1000;
+}
+
 /// How one map item went.
 struct ItemOutcome {
     attempts: u32,
-    user_ms: u64,
-    sys_ms: u64,
+    /// CPU time of its attempts, microseconds.
+    user_us: u64,
+    sys_us: u64,
     max_rss_kb: u64,
     /// The item's output paths (relative to the output folder).
     result: Result<Vec<String>, ItemFailure>,
@@ -1200,5 +1214,22 @@ fn sleep_unless_interrupted(total: Duration, interrupt: &AtomicBool) -> bool {
             return true;
         }
         std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_of_many_short_attempts_is_summed_before_it_is_rounded() {
+        let mut metrics = StageMetrics::default();
+        let mut total = (0, 0);
+        for _ in 0..5 {
+            add_cpu(&mut metrics, &mut total, 400, 300);
+        }
+        assert_eq!((metrics.cpu_user_ms, metrics.cpu_sys_ms), (2, 1));
+        add_cpu(&mut metrics, &mut total, 1_000_000, 0);
+        assert_eq!((metrics.cpu_user_ms, metrics.cpu_sys_ms), (1002, 1));
     }
 }

@@ -149,8 +149,8 @@ impl Status {
             exit_code: outcome.exit_code,
             signal: outcome.signal,
             duration_ms: outcome.duration.as_millis() as u64,
-            user_ms: outcome.user_ms,
-            sys_ms: outcome.sys_ms,
+            user_ms: outcome.user_us / 1000,
+            sys_ms: outcome.sys_us / 1000,
             max_rss_kb: outcome.max_rss_kb,
             timed_out: outcome.timed_out,
             memory_exceeded: outcome.memory_exceeded,
@@ -172,8 +172,8 @@ impl Status {
             exit_code: self.exit_code,
             signal: self.signal,
             duration: Duration::from_millis(self.duration_ms),
-            user_ms: self.user_ms,
-            sys_ms: self.sys_ms,
+            user_us: self.user_ms * 1000,
+            sys_us: self.sys_ms * 1000,
             max_rss_kb: self.max_rss_kb,
             timed_out: self.timed_out,
             memory_exceeded: self.memory_exceeded,
@@ -294,7 +294,7 @@ mod tests {
         let outcome = Outcome {
             exit_code: Some(3),
             duration: Duration::from_millis(1500),
-            user_ms: 7,
+            user_us: 7_000,
             memory_exceeded: true,
             ..Outcome::default()
         };
