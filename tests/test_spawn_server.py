@@ -9,10 +9,17 @@ server does not outlive its build. Every wait is on a file or a process state.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
+from pathlib import Path
 
-from blackbox import process_alive, wait_for
+import pytest
+
+from blackbox import base_env, pipe_binary, process_alive, wait_for
 
 from test_lock_and_interrupt import blocking_project, start_blocked_build
 
@@ -92,3 +99,42 @@ def test_built_in_processors_share_the_servers_network_namespace_as_root(make_pr
     shared = any("shared with the build's other built-in processors" in n for n in sandbox.get("notes", []))
     assert shared == (os.geteuid() == 0), sandbox
     assert project.read("out/a.txt") == b"A\n"
+
+
+NOBODY = 65534
+
+
+def test_without_root_every_processor_makes_its_own_namespaces_under_the_server(tmp_path):
+    # The non-root path, run as `nobody` (setpriv) when the tests run as root: the server makes
+    # no namespace, and each forked processor enters a user namespace and a network namespace of
+    # its own, as a posix_spawned helper did.
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root (to become nobody) and setpriv")
+    root = Path(tempfile.mkdtemp(prefix="pipe-nobody-"))
+    try:
+        (root / "input").mkdir()
+        (root / "input" / "a.txt").write_text("a\n")
+        (root / "Pipefile.json").write_text(json.dumps({"version": 1, "stages": [
+            {"name": "up", "processor": {"builtin": "upper", "version": "1"}, "inputs": ["input"], "outputDir": "out"},
+            shell_stage("sh", 'readlink /proc/self/ns/net > "$PIPELINE_OUTPUT_DIR/netns"; '
+                              'tr "\\0" " " < "/proc/$PPID/cmdline" > "$PIPELINE_OUTPUT_DIR/parent"'),
+        ]}))
+        for path in [root, *root.rglob("*")]:
+            os.chown(path, NOBODY, NOBODY)
+        result = subprocess.run(
+            [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(pipe_binary()), "build"],
+            cwd=root, env=base_env({"HOME": str(root)}), capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert (root / "out" / "a.txt").read_text() == "A\n"
+        for stage in ("up", "sh"):
+            sandbox = json.loads((root / "state" / f"stage_{stage}.json").read_text())["attempts"][0]["sandbox"]
+            assert sandbox["netns"] and sandbox["seccomp"], sandbox
+            notes = sandbox.get("notes", [])
+            assert "network namespace inside a user namespace" in notes, sandbox
+            assert not any("shared" in n for n in notes), sandbox
+        assert (root / "out-sh" / "netns").read_text().strip() != os.readlink("/proc/self/ns/net")
+        assert " __zygote" in (root / "out-sh" / "parent").read_text(), "forked by the server"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
