@@ -32,6 +32,7 @@ use crate::stage_job::{JobMessage, JobResult, StageJob};
 use crate::state::{
     self, Metrics, RunRecord, RunStage, RunStatus, StageMetrics, StageRecord, StageStatus, Totals,
 };
+use crate::workers::Workers;
 use crate::workspace::Workspace;
 use crate::{atomic, audit, runid};
 
@@ -388,12 +389,11 @@ impl Coordinator<'_> {
         let upstream = (0..spec.stages.len()).map(|i| graph.upstream(i)).collect();
         let machine_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut sched = Scheduler::new(order, upstream, needs, capacity, machine_cores);
-        // Long-lived worker threads: a processor's parent-death signal fires when the thread that
-        // spawned it exits, so the spawning threads must outlive the processors.
-        // Built when the first stage runs: a no-op build starts no worker threads. Up to `jobs`
-        // stages run their processors while up to `PUBLISHING_PER_JOB` × `jobs` more publish
-        // (`Scheduler::release`): one thread each, so a stage that starts always finds one.
-        let mut pool: Option<rayon::ThreadPool> = None;
+        // Long-lived worker threads (see `workers`), built when the first stage runs: a no-op
+        // build starts none. Up to `jobs` stages run their processors while up to
+        // `PUBLISHING_PER_JOB` × `jobs` more publish (`Scheduler::release`): one thread each, so a
+        // stage that starts always finds one.
+        let mut pool: Option<Workers> = None;
         let (tx, rx) = mpsc::channel::<JobMessage>();
         let mut stop = false;
         loop {
@@ -430,11 +430,10 @@ impl Coordinator<'_> {
                         let tx = tx.clone();
                         let workers = match pool.take() {
                             Some(workers) => workers,
-                            None => rayon::ThreadPoolBuilder::new()
-                                .num_threads((1 + PUBLISHING_PER_JOB) * jobs as usize)
-                                .thread_name(|i| format!("pipe-worker-{i}"))
-                                .build()
-                                .map_err(io::Error::other)?,
+                            None => Workers::new(
+                                (1 + PUBLISHING_PER_JOB) * jobs as usize,
+                                "pipe-worker",
+                            )?,
                         };
                         workers.spawn(move || job.run(&tx));
                         pool = Some(workers);
