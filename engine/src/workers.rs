@@ -35,7 +35,14 @@ impl Workers {
                         Err(_) => return,
                     };
                     match job {
-                        Ok(job) => job(),
+                        // A panicking job aborts, as in a rayon pool: its stage would never report
+                        // back, and the build would wait for it forever.
+                        Ok(job) => {
+                            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err()
+                            {
+                                std::process::abort();
+                            }
+                        }
                         Err(_) => return, // the queue closed
                     }
                 })?;
