@@ -15,9 +15,10 @@
 //! Four threads: a reader turns checkpoint lines into messages; a waiter reaps the child with
 //! `wait4` (or hears from the spawn server) to get its resource usage; a supervisor reads the
 //! helper's report (which layers it applied) and answers the seccomp notifications of network
-//! attempts (the offender is killed, the attempt recorded as a violation); the calling thread hands checkpoints to [`Checkpoints`]
-//! (persisted at once, or held for a grace period), enforces the timeout and the memory cap and
-//! reacts to interruption: SIGTERM to the group, a grace period, then SIGKILL. When the processor
+//! attempts (the offender is killed, the attempt recorded as a violation); the calling thread
+//! hands checkpoints to [`Checkpoints`] (persisted at once, or held for a grace period), enforces
+//! the timeout and the memory cap and reacts to interruption: SIGTERM to the group, a grace
+//! period, then SIGKILL. When the processor
 //! exits, whatever it left in its group is killed.
 
 use std::ffi::{OsStr, OsString};
@@ -36,6 +37,7 @@ use pipe_processors::checkpoint::Checkpoint;
 
 use crate::procfs;
 use crate::sandbox::helper::{self, Report};
+use crate::sandbox::zygote::Exit;
 use crate::sandbox::{self, channel, seccomp, Layers, Policy, Violation};
 use rustix::process::{Pid, Signal};
 
@@ -180,10 +182,7 @@ impl Outcome {
 enum Message {
     Line(Result<Checkpoint, String>),
     Eof,
-    Exited {
-        status: i32,
-        usage: libc::rusage,
-    },
+    Exited(Exit),
     Report(Report),
     Violation(Violation),
     /// The supervisor drained the notifications and stopped.
@@ -195,7 +194,7 @@ enum Ended {
     /// It is this process's child: `wait4`.
     Reaped,
     /// The spawn server reaps it and tells.
-    Told(mpsc::Receiver<sandbox::zygote::Exit>),
+    Told(mpsc::Receiver<Exit>),
 }
 
 /// The helper command line of an invocation.
@@ -338,16 +337,6 @@ pub fn run(
     )?;
     drop(writer);
     let (wake_reader, wake_writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let mut command = Command::new(&prepared.program);
-    let (subcommand, rest) = prepared.args.split_at(1);
-    command
-        .args(subcommand)
-        .args(["--parent-pid".to_string(), std::process::id().to_string()])
-        .args(rest)
-        .env_clear()
-        .envs(prepared.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&inv.cwd)
-        .process_group(0);
     let started = Instant::now();
     // The spawn server forks the helper (see `sandbox::zygote`); without one, or if it fails,
     // the helper is posix_spawned here.
@@ -362,20 +351,26 @@ pub fn run(
             )
             .ok()
     });
-    let (pid, ended, engine_peak_kb) = match forked {
+    let (pid, ended, inherited_kb) = match forked {
         Some((pid, ended)) => {
-            drop(command);
             drop(helper_end);
-            // Its ru_maxrss starts from the small server, not from this process.
+            // Its ru_maxrss starts from the small server: nothing of this process's is in it.
             (pid, Ended::Told(ended), Some(0))
         }
         None => {
-            command
+            let (subcommand, rest) = prepared.args.split_at(1);
+            let child = Command::new(&prepared.program)
+                .args(subcommand)
+                .args(["--parent-pid".to_string(), std::process::id().to_string()])
+                .args(rest)
+                .env_clear()
+                .envs(prepared.env.iter().map(|(k, v)| (k, v)))
+                .current_dir(&inv.cwd)
+                .process_group(0)
                 .stdin(Stdio::from(helper_end))
                 .stdout(log.try_clone()?)
-                .stderr(log);
-            let child = command.spawn()?;
-            drop(command); // its copy of the channel's helper end
+                .stderr(log)
+                .spawn()?;
             let pid = child.id() as libc::pid_t;
             // Reaped below with wait4, which also reports resource usage.
             drop(child);
@@ -394,17 +389,14 @@ pub fn run(
     let supervisor_tx = tx.clone();
     std::thread::spawn(move || supervise(report, wake_reader, supervisor_tx));
     std::thread::spawn(move || {
-        let (status, usage) = match ended {
-            Ended::Reaped => wait4(pid),
-            Ended::Told(told) => match told.recv() {
-                Ok(exit) => (exit.status, exit.usage),
-                // The server went away, and its children with it, killed by their parent-death
-                // signal: that is the status.
-                // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-                Err(_) => (libc::SIGKILL, unsafe { std::mem::zeroed() }),
-            },
+        // Neither fails but when the child is gone untold (the spawn server went away, taking
+        // its children along; or, never seen, `wait4` found no such child): that ends the
+        // attempt as killed, never as a success.
+        let exit = match ended {
+            Ended::Reaped => Exit::wait(pid, true).map(|(_, exit)| exit),
+            Ended::Told(told) => told.recv().ok(),
         };
-        let _ = tx.send(Message::Exited { status, usage });
+        let _ = tx.send(Message::Exited(exit.unwrap_or_else(Exit::killed)));
     });
 
     let group = Pid::from_raw(pid).expect("child pid is positive");
@@ -493,11 +485,11 @@ pub fn run(
                 outcome.violations.push(v);
             }
             Ok(Message::Supervised) => supervised = true,
-            Ok(Message::Exited { status, usage }) => {
+            Ok(Message::Exited(exit)) => {
                 outcome.duration = started.elapsed();
                 // Anything the processor left behind in its group goes with it.
                 let _ = rustix::process::kill_process_group(group, Signal::KILL);
-                exited = Some((status, usage));
+                exited = Some(exit);
                 exit_seen_at = Some(Instant::now());
                 // Let the supervisor take what is pending, then stop.
                 if let Some(w) = wake.take() {
@@ -541,19 +533,15 @@ pub fn run(
             }
         }
     }
-    let (status, usage) = exited.ok_or_else(|| io::Error::other("lost track of the processor"))?;
-    if libc::WIFEXITED(status) {
-        outcome.exit_code = Some(libc::WEXITSTATUS(status));
-    } else if libc::WIFSIGNALED(status) {
-        outcome.signal = Some(libc::WTERMSIG(status));
+    let exit = exited.ok_or_else(|| io::Error::other("lost track of the processor"))?;
+    if libc::WIFEXITED(exit.status) {
+        outcome.exit_code = Some(libc::WEXITSTATUS(exit.status));
+    } else if libc::WIFSIGNALED(exit.status) {
+        outcome.signal = Some(libc::WTERMSIG(exit.status));
     }
-    outcome.user_us = timeval_us(usage.ru_utime);
-    outcome.sys_us = timeval_us(usage.ru_stime);
-    outcome.max_rss_kb = processor_peak_kb(
-        reported_peak_kb,
-        usage.ru_maxrss.max(0) as u64,
-        engine_peak_kb,
-    );
+    outcome.user_us = exit.user_us;
+    outcome.sys_us = exit.sys_us;
+    outcome.max_rss_kb = processor_peak_kb(reported_peak_kb, exit.max_rss_kb, inherited_kb);
     if let Some(cp) = grace.end(outcome.succeeded()) {
         persist(checkpoints, cp, &mut outcome, group);
     }
@@ -698,15 +686,15 @@ fn join_argv(argv: &[OsString]) -> String {
 }
 
 /// The processor's own peak resident memory, as far as it is known: what a built-in reported;
-/// else `ru_maxrss` when it is above the engine's own peak at the spawn (the kernel folds that
-/// into a vfork child's `ru_maxrss`, so at or below it, `ru_maxrss` says nothing about the
-/// processor; a child of the spawn server passes 0 here, its `ru_maxrss` being its own); else 0,
-/// and the memory watchdog's samples of the process group are what is known (the caller takes
-/// the larger).
-fn processor_peak_kb(reported: Option<u64>, ru_maxrss_kb: u64, engine_peak_kb: Option<u64>) -> u64 {
-    match (reported, engine_peak_kb) {
+/// else `ru_maxrss` when it is above `inherited_kb`, the most of it that may come from the
+/// spawning parent (0 for a child of the spawn server; the engine's own peak at the spawn for a
+/// `posix_spawn`ed one, since the kernel folds the parent's peak into a vfork child's
+/// `ru_maxrss`; `None`: unknown); else 0, and the memory watchdog's samples of the process group
+/// are what is known (the caller takes the larger).
+fn processor_peak_kb(reported: Option<u64>, ru_maxrss_kb: u64, inherited_kb: Option<u64>) -> u64 {
+    match (reported, inherited_kb) {
         (Some(kb), _) => kb,
-        (None, Some(engine)) if ru_maxrss_kb > engine => ru_maxrss_kb,
+        (None, Some(inherited)) if ru_maxrss_kb > inherited => ru_maxrss_kb,
         _ => 0,
     }
 }
@@ -873,24 +861,6 @@ fn read_checkpoints(pipe: File, tx: mpsc::Sender<Message>) {
         }
     }
     let _ = tx.send(Message::Eof);
-}
-
-fn wait4(pid: libc::pid_t) -> (i32, libc::rusage) {
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: wait4 writes only into the two pointers, which point to live locals.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if r == pid || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return (status, usage);
-        }
-    }
-}
-
-/// A `timeval` in microseconds.
-fn timeval_us(tv: libc::timeval) -> u64 {
-    (tv.tv_sec.max(0) as u64) * 1_000_000 + tv.tv_usec.max(0) as u64
 }
 
 /// The last `lines` lines (at most 4 KiB) of a log file.

@@ -88,26 +88,63 @@ impl From<&Word> for OsString {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 enum Reply {
-    Spawned {
-        pid: i32,
-    },
-    Failed {
-        error: String,
-    },
-    Exited {
-        pid: i32,
-        status: i32,
-        user_us: u64,
-        sys_us: u64,
-        max_rss_kb: u64,
-    },
+    Spawned { pid: i32 },
+    Failed { error: String },
+    Exited { pid: i32, exit: Exit },
 }
 
-/// How a child ended, as `wait4` reports it.
-#[derive(Debug, Clone, Copy)]
+/// How a child ended: its wait status and what its `rusage` says (the same whether the engine
+/// reaped it or this server did).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Exit {
     pub status: i32,
-    pub usage: libc::rusage,
+    /// CPU time in microseconds.
+    pub user_us: u64,
+    pub sys_us: u64,
+    /// `ru_maxrss`, KiB.
+    pub max_rss_kb: u64,
+}
+
+impl Exit {
+    /// Killed by `SIGKILL`, nothing measured: a child of a server that went away (its
+    /// parent-death signal took it along), whose end nobody can tell any more.
+    pub fn killed() -> Exit {
+        Exit {
+            status: libc::SIGKILL,
+            user_us: 0,
+            sys_us: 0,
+            max_rss_kb: 0,
+        }
+    }
+
+    /// `wait4(pid)`: the end of child `pid` (-1: any child), with its pid; `None` if no child
+    /// has ended and `block` is false, or if there is no such child.
+    pub fn wait(pid: libc::pid_t, block: bool) -> Option<(libc::pid_t, Exit)> {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let flags = if block { 0 } else { libc::WNOHANG };
+        loop {
+            // SAFETY: wait4 writes only into the two pointers, which point to live locals.
+            let r = unsafe { libc::wait4(pid, &mut status, flags, &mut usage) };
+            if r > 0 {
+                let us = |tv: libc::timeval| {
+                    tv.tv_sec.max(0) as u64 * 1_000_000 + tv.tv_usec.max(0) as u64
+                };
+                let exit = Exit {
+                    status,
+                    user_us: us(usage.ru_utime),
+                    sys_us: us(usage.ru_stime),
+                    max_rss_kb: usage.ru_maxrss.max(0) as u64,
+                };
+                return Some((r, exit));
+            }
+            if r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return None;
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------- engine side
@@ -244,19 +281,7 @@ fn read_replies(
             Ok(Reply::Failed { error }) => {
                 let _ = replies.send(Err(error));
             }
-            Ok(Reply::Exited {
-                pid,
-                status,
-                user_us,
-                sys_us,
-                max_rss_kb,
-            }) => {
-                // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-                let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-                usage.ru_utime = timeval(user_us);
-                usage.ru_stime = timeval(sys_us);
-                usage.ru_maxrss = max_rss_kb as libc::c_long;
-                let exit = Exit { status, usage };
+            Ok(Reply::Exited { pid, exit }) => {
                 let mut exits = exits.lock().expect("not poisoned");
                 match exits.waiting.remove(&pid) {
                     Some(tx) => {
@@ -273,13 +298,6 @@ fn read_replies(
     let mut exits = exits.lock().expect("not poisoned");
     exits.gone = true;
     exits.waiting.clear(); // their receivers learn that no end will be told
-}
-
-fn timeval(us: u64) -> libc::timeval {
-    libc::timeval {
-        tv_sec: (us / 1_000_000) as libc::time_t,
-        tv_usec: (us % 1_000_000) as libc::suseconds_t,
-    }
 }
 
 // ------------------------------------------------------------------------------- server side
@@ -389,26 +407,8 @@ fn send(control: &OwnedFd, reply: &Reply) -> io::Result<()> {
 
 /// Reaps every child that ended and tells the engine.
 fn reap(control: &OwnedFd) {
-    loop {
-        let mut status = 0;
-        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: wait4 writes only into the two pointers, which point to live locals.
-        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut usage) };
-        if pid <= 0 {
-            return;
-        }
-        let us = |tv: libc::timeval| tv.tv_sec.max(0) as u64 * 1_000_000 + tv.tv_usec.max(0) as u64;
-        let _ = send(
-            control,
-            &Reply::Exited {
-                pid,
-                status,
-                user_us: us(usage.ru_utime),
-                sys_us: us(usage.ru_stime),
-                max_rss_kb: usage.ru_maxrss.max(0) as u64,
-            },
-        );
+    while let Some((pid, exit)) = Exit::wait(-1, false) {
+        let _ = send(control, &Reply::Exited { pid, exit });
     }
 }
 
@@ -471,7 +471,7 @@ fn become_helper(
         }
         libc::close(control);
     }
-    // SAFETY: single-threaded: nothing else reads or writes the environment meanwhile.
+    // Single-threaded: nothing else reads or writes the environment meanwhile.
     for (key, _) in std::env::vars_os() {
         std::env::remove_var(key);
     }
@@ -493,6 +493,28 @@ fn become_helper(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_childs_end_is_its_wait_status_and_rusage_and_crosses_the_channel_unchanged() {
+        let child = Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        drop(child); // reaped by `Exit::wait`
+        let (reaped, exit) = Exit::wait(pid, true).unwrap();
+        assert_eq!(reaped, pid);
+        assert!(libc::WIFEXITED(exit.status) && libc::WEXITSTATUS(exit.status) == 3);
+        assert!(exit.max_rss_kb > 0, "{exit:?}");
+        assert!(Exit::wait(pid, true).is_none(), "reaped once");
+        let killed = Exit::killed();
+        assert!(libc::WIFSIGNALED(killed.status) && libc::WTERMSIG(killed.status) == libc::SIGKILL);
+        let json = serde_json::to_vec(&Reply::Exited { pid, exit }).unwrap();
+        match serde_json::from_slice::<Reply>(&json).unwrap() {
+            Reply::Exited {
+                pid: back,
+                exit: same,
+            } => assert_eq!((back, same), (pid, exit)),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn words_cross_the_channel_as_text_or_as_bytes_and_come_back_the_same() {
