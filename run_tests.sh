@@ -55,6 +55,14 @@ export COVERAGE_FILE="$ROOT/target/python.coverage"
 .venv/bin/python -m pytest tests -p no:cacheprovider -q -rs \
   --cov=processors/python --cov-report=term-missing:skip-covered --cov-fail-under="$PY_MIN"
 
+step "black-box tests again with the spawn server off (the posix_spawn fallback)"
+# A build forks its processors from a spawn server (docs/offline.md); when that server cannot be
+# started, every attempt is posix_spawned instead. PIPE_SPAWN_SERVER=off takes that path on
+# purpose: the kill, interrupt, sandbox, memory, orphan and retry behaviour must be the same.
+PIPE_SPAWN_SERVER=off .venv/bin/python -m pytest -p no:cacheprovider -q \
+  tests/test_lock_and_interrupt.py tests/test_offline.py tests/test_memory.py \
+  tests/test_orphans.py tests/test_failure_retry.py
+
 step "Rust coverage (cargo tests + pytest runs of the binary)"
 cargo llvm-cov report --summary-only --fail-under-lines "$RUST_MIN"
 

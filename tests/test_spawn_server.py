@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from blackbox import base_env, pipe_binary, process_alive, wait_for
+from blackbox import base_env, pipe_binary, process_alive, wait_for, wait_for_file
 
 from test_lock_and_interrupt import blocking_project, start_blocked_build
 
@@ -99,6 +99,59 @@ def test_built_in_processors_share_the_servers_network_namespace_as_root(make_pr
     shared = any("shared with the build's other built-in processors" in n for n in sandbox.get("notes", []))
     assert shared == (os.geteuid() == 0), sandbox
     assert project.read("out/a.txt") == b"A\n"
+
+
+OFF = {"PIPE_SPAWN_SERVER": "off"}
+
+
+def test_with_the_server_off_every_processor_is_posix_spawned_by_pipe_itself(make_project):
+    # The fallback path (also taken when the server cannot be started), chosen on purpose: no
+    # server, each processor a child of the build, each with a network namespace of its own, the
+    # built-ins' too (nothing is shared without the server).
+    project = make_project(
+        spec={"version": 1, "stages": [
+            shell_stage("one", WHO), shell_stage("two", WHO),
+            {"name": "up", "processor": {"builtin": "upper", "version": "1"}, "inputs": ["input/a.txt"], "outputDir": "out"},
+        ]},
+        files={"input/a.txt": "a\n"},
+    )
+    build = project.start("build", "--run-id", "r", env=OFF)
+    _, stderr = build.communicate(timeout=60)
+    assert build.returncode == 0, stderr
+    read = lambda stage, name: project.read(f"out-{stage}/{name}").decode().strip()  # noqa: E731
+    for stage in ("one", "two"):
+        assert int(read(stage, "ppid")) == build.pid, (stage, read(stage, "ppid"), build.pid)
+        assert "__zygote" not in read(stage, "parent") and " build" in read(stage, "parent"), read(stage, "parent")
+    spaces = {read("one", "netns"), read("two", "netns"), os.readlink("/proc/self/ns/net")}
+    assert len(spaces) == 3, spaces
+    sandbox = project.stage_record("up")["attempts"][0]["sandbox"]
+    assert sandbox["netns"] is True and sandbox["seccomp"] is True, sandbox
+    assert not any("shared" in n for n in sandbox.get("notes", [])), sandbox
+    assert project.read("out/a.txt") == b"A\n"
+
+
+def test_with_the_server_off_a_killed_build_still_takes_its_processor_along(make_project):
+    project = blocking_project(make_project)
+    build = project.start("build", "--run-id", "first", env=OFF)
+    wait_for_file(project.path("started"), proc=build)
+    wait_for_file(project.path("proc.pid"), proc=build)
+    processor = int(project.path("proc.pid").read_text())
+    # The processor is the helper's pid (it execs): posix_spawned by the build itself.
+    assert parent_of(processor) == build.pid, (parent_of(processor), build.pid)
+
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait(timeout=10)
+    wait_for(lambda: not process_alive(processor), f"processor {processor} to die with pipe", timeout=10)
+
+
+def test_a_misspelt_switch_warns_and_keeps_the_server(make_project):
+    project = make_project(
+        spec={"version": 1, "stages": [shell_stage("one", WHO)]},
+        files={"input/a.txt": "a\n"},
+    )
+    result = project.ok("build", "--run-id", "r", env={"PIPE_SPAWN_SERVER": "of"})
+    assert "PIPE_SPAWN_SERVER=of is neither `on` nor `off`" in result.stderr, str(result)
+    assert " __zygote" in project.read("out-one/parent").decode()
 
 
 NOBODY = 65534

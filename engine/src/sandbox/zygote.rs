@@ -171,9 +171,38 @@ struct Exits {
 
 static SHARED: OnceLock<Option<Zygote>> = OnceLock::new();
 
-/// This process's spawn server (started on first use with `exe`); `None` if it cannot be started.
+/// The environment variable that turns the spawn server off (`off`): every attempt is then
+/// `posix_spawn`ed, as when the server cannot be started. For a machine where forking the server
+/// misbehaves, and for the tests of that path.
+pub const SWITCH_ENV: &str = "PIPE_SPAWN_SERVER";
+
+/// This process's spawn server (started on first use with `exe`); `None` if it cannot be started
+/// or [`SWITCH_ENV`] turns it off.
 pub fn shared(exe: &Path) -> Option<&'static Zygote> {
-    SHARED.get_or_init(|| Zygote::start(exe).ok()).as_ref()
+    SHARED
+        .get_or_init(|| {
+            if !wanted(std::env::var_os(SWITCH_ENV).as_deref()) {
+                return None;
+            }
+            Zygote::start(exe).ok()
+        })
+        .as_ref()
+}
+
+/// Whether [`SWITCH_ENV`]'s value asks for the server: unset, empty or `on` do, `off` does not.
+/// Anything else keeps it on, with a warning (once per build: the answer is kept).
+fn wanted(value: Option<&std::ffi::OsStr>) -> bool {
+    match value.map(|v| v.to_str()) {
+        None | Some(Some("" | "on")) => true,
+        Some(Some("off")) => false,
+        Some(other) => {
+            eprintln!(
+                "pipe: warning: {SWITCH_ENV}={} is neither `on` nor `off`; using the spawn server",
+                other.unwrap_or("<not UTF-8>")
+            );
+            true
+        }
+    }
 }
 
 impl Zygote {
@@ -493,6 +522,20 @@ fn become_helper(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_off_turns_the_server_off() {
+        use std::ffi::OsStr;
+        assert!(wanted(None));
+        assert!(wanted(Some(OsStr::new(""))));
+        assert!(wanted(Some(OsStr::new("on"))));
+        assert!(!wanted(Some(OsStr::new("off"))));
+        // A misspelling keeps the default (and warns), rather than silently changing the path.
+        assert!(wanted(Some(OsStr::new("0ff"))));
+        assert!(wanted(Some(std::os::unix::ffi::OsStrExt::from_bytes(
+            b"\xff"
+        ))));
+    }
 
     #[test]
     fn a_childs_end_is_its_wait_status_and_rusage_and_crosses_the_channel_unchanged() {
