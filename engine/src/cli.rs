@@ -526,6 +526,17 @@ fn run(cli: Cli) -> u8 {
                     }),
                 _ => None,
             };
+            // So is the sandbox probe (a process of its own) run, when a build will want it.
+            let probe = match &command {
+                Command::Build(args)
+                    if !args.dry_run && args.offline_guard == offline::OfflineGuard::Strict =>
+                {
+                    std::env::current_exe()
+                        .ok()
+                        .map(crate::sandbox::Probe::start)
+                }
+                _ => None,
+            };
             let (spec, graph) = match load(&file, &out) {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
@@ -537,7 +548,7 @@ fn run(cli: Cli) -> u8 {
                 Command::Build(args) if args.dry_run => {
                     dry_run(&spec, &graph, &args.stages, &out, false).0
                 }
-                Command::Build(args) => run_build(&spec, &graph, args, memo, &out),
+                Command::Build(args) => run_build(&spec, &graph, args, memo, probe, &out),
                 Command::Status { exit_code } => {
                     let (code, would_run) = dry_run(&spec, &graph, &[], &out, true);
                     if code == EXIT_OK && exit_code && would_run {
@@ -693,6 +704,7 @@ fn run_build(
     graph: &Graph,
     args: BuildArgs,
     memo: Option<crate::memo::Reading>,
+    probe: Option<crate::sandbox::ProbeRun>,
     out: &Output,
 ) -> u8 {
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -715,7 +727,10 @@ fn run_build(
         &args.stages,
         args.offline_guard,
         args.sandbox_debug,
-        &exe,
+        || match probe {
+            Some(started) => started.wait(),
+            None => crate::sandbox::Probe::run(&exe),
+        },
         out,
     ) {
         Ok(options) => options,

@@ -1,8 +1,6 @@
 //! The offline guard on the command line: the static scan's report, the preflight of a build
 //! (scan, then which runtime layers this machine offers), and `pipe check [--sandbox]`.
 
-use std::path::Path;
-
 use super::{Output, EXIT_FAILED, EXIT_INVALID, EXIT_OK};
 use crate::graph::Graph;
 use crate::sandbox::{self, canary, scan, Guard, Options, Probe};
@@ -60,14 +58,15 @@ fn report_scan(
 }
 
 /// Before a build: the static scan of the selected stages, then (strict guard) the probe of the
-/// runtime layers. The sandbox options, or the exit code when the build must not start.
+/// runtime layers (`probe` gives its report). The sandbox options, or the exit code when the build
+/// must not start.
 pub(super) fn preflight(
     spec: &Spec,
     graph: &Graph,
     targets: &[String],
     guard: OfflineGuard,
     debug: bool,
-    exe: &Path,
+    probe: impl FnOnce() -> Result<Probe, String>,
     out: &Output,
 ) -> Result<Options, u8> {
     let selected = match crate::build::selection(spec, graph, targets) {
@@ -98,7 +97,7 @@ pub(super) fn preflight(
             allowed_findings,
         });
     }
-    let probe = match Probe::run(exe) {
+    let probe = match probe() {
         Ok(p) => p,
         Err(err) => {
             out.error(&format!("cannot probe the offline sandbox: {err}"));

@@ -141,6 +141,19 @@ impl Probe {
         .join("\n")
     }
 
+    /// Starts [`Probe::run`] on a thread of its own, so that the probe process runs while the
+    /// Pipefile is read and validated (it is a fresh `pipe` process: ~2 ms, a tenth of a no-op
+    /// build of 1,000 stages, spent waiting).
+    pub fn start(exe: std::path::PathBuf) -> ProbeRun {
+        match std::thread::Builder::new()
+            .name("pipe-probe".into())
+            .spawn(move || Probe::run(&exe))
+        {
+            Ok(running) => ProbeRun(Ok(running)),
+            Err(err) => ProbeRun(Err(format!("cannot start the sandbox probe: {err}"))),
+        }
+    }
+
     /// Runs `exe __exec --probe` and reads its report.
     pub fn run(exe: &Path) -> Result<Probe, String> {
         let out = std::process::Command::new(exe)
@@ -157,6 +170,18 @@ impl Probe {
                 String::from_utf8_lossy(&out.stderr).trim()
             )
         })
+    }
+}
+
+/// A probe started by [`Probe::start`].
+pub struct ProbeRun(Result<std::thread::JoinHandle<Result<Probe, String>>, String>);
+
+impl ProbeRun {
+    /// The probe's report (waits for it).
+    pub fn wait(self) -> Result<Probe, String> {
+        self.0?
+            .join()
+            .unwrap_or_else(|_| Err("the sandbox probe panicked".into()))
     }
 }
 
