@@ -308,21 +308,23 @@ pub fn run<T: ChunkTransform>(
     ctx: &mut Context,
     transform: &mut T,
 ) -> Result<Summary, ProcessorError> {
-    // The affinity and CPU quota the engine gives the stage count here: with one CPU a writer
-    // thread could overlap no work, only add thread switches.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let writing = if threads > 1 {
-        Writing::Adaptive
-    } else {
-        Writing::Here
-    };
-    run_writing(ctx, transform, writing)
+    run_writing(ctx, transform, Writing::Adaptive)
+}
+
+/// Whether the stage may use more than one CPU: the affinity and CPU quota the engine gives it
+/// count here, and with one CPU a writer thread could overlap no work, only add thread switches.
+/// Asked only once a writer thread would pay: the answer costs the cgroup's quota files (three
+/// opens and reads), which a processor of a few small files would otherwise pay every attempt.
+fn more_than_one_cpu() -> bool {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) > 1
 }
 
 /// Where the output is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Writing {
-    /// On the calling thread throughout (one CPU).
+    /// On the calling thread throughout (what [`Writing::Adaptive`] amounts to on one CPU; the
+    /// tests compare the three).
+    #[cfg(test)]
     Here,
     /// On a writer thread throughout.
     Thread,
@@ -525,7 +527,11 @@ impl Runner {
                     if self.writer.adaptive
                         && writer_thread_pays(self.summary.input_bytes, self.summary.checkpoints)
                     {
-                        self.writer.go_threaded();
+                        if more_than_one_cpu() {
+                            self.writer.go_threaded();
+                        } else {
+                            self.writer.adaptive = false;
+                        }
                     }
                     let rest = filled - begin;
                     if self.writer.writes_here() {
