@@ -385,10 +385,10 @@ pub fn run(
 
     let (tx, rx) = mpsc::channel();
     let lines_tx = tx.clone();
-    std::thread::spawn(move || read_checkpoints(File::from(reader), lines_tx));
+    crate::workers::run_detached(move || read_checkpoints(File::from(reader), lines_tx));
     let supervisor_tx = tx.clone();
-    std::thread::spawn(move || supervise(report, wake_reader, supervisor_tx));
-    std::thread::spawn(move || {
+    crate::workers::run_detached(move || supervise(report, wake_reader, supervisor_tx));
+    crate::workers::run_detached(move || {
         // Neither fails but when the child is gone untold (the spawn server went away, taking
         // its children along; or, never seen, `wait4` found no such child): that ends the
         // attempt as killed, never as a success.
