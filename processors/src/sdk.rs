@@ -1005,7 +1005,14 @@ impl SyncJob {
 }
 
 /// The thread that makes outputs durable and reports checkpoints, in order.
+///
+/// Started by the first checkpoint that is not small: a stage of a few small files has one
+/// checkpoint, at its end, whose sync nothing could overlap, and it is made durable and reported
+/// on the calling thread instead (a thread's start and end were a visible part of such an
+/// attempt).
 struct Syncer {
+    /// Until the thread starts, what it will own.
+    idle: Option<Reporter>,
     tx: Option<std::sync::mpsc::SyncSender<SyncJob>>,
     handle: Option<std::thread::JoinHandle<Result<(), ProcessorError>>>,
     /// Weight of the checkpoints sent and not yet reported: beyond [`MIN_BACKLOG_JOBS`]
@@ -1017,21 +1024,78 @@ struct Syncer {
     sent_jobs: u64,
     reported_jobs: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// One message per batch the syncer thread finished (wakes a sender waiting on the backlog).
-    acks: std::sync::mpsc::Receiver<()>,
+    acks: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+/// A first checkpoint covering at most this much input is synced and reported on the calling
+/// thread (see [`Syncer`]); any other starts the syncer thread.
+const INLINE_FIRST_JOB: u64 = 64 << 10;
+
+/// What makes checkpoints durable and reports them: the progress pipe, the staging root (for
+/// `syncfs`) and the test switch's line tally.
+struct Reporter {
+    progress: Option<File>,
+    staging_root: PathBuf,
+    line_tally: Option<PathBuf>,
+}
+
+impl Reporter {
+    /// Makes `batch` durable (one group commit, see [`sync_batch`]) and reports its checkpoints,
+    /// in order. Returns the batch's weight.
+    fn sync_and_report(&mut self, batch: Vec<SyncJob>) -> Result<u64, ProcessorError> {
+        sync_batch(&batch, &self.staging_root)?;
+        let weight: u64 = batch.iter().map(|j| j.weight).sum();
+        for (checkpoint, lines) in batch.into_iter().flat_map(|job| job.checkpoints) {
+            if let Some(progress) = &mut self.progress {
+                progress
+                    .write_all(checkpoint.to_line().as_bytes())
+                    .map_err(ProcessorError::io(
+                        "writing a checkpoint to",
+                        Path::new("PIPELINE_PROGRESS_FD"),
+                    ))?;
+                crate::failpoint::hit("sdk.after-checkpoint-sent");
+            }
+            if let Some(tally) = &self.line_tally {
+                let mut file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(tally)
+                    .map_err(ProcessorError::io("opening the line tally", tally))?;
+                writeln!(file, "{lines}")
+                    .map_err(ProcessorError::io("writing the line tally", tally))?;
+            }
+        }
+        Ok(weight)
+    }
 }
 
 impl Syncer {
     fn start(progress: Option<File>, staging_root: PathBuf, line_tally: Option<PathBuf>) -> Syncer {
+        Syncer {
+            idle: Some(Reporter {
+                progress,
+                staging_root,
+                line_tally,
+            }),
+            tx: None,
+            handle: None,
+            sent: 0,
+            reported: Default::default(),
+            sent_jobs: 0,
+            reported_jobs: Default::default(),
+            acks: None,
+        }
+    }
+
+    /// Starts the syncer thread, which takes the reporter over.
+    fn start_thread(&mut self, mut reporter: Reporter) {
         // At most SYNC_QUEUE checkpoints wait: memory and descriptors stay bounded if the disk
         // is slow.
         let (tx, rx) = std::sync::mpsc::sync_channel::<SyncJob>(SYNC_QUEUE);
         let (ack_tx, acks) = std::sync::mpsc::channel::<()>();
-        let reported = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let reported_by_thread = reported.clone();
-        let reported_jobs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let reported_jobs_by_thread = reported_jobs.clone();
-        let handle = std::thread::spawn(move || {
-            let mut progress = progress;
+        let reported_by_thread = self.reported.clone();
+        let reported_jobs_by_thread = self.reported_jobs.clone();
+        self.handle = Some(std::thread::spawn(move || {
             while let Ok(first) = rx.recv() {
                 // Group commit: checkpoints that queued up while the last sync ran are made
                 // durable together (`sync_batch`): one fdatasync for checkpoints of one output
@@ -1044,44 +1108,16 @@ impl Syncer {
                         Err(_) => break,
                     }
                 }
-                sync_batch(&batch, &staging_root)?;
-                let weight: u64 = batch.iter().map(|j| j.weight).sum();
                 let count = batch.len() as u64;
-                for (checkpoint, lines) in batch.into_iter().flat_map(|job| job.checkpoints) {
-                    if let Some(progress) = &mut progress {
-                        progress
-                            .write_all(checkpoint.to_line().as_bytes())
-                            .map_err(ProcessorError::io(
-                                "writing a checkpoint to",
-                                Path::new("PIPELINE_PROGRESS_FD"),
-                            ))?;
-                        crate::failpoint::hit("sdk.after-checkpoint-sent");
-                    }
-                    if let Some(tally) = &line_tally {
-                        let mut file = OpenOptions::new()
-                            .create(true)
-                            .append(true)
-                            .open(tally)
-                            .map_err(ProcessorError::io("opening the line tally", tally))?;
-                        writeln!(file, "{lines}")
-                            .map_err(ProcessorError::io("writing the line tally", tally))?;
-                    }
-                }
+                let weight = reporter.sync_and_report(batch)?;
                 reported_by_thread.fetch_add(weight, std::sync::atomic::Ordering::SeqCst);
                 reported_jobs_by_thread.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
                 let _ = ack_tx.send(());
             }
             Ok(())
-        });
-        Syncer {
-            tx: Some(tx),
-            handle: Some(handle),
-            sent: 0,
-            reported,
-            sent_jobs: 0,
-            reported_jobs,
-            acks,
-        }
+        }));
+        self.tx = Some(tx);
+        self.acks = Some(acks);
     }
 
     /// Queues a checkpoint (called by the writer thread, once every byte the checkpoint covers is
@@ -1097,6 +1133,20 @@ impl Syncer {
             job.last()
         );
         let weight = job.weight;
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Some(mut reporter) = self.idle.take() {
+            if self.sent_jobs == 0 && weight <= INLINE_FIRST_JOB {
+                let result = reporter.sync_and_report(vec![job]);
+                self.idle = Some(reporter);
+                result?;
+                self.sent += weight;
+                self.sent_jobs += 1;
+                self.reported.fetch_add(weight, SeqCst);
+                self.reported_jobs.fetch_add(1, SeqCst);
+                return Ok(());
+            }
+            self.start_thread(reporter);
+        }
         let sent = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
         if !sent {
             return self.finish();
@@ -1107,19 +1157,19 @@ impl Syncer {
         // they cover more than MAX_BACKLOG of input: big checkpoints overlap their sync with the
         // work as before, tiny ones queue up into one group commit (each finished batch sends an
         // ack; a dead syncer drops its end and `finish` reports why).
-        use std::sync::atomic::Ordering::SeqCst;
         while self.sent_jobs - self.reported_jobs.load(SeqCst) > MIN_BACKLOG_JOBS
             && self.sent - self.reported.load(SeqCst) > MAX_BACKLOG
         {
-            if self.acks.recv().is_err() {
+            if self.acks.as_ref().is_none_or(|acks| acks.recv().is_err()) {
                 return self.finish();
             }
         }
         Ok(())
     }
 
-    /// Waits until every queued checkpoint is durable and reported.
+    /// Waits until every queued checkpoint is durable and reported; the progress pipe closes.
     fn finish(&mut self) -> Result<(), ProcessorError> {
+        self.idle = None;
         self.tx = None;
         join(self.handle.take(), "the checkpoint thread")
     }

@@ -904,3 +904,60 @@ fn switching_to_the_writer_thread_mid_input_keeps_output_and_checkpoints_exact()
         "resume from {late:?} differs"
     );
 }
+
+#[test]
+fn a_small_first_checkpoint_is_reported_without_the_syncer_thread_and_a_second_starts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let file = Arc::new(File::create(&path).unwrap());
+    let (mut read_end, write_end) = std::io::pipe().unwrap();
+    let write_end = File::from(std::os::fd::OwnedFd::from(write_end));
+    let mut syncer = Syncer::start(Some(write_end), dir.path().to_path_buf(), None);
+    let at = |bytes: u64| Checkpoint {
+        byte_offset: bytes,
+        output_bytes: bytes,
+        ..Checkpoint::START
+    };
+    let job = |bytes: u64, weight: u64| SyncJob {
+        file: file.clone(),
+        output: PathBuf::from("a"),
+        checkpoints: vec![(at(bytes), 1)],
+        sync_dirs: false,
+        spans_files: false,
+        weight,
+    };
+    (&*file).write_all(b"x\n").unwrap();
+    syncer.send(job(2, MIN_JOB_WEIGHT)).unwrap();
+    assert!(
+        syncer.handle.is_none(),
+        "no thread for a small first checkpoint"
+    );
+    // Reported already (durable first), on this thread.
+    let mut line = [0u8; 4096];
+    let n = read_end.read(&mut line).unwrap();
+    let reported = std::str::from_utf8(&line[..n]).unwrap();
+    assert_eq!(reported, at(2).to_line());
+
+    (&*file).write_all(b"y\n").unwrap();
+    syncer.send(job(4, MIN_JOB_WEIGHT)).unwrap();
+    assert!(
+        syncer.handle.is_some(),
+        "a second checkpoint starts the thread"
+    );
+    syncer.finish().unwrap();
+    let mut rest = String::new();
+    read_end.read_to_string(&mut rest).unwrap();
+    assert_eq!(
+        rest,
+        at(4).to_line(),
+        "reported by the thread, and the pipe closed"
+    );
+
+    // A big first checkpoint goes to the thread at once.
+    let (_read_end, write_end) = std::io::pipe().unwrap();
+    let write_end = File::from(std::os::fd::OwnedFd::from(write_end));
+    let mut syncer = Syncer::start(Some(write_end), dir.path().to_path_buf(), None);
+    syncer.send(job(4, INLINE_FIRST_JOB + 1)).unwrap();
+    assert!(syncer.handle.is_some());
+    syncer.finish().unwrap();
+}
