@@ -138,15 +138,7 @@ pub fn publish(
     cache: &mut StatCache,
 ) -> io::Result<Marker> {
     let staged = staged_files(&target.staging)?;
-    let mut outputs = Vec::with_capacity(staged.len());
-    for (rel, abs) in &staged {
-        let size = std::fs::metadata(abs)?.len();
-        outputs.push(OutputEntry {
-            path: rel.clone(),
-            size,
-            blake3: hash_file(abs, size)?,
-        });
-    }
+    let outputs = hash_staged(&staged)?;
     // The marker will vouch for these bytes, so they must survive a power cut before anything
     // names them: a processor without an SDK (a shell command, say) never syncs what it wrote.
     // An SDK's processor synced them with its last checkpoint, and then this costs next to
@@ -489,6 +481,29 @@ fn staged_files(staging: &Path) -> io::Result<Vec<(String, PathBuf)>> {
     }
     Ok(files)
 }
+
+/// The marker entries of the staged files, in their order. Many small files (a fan-in's) are
+/// hashed on all cores: opening and reading each is most of the cost, and the cores are free
+/// while a stage publishes (its processor has ended). A big file is hashed on all cores anyway.
+fn hash_staged(staged: &[(String, PathBuf)]) -> io::Result<Vec<OutputEntry>> {
+    use rayon::prelude::*;
+    let entry = |(rel, abs): &(String, PathBuf)| -> io::Result<OutputEntry> {
+        let size = std::fs::metadata(abs)?.len();
+        Ok(OutputEntry {
+            path: rel.clone(),
+            size,
+            blake3: hash_file(abs, size)?,
+        })
+    };
+    if staged.len() < HASH_IN_PARALLEL_FROM {
+        staged.iter().map(entry).collect()
+    } else {
+        staged.par_iter().with_min_len(16).map(entry).collect()
+    }
+}
+
+/// See [`hash_staged`]: below this many files, handing them to the pool costs more than it saves.
+const HASH_IN_PARALLEL_FROM: usize = 64;
 
 /// A marker path must stay inside its output folder (a tampered marker must not make `pipe`
 /// delete files elsewhere).
