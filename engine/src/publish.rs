@@ -537,6 +537,37 @@ mod tests {
     }
 
     #[test]
+    fn many_staged_files_are_hashed_on_all_cores_into_the_same_entries_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..HASH_IN_PARALLEL_FROM * 3 {
+            let sub = dir.path().join(format!("d{:03}", i % 7));
+            std::fs::create_dir_all(&sub).unwrap();
+            std::fs::write(
+                sub.join(format!("f{i:04}.txt")),
+                format!("line {i}\n").repeat(i),
+            )
+            .unwrap();
+        }
+        let staged = staged_files(dir.path()).unwrap();
+        assert!(staged.len() >= HASH_IN_PARALLEL_FROM);
+        let entries = hash_staged(&staged).unwrap();
+        assert_eq!(entries.len(), staged.len());
+        for ((rel, abs), entry) in staged.iter().zip(&entries) {
+            let bytes = std::fs::read(abs).unwrap();
+            assert_eq!(&entry.path, rel);
+            assert_eq!(entry.size, bytes.len() as u64);
+            assert_eq!(entry.blake3, blake3::hash(&bytes).to_hex().to_string());
+        }
+        // Sorted as the staging walk yields them (the marker's order).
+        let mut sorted = entries.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            entries.iter().map(|e| e.path.clone()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn the_digest_is_that_of_the_file_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(".s.publishing");
