@@ -91,10 +91,23 @@ impl Store {
     /// Stores `file` (whose content hashes to `hash`) unless an object with that hash exists.
     pub fn put(&self, file: &Path, hash: &str) -> io::Result<()> {
         let object = self.object_path(hash);
-        if object.exists() {
-            return Ok(());
-        }
         let dir = object.parent().expect("objects live in a fan-out folder");
+        // A hard link is the object, whole, under its final name at once: no temporary, and an
+        // object that exists already (the same content) stays. Where no link can be made (another
+        // filesystem, links not allowed) the file is copied through a temporary instead.
+        let linked = match std::fs::hard_link(file, &object) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                // Most likely a fan-out folder not made yet (a vanished `file` fails the copy).
+                std::fs::create_dir_all(dir)?;
+                std::fs::hard_link(file, &object)
+            }
+            other => other,
+        };
+        match linked {
+            Ok(()) => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(_) => {}
+        }
         std::fs::create_dir_all(dir)?;
         // The temporary lives at the top of the store (not in a fan-out folder), where the sweep
         // of interrupted writes looks without walking every object.
@@ -107,11 +120,9 @@ impl Store {
             std::process::id()
         ));
         let _ = std::fs::remove_file(&tmp);
-        if std::fs::hard_link(file, &tmp).is_err() {
-            std::fs::copy(file, &tmp)?;
-            if self.durable {
-                File::open(&tmp)?.sync_all()?;
-            }
+        std::fs::copy(file, &tmp)?;
+        if self.durable {
+            File::open(&tmp)?.sync_all()?;
         }
         if let Err(err) = std::fs::rename(&tmp, &object) {
             let _ = std::fs::remove_file(&tmp);
@@ -277,6 +288,54 @@ mod tests {
         let out = dir.path().join("restored/x.txt");
         store.restore(&h, &out).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"same");
+    }
+
+    #[test]
+    fn an_object_is_a_link_to_the_file_and_a_file_on_another_filesystem_is_copied() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("cache"));
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"linked").unwrap();
+        store.put(&f, &blake(b"linked")).unwrap();
+        let object = store.object_path(&blake(b"linked"));
+        assert_eq!(
+            std::fs::metadata(&object).unwrap().ino(),
+            std::fs::metadata(&f).unwrap().ino()
+        );
+        // Stored again (the same content under another name): the object stays.
+        let g = dir.path().join("g");
+        std::fs::write(&g, b"linked").unwrap();
+        store.put(&g, &blake(b"linked")).unwrap();
+        assert_eq!(
+            std::fs::metadata(&object).unwrap().ino(),
+            std::fs::metadata(&f).unwrap().ino()
+        );
+
+        // No link across filesystems: a copy, through a temporary that does not stay.
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+            return; // no second filesystem to try here
+        };
+        if std::fs::metadata(other.path()).unwrap().dev()
+            == std::fs::metadata(dir.path()).unwrap().dev()
+        {
+            return;
+        }
+        let far = other.path().join("far");
+        std::fs::write(&far, b"copied").unwrap();
+        store.put(&far, &blake(b"copied")).unwrap();
+        let copy = store.object_path(&blake(b"copied"));
+        assert_eq!(std::fs::read(&copy).unwrap(), b"copied");
+        assert_ne!(
+            std::fs::metadata(&copy).unwrap().dev(),
+            std::fs::metadata(&far).unwrap().dev()
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("cache/objects-v1"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]
