@@ -189,14 +189,6 @@ enum Message {
     Supervised,
 }
 
-/// How the end of the helper is learnt.
-enum Ended {
-    /// It is this process's child: `wait4`.
-    Reaped,
-    /// The spawn server reaps it and tells.
-    Told(mpsc::Receiver<Exit>),
-}
-
 /// The helper command line of an invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
@@ -338,9 +330,11 @@ pub fn run(
     drop(writer);
     let (wake_reader, wake_writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let started = Instant::now();
-    // The spawn server forks the helper (see `sandbox::zygote`); without one, or if it fails,
-    // the helper is posix_spawned here.
+    let (tx, rx) = mpsc::channel();
+    // The spawn server forks the helper (see `sandbox::zygote`) and tells its end straight into
+    // this attempt's channel; without a server, or if it fails, the helper is posix_spawned here.
     let forked = sandbox::zygote::shared(&prepared.program).and_then(|zygote| {
+        let exited = tx.clone();
         zygote
             .spawn(
                 &prepared.args[1..],
@@ -348,14 +342,19 @@ pub fn run(
                 &inv.cwd,
                 &helper_end,
                 &log,
+                Box::new(move |exit: Option<Exit>| {
+                    // Untold (the server went away, taking its children along): killed, never a
+                    // success.
+                    let _ = exited.send(Message::Exited(exit.unwrap_or_else(Exit::killed)));
+                }),
             )
             .ok()
     });
-    let (pid, ended, inherited_kb) = match forked {
-        Some((pid, ended)) => {
+    let (pid, reaped, inherited_kb) = match forked {
+        Some(pid) => {
             drop(helper_end);
             // Its ru_maxrss starts from the small server: nothing of this process's is in it.
-            (pid, Ended::Told(ended), Some(0))
+            (pid, false, Some(0))
         }
         None => {
             let (subcommand, rest) = prepared.args.split_at(1);
@@ -378,26 +377,25 @@ pub fn run(
             // kernel folded this process's peak memory into the `ru_maxrss` wait4 will report.
             // Read after the spawn returned (the child has exec'd by then): a `ru_maxrss` above
             // it is the processor's.
-            (pid, Ended::Reaped, crate::procfs::own_peak_rss_kb())
+            (pid, true, crate::procfs::own_peak_rss_kb())
         }
     };
     on_spawn(pid as u32);
 
-    let (tx, rx) = mpsc::channel();
     let lines_tx = tx.clone();
     crate::workers::run_detached(move || read_checkpoints(File::from(reader), lines_tx));
     let supervisor_tx = tx.clone();
     crate::workers::run_detached(move || supervise(report, wake_reader, supervisor_tx));
-    crate::workers::run_detached(move || {
-        // Neither fails but when the child is gone untold (the spawn server went away, taking
-        // its children along; or, never seen, `wait4` found no such child): that ends the
-        // attempt as killed, never as a success.
-        let exit = match ended {
-            Ended::Reaped => Exit::wait(pid, true).map(|(_, exit)| exit),
-            Ended::Told(told) => told.recv().ok(),
-        };
-        let _ = tx.send(Message::Exited(exit.unwrap_or_else(Exit::killed)));
-    });
+    if reaped {
+        crate::workers::run_detached(move || {
+            // `wait4` fails only for a child never seen: that ends the attempt as killed, never
+            // as a success.
+            let exit = Exit::wait(pid, true).map(|(_, exit)| exit);
+            let _ = tx.send(Message::Exited(exit.unwrap_or_else(Exit::killed)));
+        });
+    } else {
+        drop(tx);
+    }
 
     let group = Pid::from_raw(pid).expect("child pid is positive");
     let mut outcome = Outcome {

@@ -159,12 +159,16 @@ pub struct Zygote {
     exits: Arc<Mutex<Exits>>,
 }
 
+/// What to do with a child's end: called once, with the end, or with `None` when the server went
+/// away first (taking its children along, untold).
+pub type OnExit = Box<dyn FnOnce(Option<Exit>) + Send>;
+
 #[derive(Default)]
 struct Exits {
+    /// The callback of the request in flight, until its reply names the pid.
+    next: Option<OnExit>,
     /// Children whose end someone waits for.
-    waiting: HashMap<i32, mpsc::Sender<Exit>>,
-    /// Children that ended before anyone waited.
-    early: HashMap<i32, Exit>,
+    waiting: HashMap<i32, OnExit>,
     /// The server went away: nobody learns of an end any more.
     gone: bool,
 }
@@ -237,7 +241,9 @@ impl Zygote {
 
     /// Starts `pipe __exec ARGS` (`args` without the subcommand and `--parent-pid`) with `env`
     /// in `cwd`, the report channel `stdin` as its stdin and `log` as its stdout and stderr, in a
-    /// process group of its own. Returns its pid and where its end will be told.
+    /// process group of its own. Returns its pid; `on_exit` is called with its end, on the thread
+    /// that reads the server's replies (it must not block), or with `None` if the server goes away
+    /// first. If the start fails, `on_exit` is dropped uncalled.
     pub fn spawn(
         &self,
         args: &[OsString],
@@ -245,7 +251,8 @@ impl Zygote {
         cwd: &Path,
         stdin: &OwnedFd,
         log: &File,
-    ) -> io::Result<(i32, mpsc::Receiver<Exit>)> {
+        on_exit: OnExit,
+    ) -> io::Result<i32> {
         let request = Request {
             args: args.iter().map(|a| Word::from(a.as_os_str())).collect(),
             env: env
@@ -261,22 +268,26 @@ impl Zygote {
             ));
         }
         let replies = self.requests.lock().expect("not poisoned");
-        channel::send(self.control.as_fd(), &bytes, Some(stdin.as_fd()))?;
-        channel::send(self.control.as_fd(), LOG_MESSAGE, Some(log.as_fd()))?;
-        let pid = match replies.recv() {
-            Ok(Ok(pid)) => pid,
-            Ok(Err(error)) => return Err(io::Error::other(error)),
-            Err(_) => return Err(io::Error::other("the spawn server went away")),
-        };
-        drop(replies);
-        let (tx, rx) = mpsc::channel();
-        let mut exits = self.exits.lock().expect("not poisoned");
-        if let Some(exit) = exits.early.remove(&pid) {
-            let _ = tx.send(exit);
-        } else if !exits.gone {
-            exits.waiting.insert(pid, tx);
+        {
+            let mut exits = self.exits.lock().expect("not poisoned");
+            if exits.gone {
+                return Err(io::Error::other("the spawn server went away"));
+            }
+            // The reader files it under the pid when the reply comes, before any end of that
+            // pid can be read (the server replies in order).
+            exits.next = Some(on_exit);
         }
-        Ok((pid, rx))
+        let sent = channel::send(self.control.as_fd(), &bytes, Some(stdin.as_fd()))
+            .and_then(|_| channel::send(self.control.as_fd(), LOG_MESSAGE, Some(log.as_fd())));
+        if let Err(err) = sent {
+            self.exits.lock().expect("not poisoned").next = None;
+            return Err(err);
+        }
+        match replies.recv() {
+            Ok(Ok(pid)) => Ok(pid),
+            Ok(Err(error)) => Err(io::Error::other(error)),
+            Err(_) => Err(io::Error::other("the spawn server went away")),
+        }
     }
 }
 
@@ -305,28 +316,34 @@ fn read_replies(
     while let Ok(Some((n, _))) = channel::recv(control.as_fd(), &mut buf) {
         match serde_json::from_slice::<Reply>(&buf[..n]) {
             Ok(Reply::Spawned { pid }) => {
+                let mut waiting = exits.lock().expect("not poisoned");
+                if let Some(on_exit) = waiting.next.take() {
+                    waiting.waiting.insert(pid, on_exit);
+                }
+                drop(waiting);
                 let _ = replies.send(Ok(pid));
             }
             Ok(Reply::Failed { error }) => {
+                exits.lock().expect("not poisoned").next = None;
                 let _ = replies.send(Err(error));
             }
             Ok(Reply::Exited { pid, exit }) => {
-                let mut exits = exits.lock().expect("not poisoned");
-                match exits.waiting.remove(&pid) {
-                    Some(tx) => {
-                        let _ = tx.send(exit);
-                    }
-                    None => {
-                        exits.early.insert(pid, exit);
-                    }
+                let on_exit = exits.lock().expect("not poisoned").waiting.remove(&pid);
+                if let Some(on_exit) = on_exit {
+                    on_exit(Some(exit));
                 }
             }
             Err(_) => break,
         }
     }
-    let mut exits = exits.lock().expect("not poisoned");
-    exits.gone = true;
-    exits.waiting.clear(); // their receivers learn that no end will be told
+    let mut gone = exits.lock().expect("not poisoned");
+    gone.gone = true;
+    let untold: Vec<OnExit> = gone.waiting.drain().map(|(_, f)| f).collect();
+    gone.next = None;
+    drop(gone);
+    for on_exit in untold {
+        on_exit(None); // no end will be told: the server took its children along
+    }
 }
 
 // ------------------------------------------------------------------------------- server side
