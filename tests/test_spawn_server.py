@@ -86,6 +86,29 @@ def test_a_killed_build_takes_the_server_and_its_processor_along(make_project):
     wait_for(lambda: "__zygote" not in cmdline(server), f"spawn server {server} to end", timeout=10)
 
 
+def test_a_spawn_server_killed_mid_stage_ends_the_attempt_as_killed_and_the_next_build_finishes(make_project):
+    # The engine learns a forked processor's end only from the server. With the server gone
+    # (its processor goes too, by its parent-death signal), the attempt must end as killed by a
+    # signal, never as a success, and the build must not hang; the next build starts a new server.
+    project = blocking_project(make_project)
+    build, processor = start_blocked_build(project, "first")
+    server = parent_of(processor)
+    assert " __zygote" in cmdline(server), cmdline(server)
+
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: not process_alive(processor), f"processor {processor} to die with the server", timeout=10)
+    _, stderr = build.communicate(timeout=60)
+    assert build.returncode == 1, stderr
+    attempt = project.stage_record("slow")["attempts"][-1]
+    assert attempt["classification"] == "signal" and attempt["signal"] == signal.SIGKILL, attempt
+    assert project.run_record("first")["status"] == "failed"
+
+    project.path("release").write_text("go")
+    project.ok("build", "--run-id", "second")
+    assert project.stage_record("slow")["status"] in ("succeeded", "resumed")
+    assert project.exists("out")
+
+
 def test_built_in_processors_share_the_servers_network_namespace_as_root(make_project):
     project = make_project(
         spec={"version": 1, "stages": [
