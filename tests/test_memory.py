@@ -49,9 +49,10 @@ def test_fingerprinting_a_big_input_keeps_peak_memory_bounded(make_project):
 
 def test_a_builtin_stage_reports_its_own_peak_memory_not_the_engines(make_project):
     # The engine maps the 48 MiB input 16 MiB at a time while fingerprinting it, so its own peak
-    # is well above `upper`'s, which streams the input through a few 1 MiB buffers. A processor starts as a
-    # vfork of the engine, and the kernel then counts the engine's peak in the processor's
-    # ru_maxrss: the stage's `maxRssKb` must not be that.
+    # is well above `upper`'s, which streams the input through a few 1 MiB buffers. Without the
+    # spawn server (run_tests.sh runs this file again with PIPE_SPAWN_SERVER=off) a processor
+    # starts as a vfork of the engine, and the kernel counts the engine's peak in its ru_maxrss;
+    # either way the stage's `maxRssKb` must be the processor's, not that.
     line = b"the quick brown fox jumps over the lazy dog 0123456789 abcdefgh\n"
     project = make_project(
         spec={"version": 1, "stages": [

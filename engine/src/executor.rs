@@ -12,14 +12,16 @@
 //! these up itself (see [`crate::sandbox::helper`]): a fork of the engine would copy its page
 //! tables, a cost that grows with the build.
 //!
-//! Four threads: a reader turns checkpoint lines into messages; a waiter reaps the child with
-//! `wait4` (or hears from the spawn server) to get its resource usage; a supervisor reads the
-//! helper's report (which layers it applied) and answers the seccomp notifications of network
-//! attempts (the offender is killed, the attempt recorded as a violation); the calling thread
-//! hands checkpoints to [`Checkpoints`] (persisted at once, or held for a grace period), enforces
-//! the timeout and the memory cap and reacts to interruption: SIGTERM to the group, a grace
-//! period, then SIGKILL. When the processor
-//! exits, whatever it left in its group is killed.
+//! Besides the calling thread, an attempt has helpers on reused threads
+//! ([`crate::workers::run_detached`]): a reader turns checkpoint lines into messages; a
+//! supervisor reads the helper's report (which layers it applied) and answers the seccomp
+//! notifications of network attempts (the offender is killed, the attempt recorded as a
+//! violation); and, for a `posix_spawn`ed helper only, a waiter reaps it with `wait4` for its
+//! status and resource usage (a forked one's end comes from the spawn server's reply reader).
+//! The calling thread hands checkpoints to [`Checkpoints`] (persisted at once, or held for a grace
+//! period), enforces the timeout and the memory cap and reacts to interruption: SIGTERM to the
+//! group, a grace period, then SIGKILL. When the processor exits, whatever it left in its group is
+//! killed.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};

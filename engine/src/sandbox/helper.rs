@@ -14,8 +14,8 @@
 //! starts the helper with `posix_spawn` (no hook between fork and exec), which costs the same
 //! whatever the engine's size: a `fork` copies the engine's page tables, and a map stage of
 //! 20,000 items spent a third of its time there. Either way everything a hook used to do is done
-//! here, first thing (against the server, in its child, for the parent checks): the report channel arrives as stdin and the engine's first message on it
-//! carries the progress pipe, which goes to fd 3 (the channel to fd 4, stdin back to `/dev/null`);
+//! here, first thing (the "parent" below is the server for a forked child, else the engine): the
+//! report channel arrives as stdin and the engine's first message on it carries the progress pipe, which goes to fd 3 (the channel to fd 4, stdin back to `/dev/null`);
 //! then the parent-death signal is armed and the engine checked to be still there; then CPU
 //! affinity and the address-space limit are set.
 //!
