@@ -12,35 +12,33 @@
 //! these up itself (see [`crate::sandbox::helper`]): a fork of the engine would copy its page
 //! tables, a cost that grows with the build.
 //!
-//! Besides the calling thread, an attempt has helpers on reused threads
-//! ([`crate::workers::run_detached`]): a reader turns checkpoint lines into messages; a
-//! supervisor reads the helper's report (which layers it applied) and answers the seccomp
-//! notifications of network attempts (the offender is killed, the attempt recorded as a
-//! violation); and, for a `posix_spawn`ed helper only, a waiter reaps it with `wait4` for its
-//! status and resource usage (a forked one's end comes from the spawn server's reply reader).
-//! The calling thread hands checkpoints to [`Checkpoints`] (persisted at once, or held for a grace
-//! period), enforces the timeout and the memory cap and reacts to interruption: SIGTERM to the
-//! group, a grace period, then SIGKILL. When the processor exits, whatever it left in its group is
-//! killed.
+//! The calling thread watches the attempt with one `poll` over all its descriptors
+//! ([`crate::watch`]): checkpoint lines from the progress pipe, the helper's report (which layers
+//! it applied), the seccomp notifications of network attempts (the offender is killed, the
+//! attempt recorded as a violation) and the processor's end (told by the spawn server's reply
+//! reader, or, for a `posix_spawn`ed helper, by a `wait4` on a reused thread,
+//! [`crate::workers::run_detached`]). It hands checkpoints to [`Checkpoints`] (persisted at once,
+//! or held for a grace period), enforces the timeout and the memory cap and reacts to
+//! interruption: SIGTERM to the group, a grace period, then SIGKILL. When the processor exits,
+//! whatever it left in its group is killed.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pipe_processors::checkpoint::Checkpoint;
 
 use crate::procfs;
-use crate::sandbox::helper::{self, Report};
+use crate::sandbox::helper;
 use crate::sandbox::zygote::Exit;
-use crate::sandbox::{self, channel, seccomp, Layers, Policy, Violation};
+use crate::sandbox::{self, channel, Layers, Policy, Violation};
+use crate::watch::{Event, Watch};
 use rustix::process::{Pid, Signal};
 
 /// The fd number the progress pipe has in the child.
@@ -51,8 +49,6 @@ pub const REPORT_FD: i32 = helper::REPORT_FD;
 const MAX_SPEC_ARG: usize = 64 * 1024;
 /// How long an interrupted processor gets between SIGTERM and SIGKILL.
 pub const GRACE: Duration = Duration::from_secs(5);
-/// Longest checkpoint line accepted.
-const MAX_LINE: usize = 4096;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -79,6 +75,9 @@ const MEMORY_SAMPLE: Duration = Duration::from_millis(100);
 /// Longest wait for a message before the attempt's clocks (timeout, interrupt, memory sample,
 /// checkpoint grace) are looked at again.
 const POLL: Duration = Duration::from_millis(20);
+/// How long after the processor's end its progress pipe may stay open (held by a leftover
+/// process) before the attempt stops waiting for the pipe's last lines.
+const EOF_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a checkpoint at the end of an input may be held instead of persisted at once (see
 /// [`Checkpoints`]), counted from the attempt's start or its last persisted checkpoint.
@@ -179,16 +178,6 @@ impl Outcome {
             && self.violations.is_empty()
             && !self.lost
     }
-}
-
-enum Message {
-    Line(Result<Checkpoint, String>),
-    Eof,
-    Exited(Exit),
-    Report(Report),
-    Violation(Violation),
-    /// The supervisor drained the notifications and stopped.
-    Supervised,
 }
 
 /// The helper command line of an invocation.
@@ -330,33 +319,32 @@ pub fn run(
         Some(writer.as_fd()),
     )?;
     drop(writer);
-    let (wake_reader, wake_writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let started = Instant::now();
-    let (tx, rx) = mpsc::channel();
-    // The spawn server forks the helper (see `sandbox::zygote`) and tells its end straight into
-    // this attempt's channel; without a server, or if it fails, the helper is posix_spawned here.
-    let forked = sandbox::zygote::shared(&prepared.program).and_then(|zygote| {
-        let exited = tx.clone();
-        zygote
-            .spawn(
-                &prepared.args[1..],
-                &prepared.env,
-                &inv.cwd,
-                &helper_end,
-                &log,
-                Box::new(move |exit: Option<Exit>| {
-                    // Untold (the server went away, taking its children along): killed, never a
-                    // success.
-                    let _ = exited.send(Message::Exited(exit.unwrap_or_else(Exit::killed)));
-                }),
-            )
-            .ok()
-    });
-    let (pid, reaped, inherited_kb) = match forked {
+    let mut watch = Watch::new(reader, report)?;
+    // The spawn server forks the helper (see `sandbox::zygote`) and tells its end straight to
+    // this attempt's watch; without a server, or if it fails, the helper is posix_spawned here.
+    let forked = match sandbox::zygote::shared(&prepared.program) {
+        Some(zygote) => {
+            let sender = watch.exit_sender()?;
+            zygote
+                .spawn(
+                    &prepared.args[1..],
+                    &prepared.env,
+                    &inv.cwd,
+                    &helper_end,
+                    &log,
+                    // Untold (the server went away, taking its children along): killed, never
+                    // a success.
+                    Box::new(move |exit: Option<Exit>| sender.send(exit)),
+                )
+                .ok()
+        }
+        None => None,
+    };
+    let pid = match forked {
         Some(pid) => {
             drop(helper_end);
-            // Its ru_maxrss starts from the small server: nothing of this process's is in it.
-            (pid, false, Some(0))
+            pid
         }
         None => {
             let (subcommand, rest) = prepared.args.split_at(1);
@@ -373,135 +361,137 @@ pub fn run(
                 .stderr(log)
                 .spawn()?;
             let pid = child.id() as libc::pid_t;
-            // Reaped below with wait4, which also reports resource usage.
+            // Reaped with wait4, which also reports resource usage.
             drop(child);
-            // The helper began as a vfork of this process (posix_spawn), so at its exec the
-            // kernel folded this process's peak memory into the `ru_maxrss` wait4 will report.
-            // Read after the spawn returned (the child has exec'd by then): a `ru_maxrss` above
-            // it is the processor's.
-            (pid, true, crate::procfs::own_peak_rss_kb())
+            let sender = watch.exit_sender()?;
+            crate::workers::run_detached(move || {
+                // `wait4` fails only for a child never seen: that ends the attempt as killed,
+                // never as a success.
+                sender.send(Exit::wait(pid, true).map(|(_, exit)| exit));
+            });
+            pid
         }
     };
-    on_spawn(pid as u32);
-
-    let lines_tx = tx.clone();
-    crate::workers::run_detached(move || read_checkpoints(File::from(reader), lines_tx));
-    let supervisor_tx = tx.clone();
-    crate::workers::run_detached(move || supervise(report, wake_reader, supervisor_tx));
-    if reaped {
-        crate::workers::run_detached(move || {
-            // `wait4` fails only for a child never seen: that ends the attempt as killed, never
-            // as a success.
-            let exit = Exit::wait(pid, true).map(|(_, exit)| exit);
-            let _ = tx.send(Message::Exited(exit.unwrap_or_else(Exit::killed)));
-        });
+    // The helper began as a vfork of this process (posix_spawn), so at its exec the kernel
+    // folded this process's peak memory into the `ru_maxrss` wait4 will report: read after the
+    // spawn returned (the child has exec'd by then), a `ru_maxrss` above it is the processor's.
+    // A child of the server starts from the small server: nothing of this process's is in it.
+    let inherited_kb = if forked.is_some() {
+        Some(0)
     } else {
-        drop(tx);
-    }
+        crate::procfs::own_peak_rss_kb()
+    };
+    on_spawn(pid as u32);
 
     let group = Pid::from_raw(pid).expect("child pid is positive");
     let mut outcome = Outcome {
         pid: pid as u32,
         ..Outcome::default()
     };
-    let mut wake = Some(wake_writer);
     // The first memory sample is taken one period in: a sample scans all of /proc, which for a
     // processor that lives a millisecond would cost more than the processor.
     let mut next_sample = Instant::now() + MEMORY_SAMPLE;
-    let mut exited = None;
-    let mut eof = false;
-    let mut supervised = false;
+    let mut exited: Option<Exit> = None;
     let mut kill_at: Option<Instant> = None;
     let mut reported_peak_kb: Option<u64> = None;
     let mut exit_seen_at: Option<Instant> = None;
-    // A message taken from the channel while skipping past superseded checkpoints.
-    let mut held: Option<Message> = None;
     let mut grace = Grace::new(started);
+    let mut events = Vec::new();
+    // The newest checkpoint read and not yet handed on (checkpoints are cumulative: of those
+    // read in one go, only the newest is persisted).
+    let mut newest: Option<Checkpoint> = None;
     loop {
-        let wait = grace.wait(Instant::now(), exited.is_some());
-        let received = match held.take() {
-            Some(message) => Ok(message),
-            None => rx.recv_timeout(wait),
+        let now = Instant::now();
+        let timeout = match exit_seen_at {
+            None => grace.wait(now, false),
+            // After the end: wait for the pipe's end (for at most 2 s: a leftover process may
+            // hold it), then only take what is already pending.
+            Some(seen) if watch.progress_open() => {
+                (seen + EOF_WAIT).saturating_duration_since(now).min(POLL)
+            }
+            Some(_) => Duration::ZERO,
         };
-        match received {
-            Ok(Message::Line(Ok(mut cp))) => {
-                // Checkpoints are cumulative: when several wait, only the newest is persisted.
-                // Persisting each (an fsynced write) while the processor reports faster than the
-                // disk syncs would let a backlog build up, and a crash would redo all of it (and a
-                // stage of 10,000 small files would pay 10,000 progress writes). The line count of
-                // an input whose last checkpoint is skipped is kept for the metrics.
-                while let Ok(next) = rx.try_recv() {
-                    match next {
-                        Message::Line(Ok(newer)) => {
-                            if newer.input_index != cp.input_index {
-                                outcome
-                                    .superseded_lines
-                                    .insert(cp.input_index, cp.line_offset);
-                            }
-                            cp = newer;
-                        }
-                        other => {
-                            held = Some(other);
-                            break;
+        let ready = watch.wait(timeout, &mut events)?;
+        for event in events.drain(..) {
+            match event {
+                Event::Line(Ok(cp)) => {
+                    if let Some(older) = newest.replace(cp) {
+                        // Persisting each (an fsynced write) while the processor reports faster
+                        // than the disk syncs would let a backlog build up, and a stage of 10,000
+                        // small files would pay 10,000 progress writes. The line count of an
+                        // input whose last checkpoint is skipped is kept for the metrics.
+                        if older.input_index != cp.input_index {
+                            outcome
+                                .superseded_lines
+                                .insert(older.input_index, older.line_offset);
                         }
                     }
                 }
-                if outcome.protocol_error.is_none() {
-                    checkpoints.reported(cp);
-                    let period = checkpoints.grace(&cp);
-                    if let Some(cp) = grace.arrived(cp, period, Instant::now(), exited.is_some()) {
-                        persist(checkpoints, cp, &mut outcome, group);
+                Event::Line(Err(err)) => {
+                    if let Some(cp) = newest.take() {
+                        hand_on(
+                            checkpoints,
+                            &mut grace,
+                            cp,
+                            exited.is_some(),
+                            &mut outcome,
+                            group,
+                        );
+                    }
+                    if outcome.protocol_error.is_none() {
+                        outcome.protocol_error = Some(err);
+                        let _ = rustix::process::kill_process_group(group, Signal::KILL);
                     }
                 }
-            }
-            Ok(Message::Line(Err(err))) => {
-                if outcome.protocol_error.is_none() {
-                    outcome.protocol_error = Some(err);
+                Event::Eof => {}
+                Event::Report(report) => {
+                    if let Some(mut layers) = report.layers {
+                        layers.guard = inv.sandbox.guard;
+                        outcome.sandbox = Some(layers);
+                    }
+                    if report.error.is_some() {
+                        outcome.sandbox_error = report.error;
+                    }
+                    if let Some(kb) = report.peak_rss_kb {
+                        reported_peak_kb = Some(kb);
+                    }
+                    if let Some(err) = report.exec_error {
+                        outcome.protocol_error = Some(format!(
+                            "cannot start the processor `{}`: {err}",
+                            inv.argv[0].to_string_lossy()
+                        ));
+                    }
+                }
+                Event::Violation(v) => {
+                    // The offender was killed; the rest of the attempt goes too.
                     let _ = rustix::process::kill_process_group(group, Signal::KILL);
+                    outcome.violations.push(v);
+                }
+                Event::Exited(exit) => {
+                    // Checkpoints read before the end arrived while the processor ran.
+                    if let Some(cp) = newest.take() {
+                        hand_on(checkpoints, &mut grace, cp, false, &mut outcome, group);
+                    }
+                    outcome.duration = started.elapsed();
+                    // Anything the processor left behind in its group goes with it.
+                    let _ = rustix::process::kill_process_group(group, Signal::KILL);
+                    exited = Some(exit);
+                    exit_seen_at = Some(Instant::now());
                 }
             }
-            Ok(Message::Eof) => eof = true,
-            Ok(Message::Report(report)) => {
-                if let Some(mut layers) = report.layers {
-                    layers.guard = inv.sandbox.guard;
-                    outcome.sandbox = Some(layers);
-                }
-                if report.error.is_some() {
-                    outcome.sandbox_error = report.error;
-                }
-                if let Some(kb) = report.peak_rss_kb {
-                    reported_peak_kb = Some(kb);
-                }
-                if let Some(err) = report.exec_error {
-                    outcome.protocol_error = Some(format!(
-                        "cannot start the processor `{}`: {err}",
-                        inv.argv[0].to_string_lossy()
-                    ));
-                }
-            }
-            Ok(Message::Violation(v)) => {
-                // The supervisor killed the offender; the rest of the attempt goes too.
-                let _ = rustix::process::kill_process_group(group, Signal::KILL);
-                outcome.violations.push(v);
-            }
-            Ok(Message::Supervised) => supervised = true,
-            Ok(Message::Exited(exit)) => {
-                outcome.duration = started.elapsed();
-                // Anything the processor left behind in its group goes with it.
-                let _ = rustix::process::kill_process_group(group, Signal::KILL);
-                exited = Some(exit);
-                exit_seen_at = Some(Instant::now());
-                // Let the supervisor take what is pending, then stop.
-                if let Some(w) = wake.take() {
-                    let _ = File::from(w).write_all(b"x");
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if exited.is_some()
-            && ((eof && supervised)
-                || exit_seen_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)))
+        if let Some(cp) = newest.take() {
+            hand_on(
+                checkpoints,
+                &mut grace,
+                cp,
+                exited.is_some(),
+                &mut outcome,
+                group,
+            );
+        }
+        if exit_seen_at
+            .is_some_and(|seen| !ready && (!watch.progress_open() || seen.elapsed() >= EOF_WAIT))
         {
             break;
         }
@@ -533,7 +523,10 @@ pub fn run(
             }
         }
     }
-    let exit = exited.ok_or_else(|| io::Error::other("lost track of the processor"))?;
+    // Closing the listener (with the watch) makes any later network attempt of a leftover
+    // process fail with `ENOSYS`.
+    drop(watch);
+    let exit = exited.expect("the loop ends only after the end");
     if libc::WIFEXITED(exit.status) {
         outcome.exit_code = Some(libc::WEXITSTATUS(exit.status));
     } else if libc::WIFSIGNALED(exit.status) {
@@ -617,6 +610,26 @@ impl Grace {
     }
 }
 
+/// A checkpoint read from the progress pipe (while the processor runs, or after it `exited`):
+/// reported, then persisted at once or held (see [`Grace`]). After a protocol error, ignored.
+fn hand_on(
+    checkpoints: &mut dyn Checkpoints,
+    grace: &mut Grace,
+    cp: Checkpoint,
+    exited: bool,
+    outcome: &mut Outcome,
+    group: Pid,
+) {
+    if outcome.protocol_error.is_some() {
+        return;
+    }
+    checkpoints.reported(cp);
+    let period = checkpoints.grace(&cp);
+    if let Some(cp) = grace.arrived(cp, period, Instant::now(), exited) {
+        persist(checkpoints, cp, outcome, group);
+    }
+}
+
 /// Persists `cp`; a failure fails the attempt (a protocol error) and kills the processor's group.
 fn persist(checkpoints: &mut dyn Checkpoints, cp: Checkpoint, outcome: &mut Outcome, group: Pid) {
     match checkpoints.persist(cp) {
@@ -676,7 +689,7 @@ fn fresh_private_dir(dir: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().mode(0o700).create(dir)
 }
 
-fn join_argv(argv: &[OsString]) -> String {
+pub(crate) fn join_argv(argv: &[OsString]) -> String {
     let text = argv
         .iter()
         .map(|a| a.to_string_lossy())
@@ -697,170 +710,6 @@ fn processor_peak_kb(reported: Option<u64>, ru_maxrss_kb: u64, inherited_kb: Opt
         (None, Some(inherited)) if ru_maxrss_kb > inherited => ru_maxrss_kb,
         _ => 0,
     }
-}
-
-/// The supervisor thread: reads the helper's report messages from `report` (the first may carry
-/// the seccomp listener) and answers the listener's notifications until `wake` says the processor
-/// exited; then it takes what is still pending, says so, and stops. Closing the listener makes
-/// any later network attempt of a leftover process fail with `ENOSYS`.
-fn supervise(report: OwnedFd, wake: OwnedFd, tx: mpsc::Sender<Message>) {
-    let mut report = Some(report);
-    let mut listener: Option<OwnedFd> = None;
-    let mut buf = vec![0u8; channel::MAX_MESSAGE];
-    let mut draining = false;
-    loop {
-        let mut fds = Vec::with_capacity(3);
-        if !draining {
-            fds.push(rustix::event::PollFd::new(
-                &wake,
-                rustix::event::PollFlags::IN,
-            ));
-        }
-        if let Some(r) = &report {
-            fds.push(rustix::event::PollFd::new(r, rustix::event::PollFlags::IN));
-        }
-        if let Some(l) = &listener {
-            fds.push(rustix::event::PollFd::new(l, rustix::event::PollFlags::IN));
-        }
-        let timeout = draining.then_some(rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        });
-        match rustix::event::poll(&mut fds, timeout.as_ref()) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => break,
-        }
-        let events: Vec<rustix::event::PollFlags> = fds.iter().map(|f| f.revents()).collect();
-        let ready: Vec<bool> = events.iter().map(|e| !e.is_empty()).collect();
-        let woken = !draining && ready[0];
-        let mut any = false;
-        let mut index = usize::from(!draining);
-        if report.is_some() {
-            if ready[index] {
-                any = true;
-                match channel::recv(report.as_ref().expect("checked").as_fd(), &mut buf) {
-                    Ok(Some((n, fd))) => {
-                        if fd.is_some() {
-                            listener = fd;
-                        }
-                        if let Ok(r) = serde_json::from_slice::<Report>(&buf[..n]) {
-                            let _ = tx.send(Message::Report(r));
-                        }
-                    }
-                    _ => report = None,
-                }
-            }
-            index += 1;
-        }
-        let listener_events = events
-            .get(index)
-            .copied()
-            .unwrap_or(rustix::event::PollFlags::empty());
-        if listener.is_some()
-            && !listener_events.contains(rustix::event::PollFlags::IN)
-            && !listener_events.is_empty()
-        {
-            // Hung up: no process uses the filter any more (reading would block).
-            listener = None;
-        }
-        if listener.is_some() && listener_events.contains(rustix::event::PollFlags::IN) {
-            any = true;
-            let fd = listener.as_ref().expect("checked");
-            match seccomp::receive(fd) {
-                Ok(Some(n)) => {
-                    let command = command_of(n.pid);
-                    if seccomp::still_pending(fd, n.id) {
-                        // The caller is blocked in the system call, so the pid is still its own.
-                        let _ = rustix::process::kill_process(
-                            Pid::from_raw(n.pid as i32).expect("pid is positive"),
-                            Signal::KILL,
-                        );
-                    }
-                    seccomp::deny(fd, n.id, libc::EPERM);
-                    let _ = tx.send(Message::Violation(Violation {
-                        call: format!(
-                            "{}({}, {})",
-                            n.syscall,
-                            seccomp::family_name(n.family),
-                            seccomp::type_name(n.sock_type)
-                        ),
-                        pid: Some(n.pid),
-                        command,
-                    }));
-                }
-                Ok(None) => {}
-                // No more users of the filter, or the listener broke: nothing more to hear.
-                Err(_) => listener = None,
-            }
-        }
-        if woken {
-            draining = true;
-        } else if draining && !any {
-            break;
-        }
-    }
-    let _ = tx.send(Message::Supervised);
-}
-
-/// The command line of process `pid`, as far as `/proc` tells it (at most 200 characters).
-fn command_of(pid: u32) -> String {
-    let Ok(bytes) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return String::new();
-    };
-    let words: Vec<OsString> = bytes
-        .split(|b| *b == 0)
-        .filter(|w| !w.is_empty())
-        .map(|w| OsStr::from_bytes(w).to_os_string())
-        .collect();
-    join_argv(&words)
-}
-
-fn read_checkpoints(pipe: File, tx: mpsc::Sender<Message>) {
-    let mut reader = BufReader::new(pipe);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) => break,
-            Ok(_) if line.len() > MAX_LINE => {
-                let _ = tx.send(Message::Line(Err(format!(
-                    "checkpoint line longer than {MAX_LINE} bytes"
-                ))));
-                // Drain so the processor is not blocked on a full pipe until it is killed.
-                let _ = io::copy(&mut reader, &mut io::sink());
-                break;
-            }
-            Ok(_) if line.last() != Some(&b'\n') => {
-                let _ = tx.send(Message::Line(Err(
-                    "checkpoint line cut short (no final newline)".into(),
-                )));
-                break;
-            }
-            Ok(_) => {
-                let parsed = std::str::from_utf8(&line)
-                    .map_err(|_| "checkpoint line is not UTF-8".to_string())
-                    .and_then(|text| {
-                        Checkpoint::parse(text).map_err(|err| {
-                            format!("malformed checkpoint line {:?}: {err}", text.trim_end())
-                        })
-                    });
-                if tx.send(Message::Line(parsed)).is_err() {
-                    break;
-                }
-            }
-            Err(err) => {
-                let _ = tx.send(Message::Line(Err(format!(
-                    "reading the progress pipe: {err}"
-                ))));
-                break;
-            }
-        }
-    }
-    let _ = tx.send(Message::Eof);
 }
 
 /// The last `lines` lines (at most 4 KiB) of a log file.

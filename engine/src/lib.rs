@@ -39,6 +39,7 @@ pub mod spec;
 pub mod stage_job;
 pub mod state;
 pub mod store;
+pub mod watch;
 pub mod workers;
 pub mod workspace;
 

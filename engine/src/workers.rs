@@ -1,5 +1,5 @@
 //! A fixed set of long-lived threads that run the build's stage jobs, and reusable threads for
-//! the helpers of processor attempts ([`run_detached`]).
+//! jobs that mostly block ([`run_detached`]).
 //!
 //! Long-lived because a processor started through `posix_spawn` gets a parent-death signal that
 //! fires when the *thread* that spawned it exits, so the spawning threads must outlive the
@@ -59,10 +59,10 @@ impl Workers {
 }
 
 /// Runs `job` on a thread of its own, as `std::thread::spawn` would, but on a thread kept from an
-/// earlier job when one is idle: for the helpers of every processor attempt (its checkpoint
-/// reader, its report reader and the waiter for its end), which live as long as the attempt and
-/// mostly block. Starting and ending three threads per attempt was a visible part of a build of
-/// many short stages. Like `std::thread::spawn`, panics if no thread can be started.
+/// earlier job when one is idle: for the waiter of a `posix_spawn`ed attempt's end, which lives
+/// as long as the attempt and blocks (once there were three such helpers per attempt, and
+/// starting and ending their threads was a visible part of a build of many short stages). Like
+/// `std::thread::spawn`, panics if no thread can be started.
 pub fn run_detached(job: impl FnOnce() + Send + 'static) {
     static ATTEMPT_HELPERS: Detached = Detached::new();
     ATTEMPT_HELPERS.run(Box::new(job));
