@@ -51,6 +51,8 @@ pub const PROGRESS_MESSAGE: &[u8] = b"progress";
 pub const EXIT_SETUP_FAILED: u8 = 126;
 /// Exit code when the processor could not be executed.
 pub const EXIT_EXEC_FAILED: u8 = 127;
+/// The flag the spawn server gives the helpers it forks (see [`Args`]).
+pub const MEASURED_FLAG: &str = "--measured-by-parent";
 
 /// What the helper tells the engine (one message each).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,9 +66,10 @@ pub struct Report {
     /// `execve` of the processor failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_error: Option<String>,
-    /// A built-in processor ended: its peak resident memory in KiB (sent just before it exits).
-    /// A helper `posix_spawn`ed (vfork) by the engine cannot be measured by `wait4`: at its
-    /// `exec` the kernel folded the engine's own peak into the `ru_maxrss` the engine would read.
+    /// A built-in processor ended: its peak resident memory in KiB (sent just before it exits,
+    /// only by a helper the engine `posix_spawn`ed). Such a (vfork) helper cannot be measured by
+    /// `wait4`: at its `exec` the kernel folded the engine's own peak into the `ru_maxrss` the
+    /// engine would read. A child of the spawn server is measured by the server's `wait4`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_rss_kb: Option<u64>,
 }
@@ -86,6 +89,9 @@ struct Args {
     /// This process is already in a network namespace of its own build's making (the spawn
     /// server's, see `sandbox::zygote`): a built-in processor stays in it.
     shared_netns: bool,
+    /// The parent that reaps this process reads its own `ru_maxrss` (a fork of the spawn server,
+    /// not a vfork of the engine): a built-in sends no peak-memory report.
+    measured: bool,
     argv: Vec<OsString>,
 }
 
@@ -98,6 +104,7 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
         spec: None,
         probe: false,
         shared_netns: false,
+        measured: false,
         argv: Vec::new(),
     };
     let mut it = args.iter();
@@ -136,6 +143,7 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
             }
             Some("--probe") => parsed.probe = true,
             Some("--shared-netns") => parsed.shared_netns = true,
+            Some(MEASURED_FLAG) => parsed.measured = true,
             Some("--") => {
                 parsed.argv = it.cloned().collect();
                 break;
@@ -202,11 +210,10 @@ pub fn main(args: &[OsString]) -> u8 {
         Some(Err(e)) => return fail(format!("bad sandbox spec: {e}")),
         None => return fail("no sandbox spec (`--spec-json` or `--spec-file`)".into()),
     };
-    let mut command = std::process::Command::new(program);
-    command.args(&args.argv[1..]);
+    let builtin = builtin_of(&args.argv);
     // Only a built-in (this binary's own code, which opens no socket) may share the namespace
     // with the build's other built-ins; any other processor gets one of its own.
-    let shared_netns = args.shared_netns && builtin_of(&args.argv).is_some();
+    let shared_netns = args.shared_netns && builtin.is_some();
     let listener = match apply(&spec, channel.is_some(), shared_netns) {
         Ok((layers, listener)) => {
             send(
@@ -221,23 +228,27 @@ pub fn main(args: &[OsString]) -> u8 {
         Err(message) => return fail(message),
     };
     drop(listener);
-    if let Some(name) = builtin_of(&args.argv) {
+    if let Some(name) = builtin {
         // A built-in processor is this very binary: run it here, confined exactly as an exec'd
         // one would be (same process, same environment), and spare a second exec of `pipe`.
-        // The report channel stays open (the built-in never uses it) for the one thing the
-        // engine cannot measure itself: the processor's peak memory.
+        // The report channel stays open (the built-in never uses it) for the one thing a
+        // `posix_spawn`ing engine cannot measure itself: the processor's peak memory.
         let code = pipe_processors::builtins::run(&name);
-        send(
-            &Report {
-                peak_rss_kb: crate::procfs::own_peak_rss_kb(),
-                ..Report::default()
-            },
-            None,
-        );
+        if !args.measured {
+            send(
+                &Report {
+                    peak_rss_kb: crate::procfs::own_peak_rss_kb(),
+                    ..Report::default()
+                },
+                None,
+            );
+        }
         drop(channel);
-        std::process::exit(code);
+        exit_now(code);
     }
-    let err = command.exec();
+    let err = std::process::Command::new(program)
+        .args(&args.argv[1..])
+        .exec();
     eprintln!(
         "pipe: cannot start the processor `{}`: {err}",
         program.to_string_lossy()
@@ -252,6 +263,23 @@ pub fn main(args: &[OsString]) -> u8 {
     EXIT_EXEC_FAILED
 }
 
+/// Ends this process now with `code`, once what is buffered for stdout is written: no exit
+/// handlers, no teardown of the runtime (a forked helper would otherwise fault in the pages of
+/// the C library's and the loader's exit paths just to run them).
+pub fn exit_now(code: i32) -> ! {
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    // SAFETY: _exit ends the process at once; nothing of this process is needed after it, and
+    // stdout was flushed (stderr is unbuffered; no C stdio stream is used).
+    unsafe { libc::_exit(code) }
+}
+
+/// This binary's path, read once (a forked helper inherits it from the spawn server, which reads
+/// it before forking any).
+pub fn this_binary() -> Option<&'static std::path::Path> {
+    static ME: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    ME.get_or_init(|| std::env::current_exe().ok()).as_deref()
+}
+
 /// The built-in's name when `argv` is `THIS_BINARY processor NAME`.
 fn builtin_of(argv: &[OsString]) -> Option<String> {
     let [program, sub, name] = argv else {
@@ -260,8 +288,7 @@ fn builtin_of(argv: &[OsString]) -> Option<String> {
     if sub != "processor" {
         return None;
     }
-    let me = std::env::current_exe().ok()?;
-    (std::path::Path::new(program) == me).then(|| name.to_string_lossy().into_owned())
+    (std::path::Path::new(program) == this_binary()?).then(|| name.to_string_lossy().into_owned())
 }
 
 /// Takes the report channel from stdin (`None`: stdin is no socket, as when a person runs the

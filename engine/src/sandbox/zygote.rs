@@ -390,6 +390,8 @@ fn serve() -> io::Result<()> {
     // of a short built-in). Only where it needs no user namespace (as root): elsewhere every
     // processor makes its own, as before.
     let shared_netns = super::netns::enter_privileged();
+    // Read once here, so that no forked helper reads `/proc/self/exe` again.
+    let _ = helper::this_binary();
     // The runtime's CPU-feature probe (`cpuid`, slow under a hypervisor) runs once here and its
     // result is inherited by every fork, instead of running again in each child.
     #[cfg(target_arch = "x86_64")]
@@ -474,7 +476,7 @@ fn fork_helper(
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        std::process::exit(i32::from(become_helper(
+        helper::exit_now(i32::from(become_helper(
             request,
             stdin,
             log,
@@ -532,6 +534,8 @@ fn become_helper(
     if shared_netns {
         args.push("--shared-netns".into());
     }
+    // This server reaps the child: its `ru_maxrss` is the child's own.
+    args.push(helper::MEASURED_FLAG.into());
     args.extend(request.args.iter().map(OsString::from));
     helper::main(&args)
 }
