@@ -108,6 +108,11 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// instead.
 const SYNCFS_ABOVE: usize = 8;
 
+/// Whether [`sync_dirs`] and [`sync_files`] sync the whole filesystem for `count` paths.
+pub fn syncs_filesystem(count: usize) -> bool {
+    count > SYNCFS_ABOVE
+}
+
 /// Makes renames and removals in all of `dirs` (on one filesystem) durable: a few with one fsync
 /// each; many with a single `syncfs`, the group commit that turns a fan-in publishing 10,000
 /// folders from 10,000 journal commits into one.

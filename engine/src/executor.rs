@@ -539,7 +539,10 @@ pub fn run(
         persist(checkpoints, cp, &mut outcome, group);
     }
     if let Some(tmp) = &inv.sandbox.tmpdir {
-        let _ = std::fs::remove_dir_all(tmp);
+        // Mostly left empty: one `rmdir` then.
+        if std::fs::remove_dir(tmp).is_err() {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
     }
     explain(inv, &mut outcome);
     Ok(outcome)
@@ -714,10 +717,14 @@ fn processor_peak_kb(reported: Option<u64>, ru_maxrss_kb: u64, inherited_kb: Opt
 
 /// The last `lines` lines (at most 4 KiB) of a log file.
 pub fn tail(path: &Path, lines: usize) -> String {
+    // Most logs are empty: one `stat` says so.
+    let len = std::fs::metadata(path).map_or(0, |m| m.len());
+    if len == 0 {
+        return String::new();
+    }
     let Ok(mut file) = File::open(path) else {
         return String::new();
     };
-    let len = file.metadata().map_or(0, |m| m.len());
     let start = len.saturating_sub(4096);
     if file.seek(SeekFrom::Start(start)).is_err() {
         return String::new();

@@ -266,10 +266,15 @@ const HASH_WINDOW_BYTES: u64 = 16 << 20;
 
 /// The blake3 of a file's content, hex-encoded; big files on all cores.
 pub fn hash_file(path: &Path, size: u64) -> io::Result<String> {
+    hash_open_file(&mut std::fs::File::open(path)?, size)
+}
+
+/// [`hash_file`] of a file already open (read from its current offset; mapped from its start
+/// when it is big).
+pub fn hash_open_file(file: &mut std::fs::File, size: u64) -> io::Result<String> {
     let mut hasher = blake3::Hasher::new();
-    let mut file = std::fs::File::open(path)?;
     if size >= PARALLEL_HASH_BYTES {
-        hash_mapped(&mut hasher, &mut file, HASH_WINDOW_BYTES)?;
+        hash_mapped(&mut hasher, file, HASH_WINDOW_BYTES)?;
     } else {
         hasher.update_reader(file)?;
     }
