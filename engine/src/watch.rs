@@ -3,7 +3,7 @@
 //! A running attempt has up to four sources: the progress pipe (checkpoint lines), the helper's
 //! report channel (which sandbox layers it applied, and the seccomp listener attached to the
 //! first report), the listener itself (a processor's network attempt, to be answered at once),
-//! and the processor's end (from the spawn server's reply reader, or a `wait4` thread). They used
+//! and the processor's end (from the spawn server's ends reader, or a `wait4` thread). They used
 //! to be read by two helper threads per attempt that forwarded messages to the attempt's thread:
 //! in a build of many short stages those hand-offs were most of the build's thread wake-ups.
 //! Here one `poll` over all of them wakes the attempt's thread once for whatever is ready.
@@ -45,7 +45,7 @@ pub enum Event {
     Exited(Exit),
 }
 
-/// Where the processor's end is told: whoever learns it (the spawn server's reply reader, or a
+/// Where the processor's end is told: whoever learns it (the spawn server's ends reader, or a
 /// `wait4` thread) calls [`ExitSender::send`], which wakes the attempt's `poll`.
 pub struct ExitSender {
     slot: Arc<Mutex<Option<Exit>>>,

@@ -10,13 +10,16 @@
 //! processor runs. A second gain: the child's `ru_maxrss` starts from this small process, not from
 //! the engine (a `posix_spawn` child inherits the engine's peak, see `executor::processor_peak_kb`).
 //!
-//! The protocol, on an `AF_UNIX` `SOCK_SEQPACKET` pair (the server's end is its stdin):
-//! - engine → server, per attempt, two messages: the [`Request`] (JSON) with the helper's report
-//!   channel attached (the child's stdin), then `log` with the attempt log attached (the child's
-//!   stdout and stderr);
-//! - server → engine: per request, in order, [`Reply::Spawned`] (the pid, which is also the child's
-//!   process group) or [`Reply::Failed`]; and whenever a child ends, [`Reply::Exited`] with its
-//!   wait status and resource usage (the server is the parent that reaps it).
+//! The protocol, on two `AF_UNIX` `SOCK_SEQPACKET` pairs:
+//! - the control channel (the server's end is its stdin): engine → server, per attempt, two
+//!   messages: the [`Request`] (JSON) with the helper's report channel attached (the child's
+//!   stdin), then `log` with the attempt log attached (the child's stdout and stderr); server →
+//!   engine, per request, in order, [`Reply::Spawned`] (the pid, which is also the child's process
+//!   group) or [`Reply::Failed`], read by the requesting thread itself;
+//! - the ends channel (the server's end is its stdout): whenever a child ends, [`Reply::Exited`]
+//!   with its wait status and resource usage (the server is the parent that reaps it), read by
+//!   one thread of the engine. Apart, a spawn's answer wakes only the thread that asked, not a
+//!   reader that would then wake it.
 //!
 //! The server runs in a process group of its own (a Ctrl-C in the terminal reaches the engine,
 //! which stops processors the usual way), never has more than one thread (so forking it is
@@ -34,7 +37,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,8 +47,10 @@ use super::{channel, helper};
 pub const SUBCOMMAND: &str = "__zygote";
 /// The second message of a request, which carries the attempt log.
 const LOG_MESSAGE: &[u8] = b"log";
-/// Where the server keeps its end of the channel (above the descriptors a child sets up).
+/// Where the server keeps its end of the control channel (above the descriptors a child sets up).
 const CONTROL_FD: RawFd = 10;
+/// Where the server keeps its end of the ends channel.
+const ENDS_FD: RawFd = 11;
 
 /// One helper to start: what `pipe __exec` would have been given.
 #[derive(Debug, Serialize, Deserialize)]
@@ -153,9 +158,10 @@ impl Exit {
 pub struct Zygote {
     /// The server process, reaped by [`shutdown`].
     server: Mutex<Option<std::process::Child>>,
-    control: OwnedFd,
-    /// Held for a request and its reply: requests are answered in order.
-    requests: Mutex<mpsc::Receiver<Result<i32, String>>>,
+    /// The control channel; its lock is held for a request and its reply.
+    control: Mutex<OwnedFd>,
+    /// For [`shutdown`], which must not wait for the lock.
+    control_raw: RawFd,
     exits: Arc<Mutex<Exits>>,
 }
 
@@ -165,10 +171,10 @@ pub type OnExit = Box<dyn FnOnce(Option<Exit>) + Send>;
 
 #[derive(Default)]
 struct Exits {
-    /// The callback of the request in flight, until its reply names the pid.
-    next: Option<OnExit>,
     /// Children whose end someone waits for.
     waiting: HashMap<i32, OnExit>,
+    /// Ends read before their spawn's answer was (the two come on different channels).
+    early: HashMap<i32, Exit>,
     /// The server went away: nobody learns of an end any more.
     gone: bool,
 }
@@ -211,7 +217,8 @@ fn wanted(value: Option<&std::ffi::OsStr>) -> bool {
 
 impl Zygote {
     fn start(exe: &Path) -> io::Result<Zygote> {
-        let (control, server_end) = channel::pair()?;
+        let (control, server_control) = channel::pair()?;
+        let (ends, server_ends) = channel::pair()?;
         let mut command = Command::new(exe);
         command
             .arg(SUBCOMMAND)
@@ -219,22 +226,29 @@ impl Zygote {
             // A coverage build of pipe must keep writing its profile where it was told to (each
             // child then has the variable again from its request's environment).
             .envs(std::env::vars_os().filter(|(k, _)| k == "LLVM_PROFILE_FILE"))
-            .stdin(Stdio::from(server_end))
-            .stdout(Stdio::null())
+            .stdin(Stdio::from(server_control))
+            .stdout(Stdio::from(server_ends))
             .process_group(0);
         let server = command.spawn()?;
         drop(command);
-        let (replies_tx, replies) = mpsc::channel();
+        Zygote::over(Some(server), control, ends)
+    }
+
+    /// The engine's side of a server reached through `control` and `ends`.
+    fn over(
+        server: Option<std::process::Child>,
+        control: OwnedFd,
+        ends: OwnedFd,
+    ) -> io::Result<Zygote> {
         let exits = Arc::new(Mutex::new(Exits::default()));
         let reader_exits = Arc::clone(&exits);
-        let reader = control.try_clone()?;
         std::thread::Builder::new()
             .name("pipe-zygote".into())
-            .spawn(move || read_replies(reader, replies_tx, reader_exits))?;
+            .spawn(move || read_ends(ends, reader_exits))?;
         Ok(Zygote {
-            server: Mutex::new(Some(server)),
-            control,
-            requests: Mutex::new(replies),
+            server: Mutex::new(server),
+            control_raw: control.as_raw_fd(),
+            control: Mutex::new(control),
             exits,
         })
     }
@@ -242,8 +256,9 @@ impl Zygote {
     /// Starts `pipe __exec ARGS` (`args` without the subcommand and `--parent-pid`) with `env`
     /// in `cwd`, the report channel `stdin` as its stdin and `log` as its stdout and stderr, in a
     /// process group of its own. Returns its pid; `on_exit` is called with its end, on the thread
-    /// that reads the server's replies (it must not block), or with `None` if the server goes away
-    /// first. If the start fails, `on_exit` is dropped uncalled.
+    /// that reads the server's ends or (when the end came first) on this one (it must not block),
+    /// or with `None` if the server goes away first. If the start fails, `on_exit` is dropped
+    /// uncalled.
     pub fn spawn(
         &self,
         args: &[OsString],
@@ -267,27 +282,34 @@ impl Zygote {
                 "the request is too long for the spawn server",
             ));
         }
-        let replies = self.requests.lock().expect("not poisoned");
-        {
-            let mut exits = self.exits.lock().expect("not poisoned");
-            if exits.gone {
-                return Err(io::Error::other("the spawn server went away"));
-            }
-            // The reader files it under the pid when the reply comes, before any end of that
-            // pid can be read (the server replies in order).
-            exits.next = Some(on_exit);
+        let control = self.control.lock().expect("not poisoned");
+        if self.exits.lock().expect("not poisoned").gone {
+            return Err(io::Error::other("the spawn server went away"));
         }
-        let sent = channel::send(self.control.as_fd(), &bytes, Some(stdin.as_fd()))
-            .and_then(|_| channel::send(self.control.as_fd(), LOG_MESSAGE, Some(log.as_fd())));
-        if let Err(err) = sent {
-            self.exits.lock().expect("not poisoned").next = None;
-            return Err(err);
+        channel::send(control.as_fd(), &bytes, Some(stdin.as_fd()))?;
+        channel::send(control.as_fd(), LOG_MESSAGE, Some(log.as_fd()))?;
+        let mut buf = [0u8; 512];
+        let pid = match channel::recv(control.as_fd(), &mut buf) {
+            Ok(Some((n, _))) => match serde_json::from_slice::<Reply>(&buf[..n]) {
+                Ok(Reply::Spawned { pid }) => pid,
+                Ok(Reply::Failed { error }) => return Err(io::Error::other(error)),
+                _ => return Err(io::Error::other("the spawn server answered out of order")),
+            },
+            Ok(None) => return Err(io::Error::other("the spawn server went away")),
+            Err(err) => return Err(err),
+        };
+        drop(control);
+        let mut exits = self.exits.lock().expect("not poisoned");
+        if let Some(exit) = exits.early.remove(&pid) {
+            drop(exits);
+            on_exit(Some(exit));
+        } else if exits.gone {
+            drop(exits);
+            on_exit(None);
+        } else {
+            exits.waiting.insert(pid, on_exit);
         }
-        match replies.recv() {
-            Ok(Ok(pid)) => Ok(pid),
-            Ok(Err(error)) => Err(io::Error::other(error)),
-            Err(_) => Err(io::Error::other("the spawn server went away")),
-        }
+        Ok(pid)
     }
 }
 
@@ -299,47 +321,34 @@ pub fn shutdown() {
         return;
     };
     // SAFETY: shutdown only changes the state of this socket, which `zygote` owns.
-    unsafe { libc::shutdown(zygote.control.as_raw_fd(), libc::SHUT_RDWR) };
+    unsafe { libc::shutdown(zygote.control_raw, libc::SHUT_RDWR) };
     if let Some(mut server) = zygote.server.lock().expect("not poisoned").take() {
         let _ = server.wait();
     }
 }
 
-/// The engine's reader of the server's replies: spawn answers go to the requester, ends to
-/// whoever waits for that child (or are kept until someone does).
-fn read_replies(
-    control: OwnedFd,
-    replies: mpsc::Sender<Result<i32, String>>,
-    exits: Arc<Mutex<Exits>>,
-) {
-    let mut buf = vec![0u8; channel::MAX_MESSAGE];
-    while let Ok(Some((n, _))) = channel::recv(control.as_fd(), &mut buf) {
-        match serde_json::from_slice::<Reply>(&buf[..n]) {
-            Ok(Reply::Spawned { pid }) => {
-                let mut waiting = exits.lock().expect("not poisoned");
-                if let Some(on_exit) = waiting.next.take() {
-                    waiting.waiting.insert(pid, on_exit);
-                }
+/// The engine's reader of the server's ends channel: each end goes to whoever waits for that
+/// child, or is kept until its spawn's answer is read (a fast child can end before that).
+fn read_ends(ends: OwnedFd, exits: Arc<Mutex<Exits>>) {
+    let mut buf = [0u8; 512];
+    while let Ok(Some((n, _))) = channel::recv(ends.as_fd(), &mut buf) {
+        let Ok(Reply::Exited { pid, exit }) = serde_json::from_slice::<Reply>(&buf[..n]) else {
+            break;
+        };
+        let mut waiting = exits.lock().expect("not poisoned");
+        match waiting.waiting.remove(&pid) {
+            Some(on_exit) => {
                 drop(waiting);
-                let _ = replies.send(Ok(pid));
+                on_exit(Some(exit));
             }
-            Ok(Reply::Failed { error }) => {
-                exits.lock().expect("not poisoned").next = None;
-                let _ = replies.send(Err(error));
+            None => {
+                waiting.early.insert(pid, exit);
             }
-            Ok(Reply::Exited { pid, exit }) => {
-                let on_exit = exits.lock().expect("not poisoned").waiting.remove(&pid);
-                if let Some(on_exit) = on_exit {
-                    on_exit(Some(exit));
-                }
-            }
-            Err(_) => break,
         }
     }
     let mut gone = exits.lock().expect("not poisoned");
     gone.gone = true;
     let untold: Vec<OnExit> = gone.waiting.drain().map(|(_, f)| f).collect();
-    gone.next = None;
     drop(gone);
     for on_exit in untold {
         on_exit(None); // no end will be told: the server took its children along
@@ -366,17 +375,22 @@ fn serve() -> io::Result<()> {
         ));
     }
     // SAFETY: dup2/open/close only manage descriptors of this single-threaded process: the
-    // channel moves from stdin to CONTROL_FD (close-on-exec), stdin becomes /dev/null.
-    let control = unsafe {
-        if libc::dup2(0, CONTROL_FD) < 0 {
+    // control channel moves from stdin to CONTROL_FD and the ends channel from stdout to ENDS_FD
+    // (both close-on-exec), stdin and stdout become /dev/null.
+    let (control, ends) = unsafe {
+        if libc::dup2(0, CONTROL_FD) < 0 || libc::dup2(1, ENDS_FD) < 0 {
             return Err(io::Error::last_os_error());
         }
-        OwnedFd::from_raw_fd(CONTROL_FD)
+        (
+            OwnedFd::from_raw_fd(CONTROL_FD),
+            OwnedFd::from_raw_fd(ENDS_FD),
+        )
     };
     rustix::io::fcntl_setfd(&control, rustix::io::FdFlags::CLOEXEC)?;
+    rustix::io::fcntl_setfd(&ends, rustix::io::FdFlags::CLOEXEC)?;
     let null = File::open("/dev/null")?;
-    // SAFETY: as above; /dev/null onto stdin.
-    if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
+    // SAFETY: as above; /dev/null onto stdin and stdout.
+    if unsafe { libc::dup2(null.as_raw_fd(), 0) < 0 || libc::dup2(null.as_raw_fd(), 1) < 0 } {
         return Err(io::Error::last_os_error());
     }
     drop(null);
@@ -412,7 +426,7 @@ fn serve() -> io::Result<()> {
         if wake_ready {
             let mut drain = [0u8; 64];
             while matches!(rustix::io::read(&wake, &mut drain), Ok(n) if n > 0) {}
-            reap(&control);
+            reap(&ends);
         }
         if !control_ready {
             continue;
@@ -433,7 +447,7 @@ fn serve() -> io::Result<()> {
                 },
             },
             (Some((request, stdin)), Some(log)) if &buf[..n] == LOG_MESSAGE => {
-                match fork_helper(&request, &stdin, &log, control.as_raw_fd(), shared_netns) {
+                match fork_helper(&request, &stdin, &log, shared_netns) {
                     Ok(pid) => Reply::Spawned { pid },
                     Err(err) => Reply::Failed {
                         error: format!("cannot fork: {err}"),
@@ -453,10 +467,10 @@ fn send(control: &OwnedFd, reply: &Reply) -> io::Result<()> {
     channel::send(control.as_fd(), &bytes, None)
 }
 
-/// Reaps every child that ended and tells the engine.
-fn reap(control: &OwnedFd) {
+/// Reaps every child that ended and tells the engine, on the ends channel.
+fn reap(ends: &OwnedFd) {
     while let Some((pid, exit)) = Exit::wait(-1, false) {
-        let _ = send(control, &Reply::Exited { pid, exit });
+        let _ = send(ends, &Reply::Exited { pid, exit });
     }
 }
 
@@ -465,7 +479,6 @@ fn fork_helper(
     request: &Request,
     stdin: &OwnedFd,
     log: &OwnedFd,
-    control: RawFd,
     shared_netns: bool,
 ) -> io::Result<i32> {
     let parent = std::process::id();
@@ -480,7 +493,6 @@ fn fork_helper(
             request,
             stdin,
             log,
-            control,
             parent,
             shared_netns,
         )));
@@ -497,14 +509,13 @@ fn become_helper(
     request: &Request,
     stdin: &OwnedFd,
     log: &OwnedFd,
-    control: RawFd,
     parent: u32,
     shared_netns: bool,
 ) -> u8 {
     // SAFETY: this single-threaded child only resets its own signal handling, process group and
     // descriptors before running the helper: SIGCHLD back to default (the server's handler wrote
     // to the server's pipe), every signal unblocked, a process group of its own, the report
-    // channel on stdin and the log on stdout and stderr, the server's channel closed.
+    // channel on stdin and the log on stdout and stderr, the server's channels closed.
     unsafe {
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         let mut none: libc::sigset_t = std::mem::zeroed();
@@ -517,7 +528,8 @@ fn become_helper(
         {
             return helper::EXIT_SETUP_FAILED;
         }
-        libc::close(control);
+        libc::close(CONTROL_FD);
+        libc::close(ENDS_FD);
     }
     // Single-threaded: nothing else reads or writes the environment meanwhile.
     for (key, _) in std::env::vars_os() {
@@ -543,6 +555,8 @@ fn become_helper(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
 
     #[test]
     fn only_off_turns_the_server_off() {
@@ -578,6 +592,94 @@ mod tests {
             } => assert_eq!((back, same), (pid, exit)),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Waits until the engine's side of the test server has `pid` filed as `early` or `waiting`.
+    fn wait_filed(exits: &Mutex<Exits>, pid: i32, early: bool) {
+        for _ in 0..10_000 {
+            let exits = exits.lock().unwrap();
+            let filed = if early {
+                exits.early.contains_key(&pid)
+            } else {
+                exits.waiting.contains_key(&pid)
+            };
+            if filed {
+                return;
+            }
+            drop(exits);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("pid {pid} was never filed");
+    }
+
+    /// Plays the server for one request: reads it, then sends its end and its answer, in the
+    /// order asked, each once the engine's side has taken in the one before.
+    fn answer(control: &OwnedFd, ends: &OwnedFd, exits: &Mutex<Exits>, pid: i32, end_first: bool) {
+        let mut buf = vec![0u8; channel::MAX_MESSAGE];
+        let (_, stdin) = channel::recv(control.as_fd(), &mut buf).unwrap().unwrap();
+        let (n, log) = channel::recv(control.as_fd(), &mut buf).unwrap().unwrap();
+        assert!(stdin.is_some() && log.is_some() && &buf[..n] == LOG_MESSAGE);
+        let exit = Exit {
+            status: 7 << 8,
+            user_us: 1,
+            sys_us: 2,
+            max_rss_kb: 3,
+        };
+        if end_first {
+            send(ends, &Reply::Exited { pid, exit }).unwrap();
+            wait_filed(exits, pid, true);
+            send(control, &Reply::Spawned { pid }).unwrap();
+        } else {
+            send(control, &Reply::Spawned { pid }).unwrap();
+            wait_filed(exits, pid, false);
+            send(ends, &Reply::Exited { pid, exit }).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_end_reaches_its_spawn_whichever_channel_is_read_first_and_none_once_the_server_is_gone() {
+        let (control, server_control) = channel::pair().unwrap();
+        let (ends, server_ends) = channel::pair().unwrap();
+        let zygote = Zygote::over(None, control, ends).unwrap();
+        let exits = Arc::clone(&zygote.exits);
+        let server = std::thread::spawn(move || {
+            answer(&server_control, &server_ends, &exits, 41, true);
+            answer(&server_control, &server_ends, &exits, 42, false);
+            // A third child is spawned, then the server goes away without telling its end.
+            let mut buf = vec![0u8; channel::MAX_MESSAGE];
+            channel::recv(server_control.as_fd(), &mut buf).unwrap();
+            channel::recv(server_control.as_fd(), &mut buf).unwrap();
+            send(&server_control, &Reply::Spawned { pid: 43 }).unwrap();
+            wait_filed(&exits, 43, false);
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let log = File::create(dir.path().join("log")).unwrap();
+        let (told, ends_told) = mpsc::channel();
+        for expected in [41, 42, 43] {
+            let (_, stdin) = channel::pair().unwrap();
+            let told = told.clone();
+            let on_exit: OnExit = Box::new(move |exit| told.send((expected, exit)).unwrap());
+            let pid = zygote
+                .spawn(&[], &[], dir.path(), &stdin, &log, on_exit)
+                .unwrap();
+            assert_eq!(pid, expected);
+        }
+        server.join().unwrap();
+        let mut got: Vec<(i32, Option<i32>)> = (0..3)
+            .map(|_| {
+                let (pid, exit) = ends_told.recv_timeout(Duration::from_secs(10)).unwrap();
+                (pid, exit.map(|e| e.status))
+            })
+            .collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![(41, Some(7 << 8)), (42, Some(7 << 8)), (43, None)]
+        );
+        // Gone: a later spawn fails at once, and its callback is dropped uncalled.
+        let (_, stdin) = channel::pair().unwrap();
+        let later = zygote.spawn(&[], &[], dir.path(), &stdin, &log, Box::new(|_| panic!()));
+        assert!(later.is_err());
     }
 
     #[test]
