@@ -265,8 +265,13 @@ pub fn main(args: &[OsString]) -> u8 {
 
 /// Ends this process now with `code`, once what is buffered for stdout is written: no exit
 /// handlers, no teardown of the runtime (a forked helper would otherwise fault in the pages of
-/// the C library's and the loader's exit paths just to run them).
+/// the C library's and the loader's exit paths just to run them). Except under a coverage
+/// profile (`LLVM_PROFILE_FILE` set, as `cargo llvm-cov` and the tests' environment have it): the
+/// profile's counters are written by an exit handler, so the process exits normally then.
 pub fn exit_now(code: i32) -> ! {
+    if std::env::var_os("LLVM_PROFILE_FILE").is_some() {
+        std::process::exit(code);
+    }
     let _ = std::io::Write::flush(&mut std::io::stdout());
     // SAFETY: _exit ends the process at once; nothing of this process is needed after it, and
     // stdout was flushed (stderr is unbuffered; no C stdio stream is used).
