@@ -15,7 +15,7 @@
 //! The calling thread watches the attempt with one `poll` over all its descriptors
 //! ([`crate::watch`]): checkpoint lines from the progress pipe, the helper's report (which layers
 //! it applied), the seccomp notifications of network attempts (the offender is killed, the
-//! attempt recorded as a violation) and the processor's end (told by the spawn server's reply
+//! attempt recorded as a violation) and the processor's end (told by the spawn server's ends
 //! reader, or, for a `posix_spawn`ed helper, by a `wait4` on a reused thread,
 //! [`crate::workers::run_detached`]). It hands checkpoints to [`Checkpoints`] (persisted at once,
 //! or held for a grace period), enforces the timeout and the memory cap and reacts to
