@@ -397,9 +397,6 @@ pub fn run(
     let mut exit_seen_at: Option<Instant> = None;
     let mut grace = Grace::new(started);
     let mut events = Vec::new();
-    // The newest checkpoint read and not yet handed on (checkpoints are cumulative: of those
-    // read in one go, only the newest is persisted).
-    let mut newest: Option<Checkpoint> = None;
     loop {
         let now = Instant::now();
         let timeout = match exit_seen_at {
@@ -412,8 +409,16 @@ pub fn run(
             Some(_) => Duration::ZERO,
         };
         let ready = watch.wait(timeout, &mut events)?;
+        // The lines of one wake-up come before its end, if it has one (see `watch`): they were
+        // written while the processor ran unless it had ended before this wake-up.
+        let ended = exited.is_some();
+        let mut bad_line = None;
+        // Checkpoints are cumulative: of those read in one wake-up, only the newest is handed on.
+        let mut newest: Option<Checkpoint> = None;
         for event in events.drain(..) {
             match event {
+                // After a bad line nothing more counts.
+                Event::Line(Ok(_)) if bad_line.is_some() => {}
                 Event::Line(Ok(cp)) => {
                     if let Some(older) = newest.replace(cp) {
                         // Persisting each (an fsynced write) while the processor reports faster
@@ -428,20 +433,7 @@ pub fn run(
                     }
                 }
                 Event::Line(Err(err)) => {
-                    if let Some(cp) = newest.take() {
-                        hand_on(
-                            checkpoints,
-                            &mut grace,
-                            cp,
-                            exited.is_some(),
-                            &mut outcome,
-                            group,
-                        );
-                    }
-                    if outcome.protocol_error.is_none() {
-                        outcome.protocol_error = Some(err);
-                        let _ = rustix::process::kill_process_group(group, Signal::KILL);
-                    }
+                    bad_line.get_or_insert(err);
                 }
                 Event::Eof => {}
                 Event::Report(report) => {
@@ -468,10 +460,6 @@ pub fn run(
                     outcome.violations.push(v);
                 }
                 Event::Exited(exit) => {
-                    // Checkpoints read before the end arrived while the processor ran.
-                    if let Some(cp) = newest.take() {
-                        hand_on(checkpoints, &mut grace, cp, false, &mut outcome, group);
-                    }
                     outcome.duration = started.elapsed();
                     // Anything the processor left behind in its group goes with it.
                     let _ = rustix::process::kill_process_group(group, Signal::KILL);
@@ -480,15 +468,15 @@ pub fn run(
                 }
             }
         }
-        if let Some(cp) = newest.take() {
-            hand_on(
-                checkpoints,
-                &mut grace,
-                cp,
-                exited.is_some(),
-                &mut outcome,
-                group,
-            );
+        // The newest good checkpoint first (what came before a bad line counts), then the error.
+        if let Some(cp) = newest {
+            hand_on(checkpoints, &mut grace, cp, ended, &mut outcome, group);
+        }
+        if let Some(err) = bad_line {
+            if outcome.protocol_error.is_none() {
+                outcome.protocol_error = Some(err);
+                let _ = rustix::process::kill_process_group(group, Signal::KILL);
+            }
         }
         if exit_seen_at
             .is_some_and(|seen| !ready && (!watch.progress_open() || seen.elapsed() >= EOF_WAIT))
