@@ -408,7 +408,14 @@ pub fn run(
             }
             Some(_) => Duration::ZERO,
         };
-        let ready = watch.wait(timeout, &mut events)?;
+        let ready = match watch.wait(timeout, &mut events) {
+            Ok(ready) => ready,
+            Err(err) => {
+                // Nothing of the attempt can be watched any more: it must not run on unwatched.
+                let _ = rustix::process::kill_process_group(group, Signal::KILL);
+                return Err(err);
+            }
+        };
         // The lines of one wake-up come before its end, if it has one (see `watch`): they were
         // written while the processor ran unless it had ended before this wake-up.
         let ended = exited.is_some();
