@@ -64,6 +64,10 @@ pub struct Scheduler {
     /// Position in `order` before which no stage is waiting any more (phases only move forward),
     /// so that finding the next stage does not rescan finished ones: linear, not quadratic.
     first_waiting: std::cell::Cell<usize>,
+    /// A stage failed since [`Scheduler::blocked`] last looked: only then can a waiting stage
+    /// have become blocked (a scan per call would make a build quadratic in its stages, and a
+    /// fan-in's list of dependencies is scanned in full each time).
+    failed_since_blocked: bool,
 }
 
 impl Scheduler {
@@ -99,6 +103,7 @@ impl Scheduler {
             cores: vec![Vec::new(); n],
             free_cores: (0..machine_cores).collect(),
             first_waiting: std::cell::Cell::new(0),
+            failed_since_blocked: false,
         }
     }
 
@@ -212,6 +217,7 @@ impl Scheduler {
         self.phase[stage] = if succeeded {
             Phase::Succeeded
         } else {
+            self.failed_since_blocked = true;
             Phase::Failed
         };
     }
@@ -234,6 +240,10 @@ impl Scheduler {
     /// Waiting stages that can never run because a dependency failed; marks them failed.
     pub fn blocked(&mut self) -> Vec<(usize, usize)> {
         let mut blocked = Vec::new();
+        // One pass in topological order marks the stages blocked by a stage it marks, too.
+        if !std::mem::take(&mut self.failed_since_blocked) {
+            return blocked;
+        }
         let first = self.waiting_from();
         for &i in &self.order[first..] {
             if self.phase[i] != Phase::Waiting {
