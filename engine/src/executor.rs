@@ -16,11 +16,10 @@
 //! ([`crate::watch`]): checkpoint lines from the progress pipe, the helper's report (which layers
 //! it applied), the seccomp notifications of network attempts (the offender is killed, the
 //! attempt recorded as a violation) and the processor's end (told by the spawn server's ends
-//! reader, or, for a `posix_spawn`ed helper, by a `wait4` on a reused thread,
-//! [`crate::workers::run_detached`]). It hands checkpoints to [`Checkpoints`] (persisted at once,
-//! or held for a grace period), enforces the timeout and the memory cap and reacts to
-//! interruption: SIGTERM to the group, a grace period, then SIGKILL. When the processor exits,
-//! whatever it left in its group is killed.
+//! reader, or, for a `posix_spawn`ed helper, by a thread of its own blocked in `wait4`). It
+//! hands checkpoints to [`Checkpoints`] (persisted at once, or held for a grace period), enforces
+//! the timeout and the memory cap and reacts to interruption: SIGTERM to the group, a grace
+//! period, then SIGKILL. When the processor exits, whatever it left in its group is killed.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
@@ -364,11 +363,22 @@ pub fn run(
             // Reaped with wait4, which also reports resource usage.
             drop(child);
             let sender = watch.exit_sender()?;
-            crate::workers::run_detached(move || {
-                // `wait4` fails only for a child never seen: that ends the attempt as killed,
-                // never as a success.
-                sender.send(Exit::wait(pid, true).map(|(_, exit)| exit));
-            });
+            let waiter = std::thread::Builder::new()
+                .name("pipe-wait4".into())
+                .spawn(move || {
+                    // `wait4` fails only for a child never seen: that ends the attempt as
+                    // killed, never as a success.
+                    sender.send(Exit::wait(pid, true).map(|(_, exit)| exit));
+                });
+            if let Err(err) = waiter {
+                // Nobody would learn its end: it must not run on unwatched.
+                let _ = rustix::process::kill_process_group(
+                    Pid::from_raw(pid).expect("child pid is positive"),
+                    Signal::KILL,
+                );
+                let _ = Exit::wait(pid, true);
+                return Err(err);
+            }
             pid
         }
     };

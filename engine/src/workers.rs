@@ -1,5 +1,4 @@
-//! A fixed set of long-lived threads that run the build's stage jobs, and reusable threads for
-//! jobs that mostly block ([`run_detached`]).
+//! A fixed set of long-lived threads that run the build's stage jobs.
 //!
 //! Long-lived because a processor started through `posix_spawn` gets a parent-death signal that
 //! fires when the *thread* that spawned it exits, so the spawning threads must outlive the
@@ -58,122 +57,9 @@ impl Workers {
     }
 }
 
-/// Runs `job` on a thread of its own, as `std::thread::spawn` would, but on a thread kept from an
-/// earlier job when one is idle: for the waiter of a `posix_spawn`ed attempt's end, which lives
-/// as long as the attempt and blocks (once there were three such helpers per attempt, and
-/// starting and ending their threads was a visible part of a build of many short stages). Like
-/// `std::thread::spawn`, panics if no thread can be started.
-pub fn run_detached(job: impl FnOnce() + Send + 'static) {
-    static ATTEMPT_HELPERS: Detached = Detached::new();
-    ATTEMPT_HELPERS.run(Box::new(job));
-}
-
-/// The threads of [`run_detached`]: each idle one waits on a channel of its own, whose sender is
-/// here. The process ends them when it exits. A job that panics ends its thread.
-struct Detached {
-    idle: Mutex<Vec<mpsc::Sender<Job>>>,
-}
-
-impl Detached {
-    const fn new() -> Detached {
-        Detached {
-            idle: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn run(&'static self, mut job: Job) {
-        loop {
-            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            match idle {
-                // An idle thread's receiver lives as long as the thread: a failed send means it
-                // ended, and the next one is tried.
-                Some(thread) => match thread.send(job) {
-                    Ok(()) => return,
-                    Err(mpsc::SendError(back)) => job = back,
-                },
-                None => break,
-            }
-        }
-        std::thread::Builder::new()
-            .name("pipe-attempt".into())
-            .spawn(move || {
-                let (next_tx, next) = mpsc::channel::<Job>();
-                let mut job = job;
-                loop {
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                        return;
-                    }
-                    self.idle
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(next_tx.clone());
-                    match next.recv() {
-                        Ok(another) => job = another,
-                        Err(_) => return,
-                    }
-                }
-            })
-            .expect("failed to spawn thread");
-    }
-
-    #[cfg(test)]
-    fn idle_threads(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn detached_jobs_run_at_once_and_idle_threads_are_reused() {
-        let pool: &'static Detached = Box::leak(Box::new(Detached::new()));
-        // Jobs that block until all four have started: each needs a thread of its own.
-        let (started, starts) = mpsc::channel();
-        let gate = Arc::new(std::sync::Barrier::new(5));
-        for _ in 0..4 {
-            let (started, gate) = (started.clone(), Arc::clone(&gate));
-            pool.run(Box::new(move || {
-                started.send(std::thread::current().id()).unwrap();
-                gate.wait();
-            }));
-        }
-        gate.wait();
-        let first: std::collections::HashSet<_> = starts.iter().take(4).collect();
-        assert_eq!(first.len(), 4, "four threads at once");
-        // Once they are idle, later jobs run on them, not on new threads.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while pool.idle_threads() < 4 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the threads became idle"
-            );
-            std::thread::yield_now();
-        }
-        for _ in 0..8 {
-            let (done, wait) = mpsc::channel();
-            pool.run(Box::new(move || {
-                done.send(std::thread::current().id()).unwrap()
-            }));
-            assert!(
-                first.contains(&wait.recv().unwrap()),
-                "ran on an idle thread"
-            );
-        }
-        // A job that panics ends its thread; the next job still runs.
-        while pool.idle_threads() < 4 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the threads became idle"
-            );
-            std::thread::yield_now();
-        }
-        pool.run(Box::new(|| panic!("a job that panics")));
-        let (done, wait) = mpsc::channel();
-        pool.run(Box::new(move || done.send(()).unwrap()));
-        wait.recv().unwrap();
-    }
 
     #[test]
     fn every_job_runs_once_on_a_named_thread_and_no_more_at_a_time_than_threads() {
