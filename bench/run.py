@@ -275,13 +275,15 @@ def section_noop(ctx: Ctx, d: Path, n: int) -> None:
     if not (need_hyperfine(ctx, "noop", case) and stage_peers(ctx, "noop", case)):
         return
     time.sleep(2.1)  # let the last build's outputs age past pipe's racy-timestamp window (2 s)
-    cmds = [Cmd("pipe build", f"{q(ctx.pipe)} build -q")]
+    cmds = [Cmd("pipe build", f"{q(ctx.pipe)} build -q"), Cmd("pipe build --dry-run", f"{q(ctx.pipe)} build --dry-run")]
     if ctx.have("ninja"):
-        cmds.append(Cmd("ninja", "ninja --quiet", peer=True))
+        cmds += [Cmd("ninja", "ninja --quiet", peer=True), Cmd("ninja -n", "ninja -n --quiet", peer=True)]
     if ctx.have("make"):
         cmds += [Cmd("make -q", "make -q", peer=True), Cmd("make", "make -s", peer=True)]
     m = hyperfine(ctx, f"noop-{n}", cmds, d)
     compare(ctx, "noop", case, m, "pipe build", ["ninja", "make -q", "make"], "noop" if n >= 10000 else None)
+    # What would rerun, and why (no target): against ninja's own dry run, else make -q's answer.
+    compare(ctx, "noop", case + ", dry run", m, "pipe build --dry-run", ["ninja -n"] if ctx.have("ninja") else ["make -q"], None)
 
 
 ONE_INPUT = "input/f000007.txt"

@@ -100,6 +100,20 @@ def test_status_exit_code_says_whether_anything_would_run(demo):
     assert demo.run("status", "--exit-code").returncode == 1
 
 
+def test_status_shows_the_newest_run_record_that_reads_whole(demo):
+    demo.write("input/hello.txt", "hello\n")
+    demo.ok("build", "--run-id", "one")
+    # Newer by start time, but not run records: one is torn, one has the start but no stages.
+    demo.write("state/run_torn.json", '{"version": 1, "runId": "torn", "startedAt": "2999-01-01T00:00:00Z"')
+    demo.write("state/run_odd.json", '{"startedAt": "2998-01-01T00:00:00Z", "stages": 7}')
+    lines = demo.ok("status").stdout.splitlines()
+    assert lines[0].endswith("[last run: succeeded]"), lines
+
+    demo.ok("build", "--run-id", "two")
+    lines = demo.ok("status").stdout.splitlines()
+    assert lines[0].endswith("[last run: skipped]"), lines
+
+
 def test_graph_shows_the_data_edge(demo):
     dot = demo.ok("graph").stdout
     assert '"copy" -> "upper"' in dot

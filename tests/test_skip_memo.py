@@ -6,6 +6,7 @@ edits that keep size and mtime -- to prove that a memoised verdict never hides a
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -26,6 +27,12 @@ def let_files_age() -> None:
     """The memo refuses stats younger than the racy window: this is time that must pass, not a
     wait for another process (no file or signal could stand in for it)."""
     time.sleep(RACY_WINDOW_S + 0.2)
+
+
+def dry_run(project) -> dict[str, str]:
+    """`build --dry-run`: each stage's decision."""
+    events = project.ok("build", "--dry-run", "--message-format", "json").stdout.splitlines()
+    return {e["stage"]: e["decision"] for e in map(json.loads, events)}
 
 
 def sneaky_edit(path, old: bytes, new: bytes) -> None:
@@ -93,6 +100,11 @@ def test_a_memoised_verdict_never_hides_a_change(make_project):
     with open(project.path("proc.py"), "a", encoding="utf-8") as f:
         f.write("# edited\n")
 
+    # A dry run trusts the memo as a build does, and sees the same changes.
+    planned = dry_run(project)
+    assert planned.pop("keep") == "skip", planned
+    assert set(planned.values()) <= {"run", "restore"}, planned
+
     project.ok("build", "--run-id", "changed")
     statuses = project.statuses("changed")
     assert statuses.pop("keep") == "skipped", statuses
@@ -149,3 +161,21 @@ def test_a_memo_entry_from_another_definition_is_not_used(make_project):
     project.ok("build", "--run-id", "rearm")
     assert project.statuses("rearm") == {"s": "skipped"}
     assert memo(project)["stages"]["s"]["key"] != entry["key"]
+
+
+def test_a_dry_run_reports_a_publish_journal_the_memo_cannot_see(make_project):
+    """A publish journal left in an output folder (its build died while publishing) changes
+    nothing the memo watches; a build completes that publish before it looks at any verdict, a
+    dry run recovers nothing and must say the stage would run."""
+    project = make_project(pipeline(*STAGES[:2]), files=FILES)
+    project.ok("build")
+    let_files_age()
+    project.ok("build")
+    assert set(memo(project)["stages"]) == {"keep", "sneaky"}
+    assert dry_run(project) == {"keep": "skip", "sneaky": "skip"}
+
+    marker = project.path("out_keep/.keep.done")
+    project.path("out_keep/.keep.publishing").write_bytes(marker.read_bytes())
+    assert dry_run(project) == {"keep": "run", "sneaky": "skip"}
+    human = project.ok("build", "--dry-run").stdout
+    assert "keep: run (" in human and "publish" in human, human

@@ -17,6 +17,7 @@ use crate::fingerprint::{self, Ingredients, ProcessorIdentity, Reason};
 use crate::hashing::StatCache;
 use crate::inputs::{self, InputError, ResolvedInputs};
 use crate::marker::Marker;
+use crate::memo::SkipMemo;
 use crate::spec::{Processor, Spec, Stage};
 use crate::store::Store;
 use crate::workspace::Workspace;
@@ -291,6 +292,29 @@ pub struct StagePlan {
     pub warnings: Vec<String>,
 }
 
+impl StagePlan {
+    /// A plan with `decision` and nothing the full decision finds (inputs, fingerprint, marker).
+    fn undecided(stage: usize, decision: Decision) -> StagePlan {
+        StagePlan {
+            stage,
+            decision,
+            ingredients: None,
+            fingerprint: None,
+            inputs: None,
+            marker: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Whether stage `i`'s output folder holds a publish journal (a publish that did not finish).
+fn publish_journal_exists(ws: &Workspace, i: usize, spec: &Spec) -> bool {
+    let stage = &spec.stages[i];
+    ws.output_dir(&stage.output_dir)
+        .join(crate::workspace::journal_name(&stage.name))
+        .exists()
+}
+
 /// Why a stage cannot be planned.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -415,11 +439,7 @@ pub fn decide(
             r
         }
     };
-    if ws
-        .output_dir(&stage.output_dir)
-        .join(crate::workspace::journal_name(&stage.name))
-        .exists()
-    {
+    if publish_journal_exists(ws, index, spec) {
         reasons = vec![Reason::PublishInterrupted];
     }
     let cached = if reasons.is_empty() || stage.map || reasons.contains(&Reason::PublishInterrupted)
@@ -519,13 +539,20 @@ pub fn read_progress(ws: &Workspace, stage: &str) -> Result<Option<Progress>, St
 }
 
 /// The whole plan as `--dry-run` shows it: stages downstream of a running stage are pending.
+///
+/// A stage the skip memo vouches for is a skip without deciding it the full way, as in a build,
+/// unless a publish journal is in its output folder: a build recovers that publish before it looks
+/// at any verdict (when the build that wrote the journal died, the memo it read is still on disk
+/// and can match), a dry run recovers nothing, so the full decision reports it.
 pub fn plan_all(
     spec: &Spec,
     ws: &Workspace,
     order: &[usize],
     upstream: impl Fn(usize) -> Vec<usize>,
-    cache: &mut StatCache,
+    memo: &mut SkipMemo,
 ) -> Vec<Result<StagePlan, (usize, PlanError)>> {
+    // Loaded when a stage is first decided the full way (a no-op dry run never needs it).
+    let mut cache: Option<StatCache> = None;
     let mut runs: BTreeMap<usize, bool> = BTreeMap::new();
     let mut plans = Vec::new();
     for &i in order {
@@ -533,18 +560,19 @@ pub fn plan_all(
             .into_iter()
             .find(|u| runs.get(u).copied().unwrap_or(false));
         let plan = match pending_on {
-            Some(u) => Ok(StagePlan {
-                stage: i,
-                decision: Decision::Pending {
+            Some(u) => Ok(StagePlan::undecided(
+                i,
+                Decision::Pending {
                     upstream: spec.stages[u].name.clone(),
                 },
-                ingredients: None,
-                fingerprint: None,
-                inputs: None,
-                marker: None,
-                warnings: Vec::new(),
-            }),
-            None => decide(spec, ws, i, cache).map_err(|e| (i, e)),
+            )),
+            None if memo.unchanged(spec, i).is_some() && !publish_journal_exists(ws, i, spec) => {
+                Ok(StagePlan::undecided(i, Decision::Skip))
+            }
+            None => {
+                let cache = cache.get_or_insert_with(|| StatCache::load(&ws.stat_cache_file()));
+                decide(spec, ws, i, cache).map_err(|e| (i, e))
+            }
         };
         runs.insert(i, plan.as_ref().map_or(true, |p| p.decision.runs()));
         plans.push(plan);
