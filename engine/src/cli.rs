@@ -468,11 +468,20 @@ fn wants_slurm(cli: &Cli) -> bool {
             let file = pipefile_path(cli.global.pipeline.clone());
             std::fs::read(file)
                 .ok()
+                .filter(|bytes| may_name_executor(bytes))
                 .and_then(|bytes| serde_json::from_slice::<Peek>(&bytes).ok())
                 .and_then(|peek| peek.settings)
                 .is_some_and(|settings| settings.executor == Some("slurm".into()))
         }
     }
+}
+
+/// Whether Pipefile text may hold an `executor` key: it must be spelled out, or written with a
+/// `\u` escape. Nearly every Pipefile has neither, and for a 10,000-stage Pipefile this search
+/// (0.5 ms) spares the skimming parse (2.5 ms) that runs before anything else.
+fn may_name_executor(text: &[u8]) -> bool {
+    memchr::memmem::find(text, b"\"executor\"").is_some()
+        || memchr::memmem::find(text, b"\\u").is_some()
 }
 
 fn run(cli: Cli) -> u8 {
@@ -928,6 +937,25 @@ mod tests {
             "(fingerprint schema {})",
             crate::FINGERPRINT_SCHEMA
         )));
+    }
+
+    #[test]
+    fn an_executor_key_however_spelled_is_never_searched_past() {
+        let parses_as_slurm = |text: &str| {
+            let value: serde_json::Value = serde_json::from_str(text).unwrap();
+            value["settings"]["executor"] == "slurm"
+        };
+        for text in [
+            r#"{"settings": {"executor": "slurm"}}"#,
+            r#"{"settings": {"\u0065xecutor": "slurm"}}"#,
+            r#"{"settings": {"exec\u0075tor": "slurm"}}"#,
+        ] {
+            assert!(parses_as_slurm(text), "{text}");
+            assert!(may_name_executor(text.as_bytes()), "{text}");
+        }
+        assert!(!may_name_executor(
+            br#"{"version": 1, "stages": [{"name": "the-executor", "outputDir": "out/executor"}]}"#
+        ));
     }
 
     #[test]
