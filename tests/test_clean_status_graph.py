@@ -8,6 +8,8 @@ machine-readable, and that `clean` removes exactly what stages produced and noth
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
@@ -112,6 +114,15 @@ def test_status_shows_the_newest_run_record_that_reads_whole(demo):
     demo.ok("build", "--run-id", "two")
     lines = demo.ok("status").stdout.splitlines()
     assert lines[0].endswith("[last run: skipped]"), lines
+
+    # Records are read newest write first; times that say nothing (a copied workspace) or that
+    # disagree with the start order still give the newest start.
+    later = time.time() + 100
+    for one_written in (later, later + 50):
+        os.utime(demo.path("state/run_one.json"), (one_written, one_written))
+        os.utime(demo.path("state/run_two.json"), (later, later))
+        lines = demo.ok("status").stdout.splitlines()
+        assert lines[0].endswith("[last run: skipped]"), (one_written, lines)
 
 
 def test_graph_shows_the_data_edge(demo):

@@ -712,37 +712,45 @@ fn dry_run(
 
 /// The most recent run record, by start time (of those that parse).
 ///
-/// Every run leaves a record with an entry per stage (1.4 MB for 10,000 stages), so the records
-/// are first read for their start time only, in parallel, and only the newest is parsed whole.
+/// Every run leaves a record with an entry per stage (1.4 MB for 10,000 stages), and a workspace
+/// keeps them all, so they are read newest write first and the walk stops at the first record
+/// last written before the newest start found (a record is last written after its start; the
+/// margin covers the coarse clock of file times). Builds hold the workspace lock one after the
+/// other, so that is usually after two records; records whose times say nothing (a copied
+/// workspace) are all read, as they always were.
 fn last_run(ws: &Workspace) -> Option<RunRecord> {
-    use rayon::prelude::*;
-    /// A run record's start, the rest of it skipped over unparsed.
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Started {
-        started_at: String,
-    }
-    let files: Vec<PathBuf> = std::fs::read_dir(ws.state_dir())
+    const MARGIN: Duration = Duration::from_secs(2);
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(ws.state_dir())
         .ok()?
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with("run_"))
-        .map(|e| e.path())
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    let mut started: Vec<(String, &PathBuf)> = files
-        .par_iter()
-        .filter_map(|path| {
-            let bytes = std::fs::read(path).ok()?;
-            Some((
-                serde_json::from_slice::<Started>(&bytes).ok()?.started_at,
-                path,
-            ))
-        })
-        .collect();
-    // Newest first; a record whose start parses but the rest does not is passed over.
-    started.sort_by(|a, b| b.cmp(a));
-    started
-        .into_iter()
-        .find_map(|(_, path)| serde_json::from_slice::<RunRecord>(&std::fs::read(path).ok()?).ok())
+    files.sort_by_key(|(written, _)| std::cmp::Reverse(*written));
+    let mut newest: Option<(RunRecord, Option<std::time::SystemTime>)> = None;
+    for (written, path) in files {
+        if let Some((_, Some(started))) = &newest {
+            if written + MARGIN < *started {
+                break;
+            }
+        }
+        let Some(record) = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<RunRecord>(&bytes).ok())
+        else {
+            continue;
+        };
+        if newest
+            .as_ref()
+            .is_none_or(|(best, _)| record.started_at > best.started_at)
+        {
+            let started = chrono::DateTime::parse_from_rfc3339(&record.started_at)
+                .ok()
+                .map(std::time::SystemTime::from);
+            newest = Some((record, started));
+        }
+    }
+    newest.map(|(record, _)| record)
 }
 
 fn run_build(
