@@ -193,7 +193,7 @@ pub fn build(
             b.recover_publish(i, report)?;
         }
     }
-    b.memo.prefetch(spec);
+    b.memo.prefetch(spec, |i| selected.contains(&i));
     b.save_run()?;
     report(&Event::RunStarted {
         run_id: run_id.clone(),

@@ -647,7 +647,7 @@ fn dry_run(
         Some(reading) => SkipMemo::load_read(&reading, &ws.skip_memo_file(), spec),
         None => SkipMemo::load(&ws.skip_memo_file(), spec),
     };
-    memo.prefetch(spec);
+    memo.prefetch(spec, |i| selected.contains(&i));
     let order: Vec<usize> = graph
         .order()
         .iter()

@@ -351,20 +351,24 @@ impl SkipMemo {
         Ok(())
     }
 
-    /// Starts taking, on the pool, the stats of every path watched by a remembered stage whose
-    /// definition is unchanged (a no-op build of 10,000 stages: ~50,000 `stat` calls, mostly path
-    /// lookup), in the order of the spec's stages, while the build goes on deciding them.
-    pub fn prefetch(&mut self, spec: &Spec) {
+    /// Starts taking, on the pool, the stats of every path watched by a remembered stage of the
+    /// build (`selected`) whose definition is unchanged (a no-op build of 10,000 stages: ~50,000
+    /// `stat` calls, mostly path lookup), in the order of the spec's stages, while the build goes
+    /// on deciding them. A stage not selected is left alone (`pipe build one-stage` in a large
+    /// pipeline stats what that stage and its upstream rest on, not the whole pipeline's paths).
+    pub fn prefetch(&mut self, spec: &Spec, selected: impl Fn(usize) -> bool + Sync) {
         use rayon::prelude::*;
         let current: Vec<bool> = spec
             .stages
             .par_iter()
             .zip(&self.entries)
+            .enumerate()
             .with_min_len(256)
-            .map(|(stage, entry)| {
-                entry
-                    .as_ref()
-                    .is_some_and(|e| e.key == definition_key(spec, stage))
+            .map(|(i, (stage, entry))| {
+                selected(i)
+                    && entry
+                        .as_ref()
+                        .is_some_and(|e| e.key == definition_key(spec, stage))
             })
             .collect();
         let mut wanted = vec![false; self.paths.len()];
@@ -1017,7 +1021,7 @@ mod tests {
         std::fs::write(dir.path().join("in/f7.txt"), "seven").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(dir.path().join("in/f9.txt"), "X").unwrap();
-        memo.prefetch(&spec);
+        memo.prefetch(&spec, |_| true);
         for i in 0..n {
             let expected = (i != 7 && i != 9).then(|| (format!("fp{i}"), "r".to_string()));
             assert_eq!(memo.unchanged(&spec, i), expected, "stage {i}");
@@ -1035,6 +1039,26 @@ mod tests {
         std::fs::write(dir.path().join("in/shared.txt"), "changed!").unwrap();
         memo.files_changed();
         assert!((0..n).all(|i| memo.unchanged(&spec, i).is_none()));
+    }
+
+    #[test]
+    fn a_prefetch_queues_only_the_selected_stages_paths_and_the_others_still_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 4 * PREFETCH_CHUNK;
+        let (spec, mut memo) = armed(dir.path(), n);
+        memo.prefetch(&spec, |i| i % 2 == 0);
+        let prefetch = memo.prefetched.clone().unwrap();
+        let mut queued = prefetch.order.clone();
+        queued.sort_unstable();
+        // The three shared paths, then `in/f<i>.txt` (id 3 + i) of the even stages only.
+        let expected: Vec<u32> = (0..3)
+            .chain((0..n as u32).step_by(2).map(|i| 3 + i))
+            .collect();
+        assert_eq!(queued, expected);
+        std::fs::write(dir.path().join("in/f5.txt"), "five!").unwrap();
+        for i in 0..n {
+            assert_eq!(memo.unchanged(&spec, i).is_some(), i != 5, "stage {i}");
+        }
     }
 
     #[test]
