@@ -535,8 +535,12 @@ impl Coordinator<'_> {
         report: &mut dyn FnMut(&Event),
     ) -> Result<Planned, BuildError> {
         let stage = &self.spec.stages[i];
-        // A memoised verdict implies no publish journal appeared (it would change the output
-        // folder's mtime), so recovery is only needed on the full path.
+        // Recovery is only needed on the full path. Journals of a build that died were completed
+        // before any verdict (`died` above). Any other journal is left by a publish that failed:
+        // its stage ran, so a verdict memoised before matches only if what made it run was
+        // undone, and only while no output has moved and the marker is the old one (both are
+        // watched), so the skip is still true; the journal is met when the stage is next decided
+        // in full.
         if let Some(produced) = self.memo.unchanged(self.spec, i) {
             report(&Event::StagePlanned {
                 stage: stage.name.clone(),
