@@ -308,7 +308,7 @@ impl StagePlan {
 }
 
 /// Whether stage `i`'s output folder holds a publish journal (a publish that did not finish).
-fn publish_journal_exists(ws: &Workspace, i: usize, spec: &Spec) -> bool {
+fn publish_journal_exists(spec: &Spec, ws: &Workspace, i: usize) -> bool {
     let stage = &spec.stages[i];
     ws.output_dir(&stage.output_dir)
         .join(crate::workspace::journal_name(&stage.name))
@@ -439,7 +439,7 @@ pub fn decide(
             r
         }
     };
-    if publish_journal_exists(ws, index, spec) {
+    if publish_journal_exists(spec, ws, index) {
         reasons = vec![Reason::PublishInterrupted];
     }
     let cached = if reasons.is_empty() || stage.map || reasons.contains(&Reason::PublishInterrupted)
@@ -566,7 +566,7 @@ pub fn plan_all(
                     upstream: spec.stages[u].name.clone(),
                 },
             )),
-            None if memo.unchanged(spec, i).is_some() && !publish_journal_exists(ws, i, spec) => {
+            None if memo.unchanged(spec, i).is_some() && !publish_journal_exists(spec, ws, i) => {
                 Ok(StagePlan::undecided(i, Decision::Skip))
             }
             None => {
