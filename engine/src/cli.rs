@@ -5,7 +5,7 @@
 //! 130 interrupted.
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -430,30 +430,35 @@ pub fn main() -> ExitCode {
     }
     // The Slurm submitter must also live outside the filter: it is the one process of a build
     // that may reach slurmctld (docs/offline.md).
-    if wants_slurm(&cli) {
+    let (slurm, pipefile) = wants_slurm(&cli);
+    if slurm {
         if let Ok(exe) = std::env::current_exe() {
             let _ = crate::slurm::submitter::start(&exe);
         }
     }
     let _ = crate::sandbox::install_engine_filter();
-    let code = run(cli);
+    let code = run(cli, pipefile);
     // The spawn server, if a build started one, ends now and is reaped here (it would otherwise
     // end only when this process is gone, left for init to reap).
     crate::sandbox::zygote::shutdown();
     ExitCode::from(code)
 }
 
+/// What reading the Pipefile gave, when it was read before the command ran.
+type PipefileRead = Option<io::Result<Vec<u8>>>;
+
 /// Whether this command line is a build that runs on Slurm: `--executor slurm`, or no
 /// `--executor` and a Pipefile whose `settings.executor` is "slurm" (a quick look at the raw JSON;
-/// the real validation comes later).
-fn wants_slurm(cli: &Cli) -> bool {
+/// the real validation comes later). In that second case the Pipefile is read here, and what was
+/// read is returned too: the build validates those bytes rather than reading the file again.
+fn wants_slurm(cli: &Cli) -> (bool, PipefileRead) {
     let given = match &cli.command {
         Some(Command::Build(args)) if !args.dry_run && !cli.seed.dry_run => args.executor,
         None if !cli.seed.dry_run => None,
-        _ => return false,
+        _ => return (false, None),
     };
     match given {
-        Some(executor) => executor == crate::spec::Executor::Slurm,
+        Some(executor) => (executor == crate::spec::Executor::Slurm, None),
         None => {
             // Only `settings.executor` is deserialised: the stages are skipped unparsed (building
             // a `Value` of a 10,000-stage Pipefile costs a no-op build ~15% of its time).
@@ -465,13 +470,15 @@ fn wants_slurm(cli: &Cli) -> bool {
             struct PeekSettings {
                 executor: Option<serde_json::Value>,
             }
-            let file = pipefile_path(cli.global.pipeline.clone());
-            std::fs::read(file)
+            let read = std::fs::read(pipefile_path(cli.global.pipeline.clone()));
+            let slurm = read
+                .as_ref()
                 .ok()
                 .filter(|bytes| may_name_executor(bytes))
-                .and_then(|bytes| serde_json::from_slice::<Peek>(&bytes).ok())
+                .and_then(|bytes| serde_json::from_slice::<Peek>(bytes).ok())
                 .and_then(|peek| peek.settings)
-                .is_some_and(|settings| settings.executor == Some("slurm".into()))
+                .is_some_and(|settings| settings.executor == Some("slurm".into()));
+            (slurm, Some(read))
         }
     }
 }
@@ -484,7 +491,7 @@ fn may_name_executor(text: &[u8]) -> bool {
         || memchr::memmem::find(text, b"\\u").is_some()
 }
 
-fn run(cli: Cli) -> u8 {
+fn run(cli: Cli, pipefile: PipefileRead) -> u8 {
     let out = Output::new(&cli.global);
     let seed_given = cli.seed.dry_run || cli.seed.keep_going || cli.seed.run_id.is_some();
     let command = match cli.command {
@@ -548,7 +555,7 @@ fn run(cli: Cli) -> u8 {
                 }
                 _ => None,
             };
-            let (spec, graph) = match load(&file, &out) {
+            let (spec, graph) = match load(&file, pipefile, &out) {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
@@ -604,8 +611,11 @@ fn pipefile_path(given: Option<PathBuf>) -> PathBuf {
     })
 }
 
-fn load(file: &std::path::Path, out: &Output) -> Result<(Spec, Graph), u8> {
-    let spec = match Spec::load(file) {
+/// Loads and validates the Pipefile `file` (from what was already `read` of it, if anything) and
+/// compiles its graph; on an error, says it and gives the exit code.
+fn load(file: &std::path::Path, read: PipefileRead, out: &Output) -> Result<(Spec, Graph), u8> {
+    let read = read.unwrap_or_else(|| std::fs::read(file));
+    let spec = match Spec::load_read(file, read) {
         Ok(spec) => spec,
         Err(LoadError::Invalid { errors }) => {
             out.spec_errors(&errors);

@@ -195,11 +195,25 @@ pub struct Resources {
 impl Spec {
     /// Reads and validates the Pipefile at `file`.
     pub fn load(file: &Path) -> Result<Spec, LoadError> {
+        Spec::load_read(file, std::fs::read(file))
+    }
+
+    /// [`Spec::load`] of what reading `file` gave (read earlier by the caller).
+    pub fn load_read(file: &Path, read: std::io::Result<Vec<u8>>) -> Result<Spec, LoadError> {
         let shown = file.display().to_string();
-        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Read {
-            path: shown.clone(),
-            source,
-        })?;
+        let text = read
+            .and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "stream did not contain valid UTF-8",
+                    )
+                })
+            })
+            .map_err(|source| LoadError::Read {
+                path: shown.clone(),
+                source,
+            })?;
         let absolute = std::path::absolute(file).map_err(|source| LoadError::Read {
             path: shown.clone(),
             source,
