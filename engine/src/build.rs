@@ -677,13 +677,13 @@ impl Coordinator<'_> {
     }
 
     /// Writes the run's metrics (JSON and Prometheus, side by side: for 10,000 stages they are
-    /// 2 and 6 MB, each rendered and synced) and then its final run record.
+    /// 2 and 6 MB, each streamed into its file and synced) and then its final run record.
     fn save_metrics_and_run(&mut self, metrics: &Metrics) -> io::Result<()> {
         let json = self.ws.metrics_file(&self.run.run_id);
         let prom = self.ws.metrics_prom_file(&self.run.run_id);
         let (json, prom) = std::thread::scope(|scope| {
-            let prom =
-                scope.spawn(|| atomic::write(&prom, crate::prometheus::render(metrics).as_bytes()));
+            let prom = scope
+                .spawn(|| atomic::write_with(&prom, |out| crate::prometheus::write(metrics, out)));
             let json = atomic::write_json(&json, metrics);
             (
                 json,

@@ -5,7 +5,7 @@
 //!
 //! Every metric is a gauge: a file describes one run, not a counter that grows across runs.
 
-use std::fmt::Write as _;
+use std::io::{self, Write};
 
 use crate::state::{Metrics, StageMetrics};
 
@@ -89,23 +89,30 @@ fn ms(value: u64) -> f64 {
 
 /// Renders `metrics` in the text exposition format (ends with a newline).
 pub fn render(metrics: &Metrics) -> String {
+    let mut out = Vec::new();
+    write(metrics, &mut out).expect("writing to memory does not fail");
+    String::from_utf8(out).expect("the exposition text is UTF-8")
+}
+
+/// [`render`], streamed into `out`: at 100,000 stages the text is 60 MB, which is not worth
+/// holding in memory only to copy it into a file.
+pub fn write(metrics: &Metrics, out: &mut dyn Write) -> io::Result<()> {
     let run = escape_label(&metrics.run_id);
-    let mut out = String::new();
     for (name, help, value) in RUN_METRICS {
-        family(&mut out, name, help);
-        let _ = writeln!(out, "{name}{{run_id=\"{run}\"}} {}", number(value(metrics)));
+        family(out, name, help)?;
+        writeln!(out, "{name}{{run_id=\"{run}\"}} {}", number(value(metrics)))?;
     }
     family(
-        &mut out,
+        out,
         "pipe_run_stages_by_status",
         "Stages of the run by outcome (resumed stages also count as ran).",
-    );
+    )?;
     for (status, count) in STATUSES {
-        let _ = writeln!(
+        writeln!(
             out,
             "pipe_run_stages_by_status{{run_id=\"{run}\",status=\"{status}\"}} {}",
             count(metrics)
-        );
+        )?;
     }
     // Label sets built once per stage, not once per stage and metric (10,000 stages: 80,000).
     let labels: Vec<String> = metrics
@@ -113,24 +120,26 @@ pub fn render(metrics: &Metrics) -> String {
         .keys()
         .map(|stage| format!("{{run_id=\"{run}\",stage=\"{}\"}}", escape_label(stage)))
         .collect();
-    out.reserve(STAGE_METRICS.len() * labels.iter().map(|l| l.len() + 40).sum::<usize>());
+    let mut sample = String::new();
     for (name, help, value) in STAGE_METRICS {
-        family(&mut out, name, help);
+        family(out, name, help)?;
         for (labels, m) in labels.iter().zip(metrics.stages.values()) {
-            out.push_str(name);
-            out.push_str(labels);
-            out.push(' ');
-            write_number(&mut out, value(m));
-            out.push('\n');
+            sample.clear();
+            sample.push_str(name);
+            sample.push_str(labels);
+            sample.push(' ');
+            write_number(&mut sample, value(m));
+            sample.push('\n');
+            out.write_all(sample.as_bytes())?;
         }
     }
-    out
+    Ok(())
 }
 
-fn family(out: &mut String, name: &str, help: &str) {
+fn family(out: &mut dyn Write, name: &str, help: &str) -> io::Result<()> {
     debug_assert!(valid_metric_name(name), "{name}");
-    let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
-    let _ = writeln!(out, "# TYPE {name} gauge");
+    writeln!(out, "# HELP {name} {}", escape_help(help))?;
+    writeln!(out, "# TYPE {name} gauge")
 }
 
 /// A sample value: integers without a fraction, others as Rust prints them (never exponent form).
@@ -142,6 +151,7 @@ fn number(value: f64) -> String {
 
 /// [`number`], appended to `out`.
 fn write_number(out: &mut String, value: f64) {
+    use std::fmt::Write as _;
     let _ = if value.fract() == 0.0 && value.abs() < 1e15 {
         write!(out, "{}", value as i64)
     } else {
