@@ -588,7 +588,7 @@ fn definition_key(spec: &Spec, stage: &Stage) -> String {
         }
     }
     key.text(&stage.output_dir);
-    key.bytes(&serde_json::to_vec(&stage.params).unwrap_or_default());
+    key.bytes(&serde_json::to_vec(&*stage.params).unwrap_or_default());
     key.number(stage.map.into());
     key.0.finalize().to_hex()[..32].to_string()
 }

@@ -381,7 +381,7 @@ pub fn ingredients(
         schema: FINGERPRINT_SCHEMA,
         stage: stage.name.clone(),
         processor,
-        params: serde_json::Value::Object(stage.params.clone()),
+        params: serde_json::Value::Object((*stage.params).clone()),
         inputs: hashed_inputs,
     })
 }

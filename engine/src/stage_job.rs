@@ -896,7 +896,7 @@ impl StageJob {
             ("PIPELINE_OUTPUT_DIR".into(), staging.into()),
             (
                 "PIPELINE_PARAMS".into(),
-                serde_json::Value::Object(stage.params.clone())
+                serde_json::Value::Object((*stage.params).clone())
                     .to_string()
                     .into(),
             ),

@@ -101,7 +101,9 @@ pub struct Stage {
     pub inputs: Vec<Input>,
     /// Normalised path of the output folder, relative to the root, `/`-separated.
     pub output_dir: String,
-    pub params: Map<String, Value>,
+    /// Shared by every stage whose params are the same (a generated Pipefile of 100,000 stages
+    /// often has one set of params: 63 MB as separate maps).
+    pub params: Arc<Map<String, Value>>,
     pub after: Vec<String>,
     pub retry: RetryPolicy,
     pub resources: Resources,
