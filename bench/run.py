@@ -275,7 +275,10 @@ def section_noop(ctx: Ctx, d: Path, n: int) -> None:
     if not (need_hyperfine(ctx, "noop", case) and stage_peers(ctx, "noop", case)):
         return
     time.sleep(2.1)  # let the last build's outputs age past pipe's racy-timestamp window (2 s)
-    cmds = [Cmd("pipe build", f"{q(ctx.pipe)} build -q"), Cmd("pipe build --dry-run", f"{q(ctx.pipe)} build --dry-run")]
+    cmds = [Cmd("pipe build", f"{q(ctx.pipe)} build -q"), Cmd("pipe build --dry-run", f"{q(ctx.pipe)} build --dry-run"),
+            # The skip memo removed before each run: every stage decided the full way, as in the
+            # first no-op after a build that ran them (with the stat cache warm, a lower bound).
+            Cmd("pipe build (no skip memo)", f"{q(ctx.pipe)} build -q", "rm -f cache/skip-v1.json")]
     if ctx.have("ninja"):
         cmds += [Cmd("ninja", "ninja --quiet", peer=True), Cmd("ninja -n", "ninja -n --quiet", peer=True)]
     if ctx.have("make"):
@@ -284,6 +287,8 @@ def section_noop(ctx: Ctx, d: Path, n: int) -> None:
     compare(ctx, "noop", case, m, "pipe build", ["ninja", "make -q", "make"], "noop" if n >= 10000 else None)
     # What would rerun, and why (no target): against ninja's own dry run, else make -q's answer.
     compare(ctx, "noop", case + ", dry run", m, "pipe build --dry-run", ["ninja -n"] if ctx.have("ninja") else ["make -q"], None)
+    compare(ctx, "noop", case + ", skip memo removed", m, "pipe build (no skip memo)", ["ninja", "make -q", "make"], None,
+            "every stage decided the full way, as in the first no-op after a build that ran them")
 
 
 ONE_INPUT = "input/f000007.txt"
