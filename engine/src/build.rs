@@ -567,7 +567,11 @@ impl Coordinator<'_> {
         self.recover_publish(i, report)?;
         let spec = self.spec;
         let ws = self.ws.clone();
-        let mut plan = match plan::decide(spec, &ws, i, self.stat_cache()) {
+        // The stats the decision takes before reading each file are the ones the memo keeps.
+        self.stat_cache().observe();
+        let decided = plan::decide(spec, &ws, i, self.stat_cache());
+        let observed = self.stat_cache().take_observed();
+        let mut plan = match decided {
             Ok(plan) => plan,
             Err(err) => {
                 let now = state::now_rfc3339();
@@ -602,7 +606,7 @@ impl Coordinator<'_> {
             decision: plan.decision.clone(),
         });
         if plan.decision == Decision::Skip {
-            self.memo.remember(self.spec, &self.ws, &plan);
+            self.memo.remember(self.spec, &self.ws, &plan, &observed);
             let produced = plan.marker.map(|m| (m.fingerprint, m.run_id));
             return Ok(Planned::Skip(produced));
         }

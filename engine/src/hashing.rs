@@ -144,6 +144,10 @@ impl<'de> Deserialize<'de> for Digest {
     }
 }
 
+/// Stats by path, as [`StatCache::observe`] keeps them (keyed by the path's bytes: hashing a `Path`
+/// walks its components).
+pub type Observed = HashMap<std::ffi::OsString, StatKey>;
+
 /// The stat cache: absolute path → hash of the file version with that stat.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StatCache {
@@ -151,6 +155,10 @@ pub struct StatCache {
     entries: HashMap<Box<str>, Entry>,
     #[serde(skip)]
     dirty: bool,
+    /// While observing ([`StatCache::observe`]): the stat each [`StatCache::hash`] of a path
+    /// started from, the first one per path.
+    #[serde(skip)]
+    observed: Option<Observed>,
 }
 
 /// A file's content hash and size.
@@ -193,10 +201,24 @@ impl StatCache {
         self.dirty
     }
 
+    /// From now on, keeps the stat every [`StatCache::hash`] starts from (taken before the file
+    /// is read), until [`StatCache::take_observed`].
+    pub fn observe(&mut self) {
+        self.observed = Some(HashMap::new());
+    }
+
+    /// The stats kept since [`StatCache::observe`] (the first per path), and stops keeping them.
+    pub fn take_observed(&mut self) -> Observed {
+        self.observed.take().unwrap_or_default()
+    }
+
     /// The blake3 of `path`, from the cache when its stat matches and is not racy.
     pub fn hash(&mut self, path: &Path) -> io::Result<FileHash> {
         let meta = std::fs::metadata(path)?;
         let stat = StatKey::of(&meta);
+        if let Some(observed) = &mut self.observed {
+            observed.entry(path.as_os_str().to_owned()).or_insert(stat);
+        }
         let key = path.to_string_lossy();
         if let Some(entry) = self.entries.get_mut(&*key) {
             if entry.stat() == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns.into() {

@@ -24,6 +24,11 @@
 //! could leave the stat unchanged), so a stage that just ran is verified the full way once more
 //! before it is memoised. The memo is an accelerator: a missing, torn or foreign file is an empty
 //! memo, it is written without fsync, and an entry whose stats no longer match is simply not used.
+//!
+//! The stats kept for the files the decision hashed (inputs, processor files, outputs) are the ones
+//! it took just before reading each ([`crate::hashing::StatCache::observe`]), not stats taken
+//! afterwards: a file changed after its stat has another stat when the memo is next asked, and no
+//! stat is kept of a version the decision did not read. The other paths are stat'ed once each.
 
 use std::collections::HashMap;
 use std::io;
@@ -32,7 +37,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hashing::{now_ns, StatKey, RACY_WINDOW_NS};
+use crate::hashing::{now_ns, Observed, StatKey, RACY_WINDOW_NS};
 use crate::plan::StagePlan;
 use crate::spec::{Input, Processor, Spec, Stage};
 use crate::workspace::Workspace;
@@ -475,7 +480,13 @@ impl SkipMemo {
 
     /// Remembers that `plan` (a full decision) found its stage unchanged, if everything the verdict
     /// rests on is old enough to be trusted; otherwise forgets the stage.
-    pub fn remember(&mut self, spec: &Spec, ws: &Workspace, plan: &StagePlan) {
+    ///
+    /// `observed`: the stats the decision took of the files it hashed, each before reading it
+    /// ([`crate::hashing::StatCache::observe`]); they are used as they are, the other paths are
+    /// stat'ed now. A file changed after its observed stat has another stat when next checked, so
+    /// the verdict is not used, as with a stat taken now; and a stat taken now could be of a
+    /// version the decision did not read.
+    pub fn remember(&mut self, spec: &Spec, ws: &Workspace, plan: &StagePlan, observed: &Observed) {
         let stage = &spec.stages[plan.stage];
         let (Some(inputs), Some(marker)) = (&plan.inputs, &plan.marker) else {
             self.forget(plan.stage);
@@ -502,8 +513,20 @@ impl SkipMemo {
 
         let trusted_before = now_ns() - RACY_WINDOW_NS;
         let mut stats = Vec::with_capacity(paths.len());
+        // A path listed twice (an input folder is also the first folder its listing walked) is
+        // stat'ed once.
+        let mut taken: HashMap<&std::ffi::OsStr, Option<StatKey>> = HashMap::new();
         for path in &paths {
-            match stat_of(path) {
+            let stat = match observed.get(path.as_os_str()) {
+                Some(stat) => Ok(Some(*stat)),
+                None => match taken.get(path.as_os_str()) {
+                    Some(stat) => Ok(*stat),
+                    None => stat_of(path).inspect(|stat| {
+                        taken.insert(path.as_os_str(), *stat);
+                    }),
+                },
+            };
+            match stat {
                 Ok(Some(s)) if s.mtime_ns.max(s.ctime_ns) >= trusted_before => {
                     return self.forget(plan.stage);
                 }
@@ -1094,5 +1117,75 @@ mod tests {
         assert!(SkipMemo::load(&file, &spec).entries[0].is_none());
         write(MEMO_VERSION, 1);
         assert!(SkipMemo::load(&file, &spec).entries[0].is_none());
+    }
+
+    #[test]
+    fn a_verdict_is_remembered_with_the_stats_the_decision_took_before_reading() {
+        use crate::marker::{Marker, OutputEntry, MARKER_VERSION};
+        use crate::plan::{Decision, StagePlan};
+        use std::collections::BTreeMap;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_in(dir.path(), json!([stage()]));
+        let ws = Workspace::new(&spec);
+        let input = spec.path("in/a.txt");
+        let output = ws.output_dir("out").join("a.txt");
+        std::fs::create_dir_all(output.parent().unwrap()).unwrap();
+        std::fs::write(&output, "X\n").unwrap();
+        std::fs::write(ws.marker_file("out", "s"), "{}").unwrap();
+        // The memo keeps only stats older than the racy window: time that must pass (no file or
+        // signal could stand in for it).
+        std::thread::sleep(std::time::Duration::from_nanos(
+            RACY_WINDOW_NS as u64 + 200_000_000,
+        ));
+        let plan = StagePlan {
+            stage: 0,
+            decision: Decision::Skip,
+            ingredients: None,
+            fingerprint: None,
+            inputs: Some(crate::inputs::ResolvedInputs {
+                files: BTreeMap::from([("in/a.txt".to_string(), input.clone())]),
+                root: "in".into(),
+                dirs: Vec::new(),
+            }),
+            marker: Some(Marker {
+                version: MARKER_VERSION,
+                stage: "s".into(),
+                fingerprint: "fp".into(),
+                run_id: "r".into(),
+                finished_at: "2026-11-30T09:00:00Z".into(),
+                outputs: vec![OutputEntry {
+                    path: "a.txt".into(),
+                    size: 2,
+                    blake3: "00".into(),
+                }],
+                ingredients: serde_json::from_value(json!({
+                    "schema": 1, "stage": "s", "processor": {"command": [], "version": "1", "files": {}},
+                    "params": {}, "inputs": {},
+                }))
+                .unwrap(),
+                items: BTreeMap::new(),
+            }),
+            warnings: Vec::new(),
+        };
+        // What the decision saw as it hashed the input and the output.
+        let observed: Observed = [&input, &output]
+            .into_iter()
+            .map(|p| (p.as_os_str().to_owned(), stat_of(p).unwrap().unwrap()))
+            .collect();
+        let none = dir.path().join("none.json");
+        let mut memo = SkipMemo::load(&none, &spec);
+        memo.remember(&spec, &ws, &plan, &observed);
+        assert_eq!(memo.unchanged(&spec, 0), Some(("fp".into(), "r".into())));
+        // The input edited after the decision hashed it (same size): the verdict is kept with the
+        // stat the decision saw (a stat taken now would be of a version it did not read), so it
+        // does not vouch for the stage any more.
+        std::fs::write(&input, "y\n").unwrap();
+        let mut memo = SkipMemo::load(&none, &spec);
+        memo.remember(&spec, &ws, &plan, &observed);
+        assert!(
+            memo.entries[0].is_some(),
+            "remembered from the observed stats"
+        );
+        assert_eq!(memo.unchanged(&spec, 0), None);
     }
 }
