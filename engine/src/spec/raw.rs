@@ -177,8 +177,6 @@ pub struct RawCheckpoint {
     pub every_seconds: Option<f64>,
 }
 
-// The fields a stage seldom sets are boxed: an absent one costs a pointer, not its whole struct
-// (100,000 parsed stages: 552 bytes each before).
 /// One stage: a processor applied to inputs, producing the files of one output folder.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -197,6 +195,8 @@ pub struct RawStage {
     /// Stages that must finish first even though no input says so.
     #[serde(default)]
     pub after: Vec<String>,
+    // Boxed, like the other fields a stage seldom sets: absent, it costs a pointer rather than its
+    // whole struct (a parsed stage was 552 bytes; a Pipefile of 100,000 stages is parsed whole).
     /// Retry policy (overrides `settings.retry` field by field).
     #[serde(default)]
     pub retry: Option<Box<RawRetry>>,
