@@ -28,7 +28,7 @@
 //! The stats kept for the files the decision hashed (inputs, processor files, outputs) are the ones
 //! it took just before reading each ([`crate::hashing::StatCache::observe`]), not stats taken
 //! afterwards: a file changed after its stat has another stat when the memo is next asked, and no
-//! stat is kept of a version the decision did not read. The other paths are stat'ed once each.
+//! stat is kept of a version the decision did not read. The other paths are stat'ed then.
 
 use std::collections::HashMap;
 use std::io;
@@ -510,21 +510,17 @@ impl SkipMemo {
         paths.push(ws.marker_file(&stage.output_dir, &stage.name));
         let out_dir = ws.output_dir(&stage.output_dir);
         paths.extend(marker.outputs.iter().map(|o| out_dir.join(&o.path)));
+        // Each path watched once: an input file is also its own base path, an input folder also
+        // the first folder its listing walked.
+        let mut listed = std::collections::HashSet::new();
+        paths.retain(|p| listed.insert(p.clone()));
 
         let trusted_before = now_ns() - RACY_WINDOW_NS;
         let mut stats = Vec::with_capacity(paths.len());
-        // A path listed twice (an input folder is also the first folder its listing walked) is
-        // stat'ed once.
-        let mut taken: HashMap<&std::ffi::OsStr, Option<StatKey>> = HashMap::new();
         for path in &paths {
             let stat = match observed.get(path.as_os_str()) {
                 Some(stat) => Ok(Some(*stat)),
-                None => match taken.get(path.as_os_str()) {
-                    Some(stat) => Ok(*stat),
-                    None => stat_of(path).inspect(|stat| {
-                        taken.insert(path.as_os_str(), *stat);
-                    }),
-                },
+                None => stat_of(path),
             };
             match stat {
                 Ok(Some(s)) if s.mtime_ns.max(s.ctime_ns) >= trusted_before => {
