@@ -569,7 +569,7 @@ impl Coordinator<'_> {
         let ws = self.ws.clone();
         // The stats the decision takes before reading each file are the ones the memo keeps.
         self.stat_cache().observe();
-        let decided = plan::decide(spec, &ws, i, self.stat_cache());
+        let decided = plan::decide(spec, &ws, i, self.stat_cache(), true);
         let observed = self.stat_cache().take_observed();
         let mut plan = match decided {
             Ok(plan) => plan,

@@ -410,11 +410,15 @@ fn expand(spec: &Spec, rel: &str) -> Vec<(String, PathBuf)> {
 }
 
 /// Decides `stage` now, from the files as they are.
+///
+/// `recovered`: the caller has just completed or abandoned any publish journal of the stage (a
+/// build's recovery, under the workspace lock), so none is looked for again.
 pub fn decide(
     spec: &Spec,
     ws: &Workspace,
     index: usize,
     cache: &mut StatCache,
+    recovered: bool,
 ) -> Result<StagePlan, PlanError> {
     let stage = &spec.stages[index];
     let inputs = inputs::resolve(spec, stage)?;
@@ -439,7 +443,7 @@ pub fn decide(
             r
         }
     };
-    if publish_journal_exists(spec, ws, index) {
+    if !recovered && publish_journal_exists(spec, ws, index) {
         reasons = vec![Reason::PublishInterrupted];
     }
     let cached = if reasons.is_empty() || stage.map || reasons.contains(&Reason::PublishInterrupted)
@@ -571,7 +575,7 @@ pub fn plan_all(
             }
             None => {
                 let cache = cache.get_or_insert_with(|| StatCache::load(&ws.stat_cache_file()));
-                decide(spec, ws, i, cache).map_err(|e| (i, e))
+                decide(spec, ws, i, cache, false).map_err(|e| (i, e))
             }
         };
         runs.insert(i, plan.as_ref().map_or(true, |p| p.decision.runs()));
