@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 
-from blackbox import snapshot_diff
+from blackbox import DEFAULT_TIMEOUT, base_env, snapshot_diff
 
 
 def test_a_used_run_id_is_refused_and_nothing_is_written(demo):
@@ -100,3 +101,40 @@ def test_jobs_flag_is_accepted(demo, flag):
     result = demo.run("build", flag, "2", "--run-id", "r")
     assert result.returncode == 0, str(result)
     assert demo.statuses("r") == {"copy": "succeeded", "upper": "succeeded"}
+
+
+def test_lines_of_both_streams_keep_their_order_when_merged(make_project):
+    """Per-stage lines are written in batches by a thread of their own: with stdout and stderr
+    going to one pipe (`2>&1`), every stage's JSON event still comes right before its human line,
+    and nothing is lost or reordered."""
+    n = 300
+    stages = [
+        {
+            "name": f"s{i:03}",
+            "processor": {"builtin": "upper", "version": "1"},
+            "inputs": [f"in/f{i:03}.txt"],
+            "outputDir": f"out/s{i:03}",
+        }
+        for i in range(n)
+    ]
+    files = {f"in/f{i:03}.txt": f"line {i}\n" for i in range(n)}
+    project = make_project({"version": 1, "stages": stages}, files=files)
+    project.ok("build")
+    merged = subprocess.run(
+        [str(project.binary), "build", "--message-format", "json"],
+        cwd=project.root,
+        env=base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=DEFAULT_TIMEOUT,
+        check=True,
+    ).stdout.splitlines()
+    planned = [i for i, line in enumerate(merged) if '"event":"stagePlanned"' in line]
+    assert len(planned) == n, merged[:5]
+    for i in planned:
+        stage = json.loads(merged[i])["stage"]
+        assert merged[i + 1] == f"{stage}: skip (unchanged)", merged[i : i + 2]
+    assert merged[-1].startswith("pipe: succeeded: 0 ran, 300 skipped"), merged[-3:]
+    human = project.ok("build").stderr.splitlines()
+    assert human[1:-2] == [f"s{i:03}: skip (unchanged)" for i in range(n)], human[:3]

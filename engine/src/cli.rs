@@ -31,6 +31,7 @@ mod progress;
 mod reference;
 
 mod audit_cmd;
+mod lines;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -284,6 +285,8 @@ struct Output {
     color: bool,
     /// Show the live progress display (stderr is a terminal, human output, not `-q`).
     live: bool,
+    /// The writer thread lines go through, for commands that print one per stage.
+    lines: Option<lines::Lines>,
 }
 
 impl Output {
@@ -304,16 +307,36 @@ impl Output {
                 && !g.quiet
                 && std::io::stderr().is_terminal()
                 && progress::supported(),
+            lines: None,
+        }
+    }
+
+    /// Has the lines of a command that prints one per stage written in batches
+    /// ([`lines`]); not under the live display, which draws on stderr itself.
+    fn batch_lines(&mut self) {
+        if !self.live && self.lines.is_none() {
+            self.lines = lines::Lines::start();
         }
     }
 
     fn stdout(&self, line: &str) {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
+        self.write_line(lines::Stream::Stdout, line);
     }
 
     fn stderr(&self, line: &str) {
-        let _ = writeln!(std::io::stderr().lock(), "{line}");
+        self.write_line(lines::Stream::Stderr, line);
+    }
+
+    fn write_line(&self, stream: lines::Stream, line: &str) {
+        if let Some(lines) = &self.lines {
+            return lines.send(stream, line);
+        }
+        // One `write` (stderr is unbuffered: `writeln!` would make two).
+        let line = format!("{line}\n");
+        let _ = match stream {
+            lines::Stream::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
+            lines::Stream::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+        };
     }
 
     fn error(&self, message: &str) {
@@ -492,7 +515,7 @@ fn may_name_executor(text: &[u8]) -> bool {
 }
 
 fn run(cli: Cli, pipefile: PipefileRead) -> u8 {
-    let out = Output::new(&cli.global);
+    let mut out = Output::new(&cli.global);
     let seed_given = cli.seed.dry_run || cli.seed.keep_going || cli.seed.run_id.is_some();
     let command = match cli.command {
         None => Command::Build(cli.seed.into()),
@@ -529,6 +552,9 @@ fn run(cli: Cli, pipefile: PipefileRead) -> u8 {
             }
         }
         command => {
+            if matches!(command, Command::Build(_) | Command::Status { .. }) {
+                out.batch_lines();
+            }
             let file = pipefile_path(cli.global.pipeline);
             // A build (also a dry one) reads its skip memo while the Pipefile is validated (it is
             // used only if the file is still the one read once the workspace lock is held, or for
