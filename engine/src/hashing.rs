@@ -12,11 +12,15 @@ use std::fs::Metadata;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 /// How much older than its hashing a file's mtime must be for the cached hash to be trusted.
 pub const RACY_WINDOW_NS: i128 = 2_000_000_000;
+
+/// [`StatCache::hash_all`] of at least this many paths hashes them on all cores.
+const PARALLEL_HASH_PATHS: usize = 64;
 
 /// Files at least this big are hashed with memory mapping on all cores.
 const PARALLEL_HASH_BYTES: u64 = 16 << 20;
@@ -159,7 +163,17 @@ pub struct StatCache {
     /// started from, the first one per path.
     #[serde(skip)]
     observed: Option<Observed>,
+    /// A borrower's view of the entries lent by another cache ([`StatCache::lend`]), looked up
+    /// after its own.
+    #[serde(skip)]
+    lent: Option<Arc<HashMap<Box<str>, Entry>>>,
+    /// The lent entries a borrower found valid (marked seen when they are taken back).
+    #[serde(skip)]
+    seen_lent: Vec<Box<str>>,
 }
+
+/// The entries of a cache lent to borrowers on other threads ([`StatCache::lend`]).
+pub struct Lent(Arc<HashMap<Box<str>, Entry>>);
 
 /// A file's content hash and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,12 +233,24 @@ impl StatCache {
         if let Some(observed) = &mut self.observed {
             observed.entry(path.as_os_str().to_owned()).or_insert(stat);
         }
+        let trusted = |entry: &Entry| {
+            entry.stat() == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns.into()
+        };
         let key = path.to_string_lossy();
         if let Some(entry) = self.entries.get_mut(&*key) {
-            if entry.stat() == stat && stat.mtime_ns + RACY_WINDOW_NS < entry.hashed_at_ns.into() {
+            if trusted(entry) {
                 entry.seen = true;
                 return Ok(FileHash {
                     blake3: entry.blake3.to_hex(),
+                    size: stat.size,
+                });
+            }
+        } else if let Some(entry) = self.lent.as_ref().and_then(|lent| lent.get(&*key)) {
+            if trusted(entry) {
+                let blake3 = entry.blake3.to_hex();
+                self.seen_lent.push(key.into());
+                return Ok(FileHash {
+                    blake3,
                     size: stat.size,
                 });
             }
@@ -244,6 +270,83 @@ impl StatCache {
             blake3,
             size: stat.size,
         })
+    }
+
+    /// [`StatCache::hash`] of each of `paths`, in order; many of them on all cores (a fan-in's
+    /// decision hashes 10,000 inputs and checks 10,000 outputs). A borrower hashes them one by one.
+    pub fn hash_all(&mut self, paths: &[&Path]) -> Vec<io::Result<FileHash>> {
+        use rayon::prelude::*;
+        if paths.len() < PARALLEL_HASH_PATHS || self.lent.is_some() {
+            return paths.iter().map(|path| self.hash(path)).collect();
+        }
+        let observing = self.observed.is_some();
+        let lent = self.lend();
+        let chunks: Vec<(Vec<io::Result<FileHash>>, StatCache)> = paths
+            .par_chunks(PARALLEL_HASH_PATHS / 2)
+            .map(|chunk| {
+                let mut cache = StatCache::borrow(&lent);
+                if observing {
+                    cache.observe();
+                }
+                (chunk.iter().map(|path| cache.hash(path)).collect(), cache)
+            })
+            .collect();
+        let mut hashes = Vec::with_capacity(paths.len());
+        let mut borrowers = Vec::with_capacity(chunks.len());
+        for (chunk, mut cache) in chunks {
+            hashes.extend(chunk);
+            if let (Some(observed), Some(theirs)) = (&mut self.observed, cache.observed.take()) {
+                for (path, stat) in theirs {
+                    observed.entry(path).or_insert(stat);
+                }
+            }
+            borrowers.push(cache);
+        }
+        self.take_back(lent, borrowers);
+        hashes
+    }
+
+    /// Lends the entries out, for stages decided on several threads at once: each thread
+    /// [`StatCache::borrow`]s them, and [`StatCache::take_back`] merges what the borrowers found.
+    /// Until then this cache holds no entry.
+    pub fn lend(&mut self) -> Lent {
+        Lent(Arc::new(std::mem::take(&mut self.entries)))
+    }
+
+    /// A cache for one thread that looks up the `lent` entries after its own (it records what it
+    /// hashes in its own).
+    pub fn borrow(lent: &Lent) -> StatCache {
+        StatCache {
+            version: 1,
+            lent: Some(lent.0.clone()),
+            ..StatCache::default()
+        }
+    }
+
+    /// Takes the `lent` entries back, with the hashes the `borrowers` recorded (newer than a lent
+    /// entry of the same path) and the lent entries they used marked seen.
+    pub fn take_back(&mut self, lent: Lent, borrowers: impl IntoIterator<Item = StatCache>) {
+        let mut seen = Vec::new();
+        let mut found = Vec::new();
+        for mut borrower in borrowers {
+            borrower.lent = None;
+            self.dirty |= borrower.dirty;
+            seen.append(&mut borrower.seen_lent);
+            found.push(borrower.entries);
+        }
+        // Every borrower is gone by now; were one kept elsewhere, its view is copied.
+        let mut entries = Arc::try_unwrap(lent.0).unwrap_or_else(|shared| (*shared).clone());
+        for key in seen {
+            if let Some(entry) = entries.get_mut(&key) {
+                entry.seen = true;
+            }
+        }
+        // Entries this cache recorded while the others were lent out are the newest.
+        let own = std::mem::replace(&mut self.entries, entries);
+        for borrowed in found {
+            self.entries.extend(borrowed);
+        }
+        self.entries.extend(own);
     }
 
     /// Records a hash the engine just computed for a file it wrote (e.g. a published output).
@@ -345,6 +448,7 @@ pub fn now_ns() -> i128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn age(path: &Path, seconds: u64) {
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(seconds);
@@ -381,6 +485,101 @@ mod tests {
         let key = file.to_string_lossy().into_owned();
         assert_eq!(saved["entries"][&key]["blake3"], poisoned.as_str());
         assert_eq!(StatCache::load(&path).hash(&file).unwrap().blake3, poisoned);
+    }
+
+    #[test]
+    fn borrowers_use_the_lent_entries_and_give_back_what_they_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (known, changed, new) = (
+            dir.path().join("known.txt"),
+            dir.path().join("changed.txt"),
+            dir.path().join("new.txt"),
+        );
+        for (path, text) in [(&known, "known"), (&changed, "before"), (&new, "new")] {
+            std::fs::write(path, text).unwrap();
+            age(path, 60);
+        }
+        let mut cache = StatCache::default();
+        cache.hash(&known).unwrap();
+        cache.hash(&changed).unwrap();
+        cache.save(&dir.path().join("cache.json")).unwrap();
+        // Poisoned: a lent entry that is used gives the poisoned hash back.
+        let poisoned = Digest::from_hex(&blake3::hash(b"poisoned").to_hex()).unwrap();
+        cache.entries.values_mut().for_each(|e| {
+            e.blake3 = poisoned;
+            e.seen = false;
+        });
+        std::fs::write(&changed, "after!").unwrap();
+        let lent = cache.lend();
+        assert!(cache.entries.is_empty());
+        let mut first = StatCache::borrow(&lent);
+        let mut second = StatCache::borrow(&lent);
+        assert_eq!(first.hash(&known).unwrap().blake3, poisoned.to_hex());
+        let after = blake3::hash(b"after!").to_hex().to_string();
+        assert_eq!(second.hash(&changed).unwrap().blake3, after);
+        assert_eq!(
+            second.hash(&new).unwrap().blake3,
+            blake3::hash(b"new").to_hex().to_string()
+        );
+        // A borrower's own hash of a path wins over the lent one.
+        assert_eq!(second.hash(&changed).unwrap().blake3, after);
+        // Hashes a borrower takes are its own, not the lent ones.
+        assert!(!first.is_dirty() && second.is_dirty());
+        cache.take_back(lent, [first, second]);
+        assert!(cache.is_dirty());
+        let entry = |path: &Path| cache.entries[&*path.to_string_lossy()].clone();
+        assert!(entry(&known).seen && entry(&known).blake3 == poisoned);
+        assert_ne!(entry(&changed).blake3, poisoned);
+        assert_eq!(
+            entry(&new).blake3.to_hex(),
+            blake3::hash(b"new").to_hex().to_string()
+        );
+    }
+
+    #[test]
+    fn hash_all_gives_each_path_its_hash_in_order_on_all_cores() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 5 * PARALLEL_HASH_PATHS;
+        let paths: Vec<PathBuf> = (0..n)
+            .map(|i| dir.path().join(format!("f{i}.txt")))
+            .collect();
+        for (i, path) in paths.iter().enumerate() {
+            if i % 7 != 3 {
+                std::fs::write(path, format!("file {i}")).unwrap();
+            }
+        }
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        let mut cache = StatCache::default();
+        cache.observe();
+        let hashes = cache.hash_all(&refs);
+        assert_eq!(hashes.len(), n);
+        for (i, hash) in hashes.into_iter().enumerate() {
+            match hash {
+                Ok(h) => assert_eq!(
+                    h.blake3,
+                    blake3::hash(format!("file {i}").as_bytes())
+                        .to_hex()
+                        .to_string()
+                ),
+                Err(err) => assert!(
+                    i % 7 == 3 && err.kind() == io::ErrorKind::NotFound,
+                    "{i}: {err}"
+                ),
+            }
+        }
+        // Every file hashed is remembered, with the stat it was read at.
+        let observed = cache.take_observed();
+        let present: Vec<_> = paths
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 7 != 3)
+            .collect();
+        assert_eq!(observed.len(), present.len());
+        for (_, path) in present {
+            assert!(cache.entries.contains_key(&*path.to_string_lossy()));
+            let stat = StatKey::of(&std::fs::metadata(path).unwrap());
+            assert_eq!(observed[path.as_os_str()], stat);
+        }
     }
 
     #[test]

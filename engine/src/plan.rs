@@ -8,7 +8,7 @@
 //! upstream output skips it: early cutoff).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pipe_processors::checkpoint::Checkpoint;
 use serde::{Deserialize, Serialize};
@@ -369,9 +369,10 @@ pub fn ingredients(
             }
         }
     };
+    let paths: Vec<&Path> = inputs.files.values().map(PathBuf::as_path).collect();
     let mut hashed_inputs = BTreeMap::new();
-    for (rel, abs) in &inputs.files {
-        let hash = cache.hash(abs).map_err(|source| InputError::Unreadable {
+    for ((rel, _), hash) in inputs.files.iter().zip(cache.hash_all(&paths)) {
+        let hash = hash.map_err(|source| InputError::Unreadable {
             path: rel.clone(),
             source,
         })?;
@@ -519,10 +520,16 @@ fn output_problems(
     cache: &mut StatCache,
 ) -> Vec<Reason> {
     let out_dir = ws.output_dir(&stage.output_dir);
+    let paths: Vec<PathBuf> = marker
+        .outputs
+        .iter()
+        .map(|o| out_dir.join(&o.path))
+        .collect();
+    let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     let mut reasons = Vec::new();
-    for output in &marker.outputs {
+    for (output, hash) in marker.outputs.iter().zip(cache.hash_all(&paths)) {
         let path = format!("{}/{}", stage.output_dir, output.path);
-        match cache.hash(&out_dir.join(&output.path)) {
+        match hash {
             Ok(h) if h.blake3 == output.blake3 => {}
             Ok(_) => reasons.push(Reason::OutputModified { path }),
             Err(_) => reasons.push(Reason::OutputMissing { path }),
