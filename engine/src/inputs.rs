@@ -43,50 +43,86 @@ pub enum InputError {
 
 /// Lists the files `stage` reads, now.
 pub fn resolve(spec: &Spec, stage: &Stage) -> Result<ResolvedInputs, InputError> {
+    use rayon::prelude::*;
+    // A fan-in over 10,000 folders lists them on all cores.
+    let listed: Vec<Result<Listed, InputError>> = if stage.inputs.len() >= PARALLEL_INPUTS {
+        stage
+            .inputs
+            .par_iter()
+            .with_min_len(PARALLEL_INPUTS / 2)
+            .map(|input| list(spec, input))
+            .collect()
+    } else {
+        stage.inputs.iter().map(|input| list(spec, input)).collect()
+    };
     let mut files = BTreeMap::new();
     let mut folders = Vec::new();
     let mut dirs = Vec::new();
-    for input in &stage.inputs {
-        match input {
-            Input::Path(rel) => {
-                let abs = spec.path(rel);
-                let meta = std::fs::metadata(&abs).map_err(|source| match source.kind() {
-                    io::ErrorKind::NotFound => InputError::Missing { path: rel.clone() },
-                    _ => InputError::Unreadable {
-                        path: rel.clone(),
-                        source,
-                    },
-                })?;
-                if meta.is_dir() {
-                    folders.push(rel.clone());
-                    walk(spec, rel, &mut files, &mut dirs, |_| true)?;
-                } else {
-                    folders.push(
-                        rel.rsplit_once('/')
-                            .map_or(String::new(), |(d, _)| d.to_string()),
-                    );
-                    files.insert(rel.clone(), abs);
-                }
-            }
-            Input::Glob { pattern, base } => {
-                folders.push(base.clone());
-                let matcher = GlobBuilder::new(pattern)
-                    .literal_separator(true)
-                    .build()
-                    .expect("validated glob")
-                    .compile_matcher();
-                if spec.path(base).is_dir() {
-                    walk(spec, base, &mut files, &mut dirs, |rel| {
-                        matcher.is_match(rel)
-                    })?;
-                }
-            }
-        }
+    for one in listed {
+        let one = one?;
+        files.extend(one.files);
+        dirs.extend(one.dirs);
+        folders.push(one.folder);
     }
     Ok(ResolvedInputs {
         root: common_root(&folders),
         files,
         dirs,
+    })
+}
+
+/// A stage with at least this many inputs lists them on all cores.
+const PARALLEL_INPUTS: usize = 64;
+
+/// What one declared input lists.
+struct Listed {
+    files: Vec<(String, PathBuf)>,
+    dirs: Vec<PathBuf>,
+    /// The folder it names (a file's folder), for the input root.
+    folder: String,
+}
+
+/// Lists the files one input of a stage names, now.
+fn list(spec: &Spec, input: &Input) -> Result<Listed, InputError> {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    let folder = match input {
+        Input::Path(rel) => {
+            let abs = spec.path(rel);
+            let meta = std::fs::metadata(&abs).map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => InputError::Missing { path: rel.clone() },
+                _ => InputError::Unreadable {
+                    path: rel.clone(),
+                    source,
+                },
+            })?;
+            if meta.is_dir() {
+                walk(spec, rel, &mut files, &mut dirs, |_| true)?;
+                rel.clone()
+            } else {
+                files.push((rel.clone(), abs));
+                rel.rsplit_once('/')
+                    .map_or(String::new(), |(d, _)| d.to_string())
+            }
+        }
+        Input::Glob { pattern, base } => {
+            let matcher = GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
+                .expect("validated glob")
+                .compile_matcher();
+            if spec.path(base).is_dir() {
+                walk(spec, base, &mut files, &mut dirs, |rel| {
+                    matcher.is_match(rel)
+                })?;
+            }
+            base.clone()
+        }
+    };
+    Ok(Listed {
+        files,
+        dirs,
+        folder,
     })
 }
 
@@ -99,7 +135,7 @@ pub fn resolve(spec: &Spec, stage: &Stage) -> Result<ResolvedInputs, InputError>
 fn walk(
     spec: &Spec,
     rel: &str,
-    files: &mut BTreeMap<String, PathBuf>,
+    files: &mut Vec<(String, PathBuf)>,
     dirs: &mut Vec<PathBuf>,
     keep: impl Fn(&str) -> bool,
 ) -> Result<(), InputError> {
@@ -220,6 +256,73 @@ mod tests {
     fn listed(spec: &Spec) -> Result<(Vec<String>, usize), InputError> {
         let resolved = resolve(spec, &spec.stages[0])?;
         Ok((resolved.files.into_keys().collect(), resolved.dirs.len()))
+    }
+
+    #[test]
+    fn many_inputs_listed_on_all_cores_resolve_as_one_by_one_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 * PARALLEL_INPUTS;
+        let mut inputs = Vec::new();
+        for i in 0..n {
+            let folder = format!("data/d{i:03}");
+            std::fs::create_dir_all(dir.path().join(&folder).join("sub")).unwrap();
+            std::fs::write(dir.path().join(&folder).join("a.txt"), "a").unwrap();
+            std::fs::write(dir.path().join(&folder).join("sub/b.txt"), "b").unwrap();
+            inputs.push(serde_json::json!(folder));
+        }
+        std::fs::write(dir.path().join("data/top.txt"), "t").unwrap();
+        inputs.push(serde_json::json!("data/top.txt"));
+        inputs.push(serde_json::json!("data/d00*/a.txt"));
+        let file = dir.path().join("Pipefile.json");
+        let stages = serde_json::json!([{"name": "s", "processor": {"builtin": "copy", "version": "1"},
+            "inputs": inputs, "outputDir": "out"}]);
+        std::fs::write(
+            &file,
+            serde_json::json!({"version": 1, "stages": stages}).to_string(),
+        )
+        .unwrap();
+        let spec = Spec::load(&file).unwrap();
+        let resolved = resolve(&spec, &spec.stages[0]).unwrap();
+        let mut expected: Vec<String> = (0..n)
+            .flat_map(|i| {
+                [
+                    format!("data/d{i:03}/a.txt"),
+                    format!("data/d{i:03}/sub/b.txt"),
+                ]
+            })
+            .collect();
+        expected.push("data/top.txt".into());
+        expected.sort();
+        assert_eq!(resolved.files.keys().cloned().collect::<Vec<_>>(), expected);
+        assert!(resolved
+            .files
+            .iter()
+            .all(|(rel, abs)| *abs == dir.path().join(rel)));
+        assert_eq!(resolved.root, "data");
+        // Each input folder and its `sub`, in input order; then what the glob walked.
+        let dirs: Vec<String> = resolved
+            .dirs
+            .iter()
+            .map(|d| {
+                d.strip_prefix(dir.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(
+            dirs[..4],
+            ["data/d000", "data/d000/sub", "data/d001", "data/d001/sub"]
+        );
+        assert_eq!(dirs[2 * n], "data");
+        // The first input that cannot be listed, in input order, is the error.
+        for gone in ["data/d150", "data/d070"] {
+            std::fs::remove_dir_all(dir.path().join(gone)).unwrap();
+        }
+        match resolve(&spec, &spec.stages[0]) {
+            Err(InputError::Missing { path }) => assert_eq!(path, "data/d070"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
