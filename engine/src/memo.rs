@@ -461,6 +461,12 @@ impl SkipMemo {
         (digest.matches(&entry.stats)).then(|| (entry.fingerprint.clone(), entry.run_id.clone()))
     }
 
+    /// Whether stage `i` needs the full decision whatever the files say: no verdict of it is
+    /// remembered, or its definition changed (known without a `stat`, after [`SkipMemo::prefetch`]).
+    pub fn needs_full(&self, i: usize) -> bool {
+        self.entries[i].as_ref().is_none_or(|entry| !entry.current)
+    }
+
     /// The id of `path` (root-relative or absolute), added to the table if new.
     fn id_of(&mut self, path: String) -> u32 {
         let ids = self.ids.get_or_insert_with(|| {
@@ -487,62 +493,24 @@ impl SkipMemo {
     /// the verdict is not used, as with a stat taken now; and a stat taken now could be of a
     /// version the decision did not read.
     pub fn remember(&mut self, spec: &Spec, ws: &Workspace, plan: &StagePlan, observed: &Observed) {
-        let stage = &spec.stages[plan.stage];
-        let (Some(inputs), Some(marker)) = (&plan.inputs, &plan.marker) else {
-            self.forget(plan.stage);
-            return;
-        };
-        let mut paths: Vec<PathBuf> = Vec::new();
-        paths.extend(stage.inputs.iter().map(|i| spec.path(i.base())));
-        paths.extend(inputs.dirs.iter().cloned());
-        paths.extend(inputs.files.values().cloned());
-        if let Processor::Command { files, .. } = &stage.processor {
-            for file in files {
-                paths.extend(
-                    walkdir::WalkDir::new(spec.path(file))
-                        .sort_by_file_name()
-                        .into_iter()
-                        .filter_map(Result::ok)
-                        .map(walkdir::DirEntry::into_path),
-                );
-            }
-        }
-        paths.push(ws.marker_file(&stage.output_dir, &stage.name));
-        let out_dir = ws.output_dir(&stage.output_dir);
-        paths.extend(marker.outputs.iter().map(|o| out_dir.join(&o.path)));
-        // Each path watched once: an input file is also its own base path, an input folder also
-        // the first folder its listing walked.
-        let mut listed = std::collections::HashSet::new();
-        paths.retain(|p| listed.insert(p.clone()));
+        self.keep(plan.stage, verdict(spec, ws, plan, observed));
+    }
 
-        let trusted_before = now_ns() - RACY_WINDOW_NS;
-        let mut stats = Vec::with_capacity(paths.len());
-        for path in &paths {
-            let stat = match observed.get(path.as_os_str()) {
-                Some(stat) => Ok(Some(*stat)),
-                None => stat_of(path),
-            };
-            match stat {
-                Ok(Some(s)) if s.mtime_ns.max(s.ctime_ns) >= trusted_before => {
-                    return self.forget(plan.stage);
-                }
-                Ok(stat) => stats.push(stat),
-                Err(_) => return self.forget(plan.stage),
-            }
-        }
-        let watch = paths
-            .iter()
-            .map(|p| self.id_of(relative(spec, p)))
-            .collect();
-        let entry = Entry {
-            key: definition_key(spec, stage),
-            fingerprint: marker.fingerprint.clone(),
-            run_id: marker.run_id.clone(),
-            watch,
-            stats: digest(&stats),
-            current: true,
+    /// Remembers the [`verdict`] on stage `i` (taken on any thread), or forgets the stage when
+    /// there is none.
+    pub fn keep(&mut self, i: usize, verdict: Option<Verdict>) {
+        let Some(verdict) = verdict else {
+            return self.forget(i);
         };
-        self.entries[plan.stage] = Some(entry);
+        let watch = verdict.paths.into_iter().map(|p| self.id_of(p)).collect();
+        self.entries[i] = Some(Entry {
+            key: verdict.key,
+            fingerprint: verdict.fingerprint,
+            run_id: verdict.run_id,
+            watch,
+            stats: verdict.stats,
+            current: true,
+        });
         self.dirty = true;
     }
 
@@ -557,6 +525,93 @@ impl SkipMemo {
         self.stop_prefetch();
     }
 }
+
+/// A skip verdict ready to be remembered ([`SkipMemo::keep`]): the watched paths (root-relative
+/// when inside the root) and the digest of their stats.
+#[derive(Debug)]
+pub struct Verdict {
+    key: String,
+    fingerprint: String,
+    run_id: String,
+    paths: Vec<String>,
+    stats: String,
+}
+
+/// The verdict of a skip `plan` as [`SkipMemo::remember`] keeps it, taken on any thread (`None`
+/// when the stage cannot be memoised now: a path it rests on is too new, or unreadable).
+///
+/// `observed`: see [`SkipMemo::remember`].
+pub fn verdict(
+    spec: &Spec,
+    ws: &Workspace,
+    plan: &StagePlan,
+    observed: &Observed,
+) -> Option<Verdict> {
+    let stage = &spec.stages[plan.stage];
+    let (Some(inputs), Some(marker)) = (&plan.inputs, &plan.marker) else {
+        return None;
+    };
+    let mut paths: Vec<PathBuf> = Vec::new();
+    paths.extend(stage.inputs.iter().map(|i| spec.path(i.base())));
+    paths.extend(inputs.dirs.iter().cloned());
+    paths.extend(inputs.files.values().cloned());
+    if let Processor::Command { files, .. } = &stage.processor {
+        for file in files {
+            paths.extend(
+                walkdir::WalkDir::new(spec.path(file))
+                    .sort_by_file_name()
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .map(walkdir::DirEntry::into_path),
+            );
+        }
+    }
+    paths.push(ws.marker_file(&stage.output_dir, &stage.name));
+    let out_dir = ws.output_dir(&stage.output_dir);
+    paths.extend(marker.outputs.iter().map(|o| out_dir.join(&o.path)));
+    // Each path watched once: an input file is also its own base path, an input folder also
+    // the first folder its listing walked.
+    let first: Vec<bool> = {
+        let mut listed = std::collections::HashSet::with_capacity(paths.len());
+        paths.iter().map(|p| listed.insert(p.as_path())).collect()
+    };
+    let mut first = first.into_iter();
+    paths.retain(|_| first.next() == Some(true));
+
+    let trusted_before = now_ns() - RACY_WINDOW_NS;
+    let watched = |path: &PathBuf| -> Option<(Option<StatKey>, String)> {
+        let stat = match observed.get(path.as_os_str()) {
+            Some(stat) => Some(*stat),
+            None => stat_of(path).ok()?,
+        };
+        if stat.is_some_and(|s| s.mtime_ns.max(s.ctime_ns) >= trusted_before) {
+            return None;
+        }
+        Some((stat, relative(spec, path)))
+    };
+    // A fan-in over 10,000 folders watches 40,000 paths: stat'ed on all cores.
+    let watched: Option<Vec<_>> = if paths.len() >= PARALLEL_WATCH_PATHS {
+        use rayon::prelude::*;
+        paths
+            .par_iter()
+            .with_min_len(PARALLEL_WATCH_PATHS / 2)
+            .map(watched)
+            .collect()
+    } else {
+        paths.iter().map(watched).collect()
+    };
+    let (stats, paths): (Vec<_>, Vec<_>) = watched?.into_iter().unzip();
+    Some(Verdict {
+        key: definition_key(spec, stage),
+        fingerprint: marker.fingerprint.clone(),
+        run_id: marker.run_id.clone(),
+        paths,
+        stats: digest(&stats),
+    })
+}
+
+/// A verdict watching at least this many paths stats them on all cores.
+const PARALLEL_WATCH_PATHS: usize = 256;
 
 /// What a stage's verdict depends on in the Pipefile: its name, processor, inputs, output folder,
 /// params and kind, the project folder, and the engine version (whose planning rules may differ).
