@@ -179,3 +179,55 @@ def test_a_dry_run_reports_a_publish_journal_the_memo_cannot_see(make_project):
     assert dry_run(project) == {"keep": "run", "sneaky": "skip"}
     human = project.ok("build", "--dry-run").stdout
     assert "keep: run (" in human and "publish" in human, human
+
+
+def test_stages_decided_together_without_the_memo_see_every_change(make_project):
+    """Without a memo verdict (the first build after stages ran, or the memo removed), the stages a
+    build must decide in full are decided many at once, on all cores, ahead of their turn. Each
+    must still see every change, find a publish journal left in its output folder, and run when
+    its turn comes; the unchanged ones are memoised again."""
+    # Decided before any stage runs (a stage that starts ends deciding ahead): `keep`, then the
+    # stage with the journal.
+    journal = builtin_stage("journal", "upper", ["input/journal.txt"], "out_journal")
+    stages = [STAGES[0], journal, *STAGES[1:]]
+    project = make_project(pipeline(*stages), files={**FILES, "input/journal.txt": "journal\n"})
+    project.ok("build", "--run-id", "first")
+    let_files_age()
+    project.ok("build", "--run-id", "arm")
+    assert len(memo(project)["stages"]) == len(stages)
+
+    project.path("cache/skip-v1.json").unlink()
+    sneaky_edit(project.path("input/sneaky.txt"), b"quick", b"slick")
+    sneaky_edit(project.path("out_outedit/outedit.txt"), b"EDIT", b"EDDY")
+    project.path("out_marker/.marker.done").unlink()
+    project.write("data/added/sub/new.txt", "new\n")
+    project.path("data/removed/b.txt").unlink()
+    project.write("globbed/deep/new.txt", "new\n")
+    project.edit_pipefile(lambda spec: project.stage_spec(spec, "params").update(params={"mode": "unicode"}))
+    with open(project.path("proc.py"), "a", encoding="utf-8") as f:
+        f.write("# edited\n")
+    # Not a journal a publish could complete: the stage's marker is removed and it runs again.
+    project.write("out_journal/.journal.publishing", "torn")
+
+    result = project.ok("build", "--run-id", "changed")
+    statuses = project.statuses("changed")
+    assert statuses.pop("keep") == "skipped", statuses
+    assert all(s in ("succeeded", "restored") for s in statuses.values()), statuses
+    assert "interrupted publish of `journal`" in result.stderr, result.stderr
+    assert not project.exists("out_journal/.journal.publishing")
+    assert project.read("out_journal/journal.txt") == b"JOURNAL\n"
+    assert project.read("out_sneaky/sneaky.txt") == b"SLICK BROWN FOX\n"
+    assert project.read("out_outedit/outedit.txt") == b"EDIT MY OUTPUT\n"
+    assert project.exists("out_marker/.marker.done")
+    assert project.read("out_added/sub/new.txt") == b"new\n"
+    assert not project.exists("out_removed/b.txt")
+    assert project.read("out_glob/deep/new.txt") == b"NEW\n"
+    assert project.read("out_params/params.txt") == "STRASSE\n".encode()
+    assert set(memo(project)["stages"]) == {"keep"}
+
+    # Nothing changed since: decided together again, every stage is a skip, and memoised.
+    let_files_age()
+    project.path("cache/skip-v1.json").unlink()
+    project.ok("build", "--run-id", "again")
+    assert set(project.statuses("again").values()) == {"skipped"}
+    assert set(memo(project)["stages"]) == {s["name"] for s in stages}

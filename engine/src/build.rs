@@ -18,10 +18,10 @@ use std::time::Instant;
 
 use crate::event::Event;
 use crate::graph::Graph;
-use crate::hashing::StatCache;
+use crate::hashing::{Observed, StatCache};
 use crate::lock::{self, Holder, LockError, Wait};
 use crate::memo::SkipMemo;
-use crate::plan::{self, Decision};
+use crate::plan::{self, Decision, PlanError, StagePlan};
 use crate::processes::{self, ProcessLog, RunningProcess};
 use crate::procfs;
 use crate::publish::{self, Recovery};
@@ -187,6 +187,9 @@ pub fn build(
             None => SkipMemo::load(&ws.skip_memo_file(), spec),
         },
         recovered: vec![false; spec.stages.len()],
+        ahead: std::collections::HashMap::new(),
+        ahead_batch: AHEAD_FIRST,
+        started_any: false,
     };
     if died {
         for i in 0..spec.stages.len() {
@@ -239,7 +242,26 @@ struct Coordinator<'a> {
     memo: SkipMemo,
     /// Stages whose interrupted publish (if any) was already looked for.
     recovered: Vec<bool>,
+    /// Stages decided ahead of their turn, several at once ([`Coordinator::decide_ahead`]).
+    ahead: std::collections::HashMap<usize, Ahead>,
+    /// How many stages the next [`Coordinator::decide_ahead`] takes at most.
+    ahead_batch: usize,
+    /// A stage of this build was started (from then on, no stage is decided ahead of its turn).
+    started_any: bool,
 }
+
+/// A stage's full decision taken ahead of its turn, and a skip's verdict for the memo (taken on
+/// the same thread, from the stats the decision took).
+struct Ahead {
+    decided: Result<StagePlan, PlanError>,
+    verdict: Option<crate::memo::Verdict>,
+}
+
+/// The first [`Coordinator::decide_ahead`] takes this many stages, each next one twice as many, up
+/// to [`AHEAD_MOST`]: a build whose first decided stage runs wastes few decisions, a build that
+/// decides thousands (the first no-op after they ran) decides most of them in large batches.
+const AHEAD_FIRST: usize = 32;
+const AHEAD_MOST: usize = 2048;
 
 /// How often the run record is rewritten while stages finish.
 const RUN_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -388,7 +410,7 @@ impl Coordinator<'_> {
             .collect();
         let upstream = (0..spec.stages.len()).map(|i| graph.upstream(i)).collect();
         let machine_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut sched = Scheduler::new(order, upstream, needs, capacity, machine_cores);
+        let mut sched = Scheduler::new(order.clone(), upstream, needs, capacity, machine_cores);
         // Long-lived worker threads (see `workers`), built when the first stage runs: a no-op
         // build starts none. Up to `jobs` stages run their processors while up to
         // `PUBLISHING_PER_JOB` × `jobs` more publish (`Scheduler::release`): one thread each, so a
@@ -409,7 +431,7 @@ impl Coordinator<'_> {
                         Some(StageStatus::Succeeded | StageStatus::Resumed | StageStatus::Restored)
                     )
                 });
-                match self.plan_stage(i, !upstream_published, report)? {
+                match self.plan_stage(i, !upstream_published, &sched, &order, report)? {
                     Planned::Skip(produced) => {
                         sched.skip(i);
                         let stage = &spec.stages[i].name;
@@ -424,6 +446,9 @@ impl Coordinator<'_> {
                         stop |= !self.opts.keep_going;
                     }
                     Planned::Run(mut job) => {
+                        // What it changes is not what the decisions taken ahead saw.
+                        self.started_any = true;
+                        self.ahead.clear();
                         let cores = sched.start(i);
                         if (spec.stages[i].resources.cpus as usize) < machine_cores {
                             job.cores = cores;
@@ -544,6 +569,8 @@ impl Coordinator<'_> {
         &mut self,
         i: usize,
         ask_memo: bool,
+        sched: &Scheduler,
+        order: &[usize],
         report: &mut dyn FnMut(&Event),
     ) -> Result<Planned, BuildError> {
         let stage = &self.spec.stages[i];
@@ -564,13 +591,26 @@ impl Coordinator<'_> {
             });
             return Ok(Planned::Skip(Some(produced)));
         }
-        self.recover_publish(i, report)?;
-        let spec = self.spec;
-        let ws = self.ws.clone();
-        // The stats the decision takes before reading each file are the ones the memo keeps.
-        self.stat_cache().observe();
-        let decided = plan::decide(spec, &ws, i, self.stat_cache(), true);
-        let observed = self.stat_cache().take_observed();
+        if !self.started_any && !self.ahead.contains_key(&i) {
+            self.decide_ahead(i, sched, order);
+        }
+        let (decided, observed, verdict) = match self.ahead.remove(&i) {
+            Some(ahead) => {
+                // Its decision found no publish journal to recover.
+                self.recovered[i] = true;
+                (ahead.decided, Observed::default(), Some(ahead.verdict))
+            }
+            None => {
+                self.recover_publish(i, report)?;
+                let spec = self.spec;
+                let ws = self.ws.clone();
+                // The stats the decision takes before reading each file are the ones the memo
+                // keeps.
+                self.stat_cache().observe();
+                let decided = plan::decide(spec, &ws, i, self.stat_cache(), true);
+                (decided, self.stat_cache().take_observed(), None)
+            }
+        };
         let mut plan = match decided {
             Ok(plan) => plan,
             Err(err) => {
@@ -606,7 +646,10 @@ impl Coordinator<'_> {
             decision: plan.decision.clone(),
         });
         if plan.decision == Decision::Skip {
-            self.memo.remember(self.spec, &self.ws, &plan, &observed);
+            match verdict {
+                Some(verdict) => self.memo.keep(i, verdict),
+                None => self.memo.remember(self.spec, &self.ws, &plan, &observed),
+            }
             let produced = plan.marker.map(|m| (m.fingerprint, m.run_id));
             return Ok(Planned::Skip(produced));
         }
@@ -633,6 +676,60 @@ impl Coordinator<'_> {
             &self.opts.exe,
         );
         Ok(Planned::Run(Box::new(job)))
+    }
+
+    /// Decides stage `i` and other stages that are ready and need the full decision (the skip memo
+    /// has no verdict of theirs to check) ahead of their turn, on all cores, [`Coordinator::
+    /// ahead_batch`] at most. The first no-op build after a build that ran many stages decides each
+    /// of them the full way: one at a time, that took 12 times ninja's no-op.
+    ///
+    /// Only while this build has started no stage, so nothing it did can have changed a file a
+    /// decision read: a decision taken ahead is the one its turn would take. A stage whose output
+    /// folder holds a publish journal is left to its turn (the journal is recovered first).
+    fn decide_ahead(&mut self, i: usize, sched: &Scheduler, order: &[usize]) {
+        use rayon::prelude::*;
+        let candidates: Vec<(usize, bool)> = std::iter::once(i)
+            .chain(order.iter().copied().filter(|&j| {
+                j != i && sched.ready(j) && !self.ahead.contains_key(&j) && self.memo.needs_full(j)
+            }))
+            .take(self.ahead_batch)
+            .map(|j| (j, self.recovered[j]))
+            .collect();
+        if candidates.len() < 2 {
+            return;
+        }
+        self.ahead_batch = (self.ahead_batch * 2).min(AHEAD_MOST);
+        let (spec, ws) = (self.spec, self.ws.clone());
+        let lent = self.stat_cache().lend();
+        let decided: Vec<(usize, Ahead, StatCache)> = candidates
+            .par_iter()
+            .filter_map(|&(j, recovered)| {
+                if !recovered {
+                    let journal = ws.publish_target(&spec.stages[j]).journal;
+                    match std::fs::symlink_metadata(&journal) {
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                        _ => return None,
+                    }
+                }
+                let mut cache = StatCache::borrow(&lent);
+                cache.observe();
+                let decided = plan::decide(spec, &ws, j, &mut cache, true);
+                let observed = cache.take_observed();
+                let verdict = match &decided {
+                    Ok(plan) if plan.decision == Decision::Skip => {
+                        crate::memo::verdict(spec, &ws, plan, &observed)
+                    }
+                    _ => None,
+                };
+                Some((j, Ahead { decided, verdict }, cache))
+            })
+            .collect();
+        let mut borrowers = Vec::with_capacity(decided.len());
+        for (j, ahead, cache) in decided {
+            self.ahead.insert(j, ahead);
+            borrowers.push(cache);
+        }
+        self.stat_cache().take_back(lent, borrowers);
     }
 
     /// Records a stage's end in the run record, the totals and the console.
