@@ -687,7 +687,6 @@ impl Coordinator<'_> {
     /// decision read: a decision taken ahead is the one its turn would take. A stage whose output
     /// folder holds a publish journal is left to its turn (the journal is recovered first).
     fn decide_ahead(&mut self, i: usize, sched: &Scheduler, order: &[usize]) {
-        use rayon::prelude::*;
         let candidates: Vec<(usize, bool)> = std::iter::once(i)
             .chain(order.iter().copied().filter(|&j| {
                 j != i && sched.ready(j) && !self.ahead.contains_key(&j) && self.memo.needs_full(j)
@@ -700,10 +699,9 @@ impl Coordinator<'_> {
         }
         self.ahead_batch = (self.ahead_batch * 2).min(AHEAD_MOST);
         let (spec, ws) = (self.spec, self.ws.clone());
-        let lent = self.stat_cache().lend();
-        let decided: Vec<(usize, Ahead, StatCache)> = candidates
-            .par_iter()
-            .filter_map(|&(j, recovered)| {
+        let decided = self
+            .stat_cache()
+            .par_map(&candidates, |&(j, recovered), cache| {
                 if !recovered {
                     let journal = ws.publish_target(&spec.stages[j]).journal;
                     match std::fs::symlink_metadata(&journal) {
@@ -711,9 +709,8 @@ impl Coordinator<'_> {
                         _ => return None,
                     }
                 }
-                let mut cache = StatCache::borrow(&lent);
                 cache.observe();
-                let decided = plan::decide(spec, &ws, j, &mut cache, true);
+                let decided = plan::decide(spec, &ws, j, cache, true);
                 let observed = cache.take_observed();
                 let verdict = match &decided {
                     Ok(plan) if plan.decision == Decision::Skip => {
@@ -721,15 +718,9 @@ impl Coordinator<'_> {
                     }
                     _ => None,
                 };
-                Some((j, Ahead { decided, verdict }, cache))
-            })
-            .collect();
-        let mut borrowers = Vec::with_capacity(decided.len());
-        for (j, ahead, cache) in decided {
-            self.ahead.insert(j, ahead);
-            borrowers.push(cache);
-        }
-        self.stat_cache().take_back(lent, borrowers);
+                Some((j, Ahead { decided, verdict }))
+            });
+        self.ahead.extend(decided.into_iter().flatten());
     }
 
     /// Records a stage's end in the run record, the totals and the console.

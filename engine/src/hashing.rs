@@ -173,7 +173,7 @@ pub struct StatCache {
 }
 
 /// The entries of a cache lent to borrowers on other threads ([`StatCache::lend`]).
-pub struct Lent(Arc<HashMap<Box<str>, Entry>>);
+struct Lent(Arc<HashMap<Box<str>, Entry>>);
 
 /// A file's content hash and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,47 +275,68 @@ impl StatCache {
     /// [`StatCache::hash`] of each of `paths`, in order; many of them on all cores (a fan-in's
     /// decision hashes 10,000 inputs and checks 10,000 outputs). A borrower hashes them one by one.
     pub fn hash_all(&mut self, paths: &[&Path]) -> Vec<io::Result<FileHash>> {
-        use rayon::prelude::*;
         if paths.len() < PARALLEL_HASH_PATHS || self.lent.is_some() {
             return paths.iter().map(|path| self.hash(path)).collect();
         }
+        let chunks: Vec<&[&Path]> = paths.chunks(PARALLEL_HASH_PATHS / 2).collect();
+        self.par_map(&chunks, |chunk, cache| {
+            chunk
+                .iter()
+                .map(|path| cache.hash(path))
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// `work` on each of `items` on all cores, each with its own borrower of this cache's entries
+    /// ([`StatCache::borrow`]); what the borrowers hashed is taken back, and while this cache
+    /// observes, so do they (the first stat per path is kept, in the order of `items`). Results
+    /// in the order of `items`.
+    pub fn par_map<T: Sync, R: Send>(
+        &mut self,
+        items: &[T],
+        work: impl Fn(&T, &mut StatCache) -> R + Sync + Send,
+    ) -> Vec<R> {
+        use rayon::prelude::*;
         let observing = self.observed.is_some();
         let lent = self.lend();
-        let chunks: Vec<(Vec<io::Result<FileHash>>, StatCache)> = paths
-            .par_chunks(PARALLEL_HASH_PATHS / 2)
-            .map(|chunk| {
+        let done: Vec<(R, StatCache)> = items
+            .par_iter()
+            .map(|item| {
                 let mut cache = StatCache::borrow(&lent);
                 if observing {
                     cache.observe();
                 }
-                (chunk.iter().map(|path| cache.hash(path)).collect(), cache)
+                (work(item, &mut cache), cache)
             })
             .collect();
-        let mut hashes = Vec::with_capacity(paths.len());
-        let mut borrowers = Vec::with_capacity(chunks.len());
-        for (chunk, mut cache) in chunks {
-            hashes.extend(chunk);
+        let mut results = Vec::with_capacity(done.len());
+        let mut borrowers = Vec::with_capacity(done.len());
+        for (result, mut cache) in done {
             if let (Some(observed), Some(theirs)) = (&mut self.observed, cache.observed.take()) {
                 for (path, stat) in theirs {
                     observed.entry(path).or_insert(stat);
                 }
             }
+            results.push(result);
             borrowers.push(cache);
         }
         self.take_back(lent, borrowers);
-        hashes
+        results
     }
 
     /// Lends the entries out, for stages decided on several threads at once: each thread
     /// [`StatCache::borrow`]s them, and [`StatCache::take_back`] merges what the borrowers found.
     /// Until then this cache holds no entry.
-    pub fn lend(&mut self) -> Lent {
+    fn lend(&mut self) -> Lent {
         Lent(Arc::new(std::mem::take(&mut self.entries)))
     }
 
     /// A cache for one thread that looks up the `lent` entries after its own (it records what it
     /// hashes in its own).
-    pub fn borrow(lent: &Lent) -> StatCache {
+    fn borrow(lent: &Lent) -> StatCache {
         StatCache {
             version: 1,
             lent: Some(lent.0.clone()),
@@ -325,7 +346,7 @@ impl StatCache {
 
     /// Takes the `lent` entries back, with the hashes the `borrowers` recorded (newer than a lent
     /// entry of the same path) and the lent entries they used marked seen.
-    pub fn take_back(&mut self, lent: Lent, borrowers: impl IntoIterator<Item = StatCache>) {
+    fn take_back(&mut self, lent: Lent, borrowers: impl IntoIterator<Item = StatCache>) {
         let mut seen = Vec::new();
         let mut found = Vec::new();
         for mut borrower in borrowers {
