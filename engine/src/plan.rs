@@ -555,6 +555,10 @@ pub fn read_progress(ws: &Workspace, stage: &str) -> Result<Option<Progress>, St
 /// unless a publish journal is in its output folder: a build recovers that publish before it looks
 /// at any verdict (when the build that wrote the journal died, the memo it read is still on disk
 /// and can match), a dry run recovers nothing, so the full decision reports it.
+///
+/// Stages are decided level by level (a stage's level is one more than its deepest upstream
+/// stage's), and the stages of a level that need the full decision are decided together on all
+/// cores: a dry run, which writes no memo, decides every stage that ran in the last build in full.
 pub fn plan_all(
     spec: &Spec,
     ws: &Workspace,
@@ -564,29 +568,71 @@ pub fn plan_all(
 ) -> Vec<Result<StagePlan, (usize, PlanError)>> {
     // Loaded when a stage is first decided the full way (a no-op dry run never needs it).
     let mut cache: Option<StatCache> = None;
-    let mut runs: BTreeMap<usize, bool> = BTreeMap::new();
-    let mut plans = Vec::new();
-    for &i in order {
-        let pending_on = upstream(i)
-            .into_iter()
-            .find(|u| runs.get(u).copied().unwrap_or(false));
-        let plan = match pending_on {
-            Some(u) => Ok(StagePlan::undecided(
-                i,
-                Decision::Pending {
-                    upstream: spec.stages[u].name.clone(),
-                },
-            )),
-            None if memo.unchanged(spec, i).is_some() && !publish_journal_exists(spec, ws, i) => {
-                Ok(StagePlan::undecided(i, Decision::Skip))
+    let position: std::collections::HashMap<usize, usize> =
+        order.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+    // Upstream stages by position in `order` (an upstream stage not planned never runs).
+    let upstream: Vec<Vec<usize>> = order
+        .iter()
+        .map(|&i| {
+            upstream(i)
+                .iter()
+                .filter_map(|u| position.get(u).copied())
+                .collect()
+        })
+        .collect();
+    let mut levels: Vec<Vec<usize>> = Vec::new();
+    let mut level = vec![0; order.len()];
+    for p in 0..order.len() {
+        level[p] = upstream[p].iter().map(|&q| level[q] + 1).max().unwrap_or(0);
+        if levels.len() <= level[p] {
+            levels.resize_with(level[p] + 1, Vec::new);
+        }
+        levels[level[p]].push(p);
+    }
+    let mut plans: Vec<Option<Result<StagePlan, (usize, PlanError)>>> =
+        order.iter().map(|_| None).collect();
+    let mut runs = vec![false; order.len()];
+    for stages in levels {
+        let mut full = Vec::new();
+        for &p in &stages {
+            let i = order[p];
+            plans[p] = match upstream[p].iter().find(|&&q| runs[q]) {
+                Some(&q) => Some(Ok(StagePlan::undecided(
+                    i,
+                    Decision::Pending {
+                        upstream: spec.stages[order[q]].name.clone(),
+                    },
+                ))),
+                None if memo.unchanged(spec, i).is_some()
+                    && !publish_journal_exists(spec, ws, i) =>
+                {
+                    Some(Ok(StagePlan::undecided(i, Decision::Skip)))
+                }
+                None => {
+                    full.push(i);
+                    None
+                }
+            };
+        }
+        if !full.is_empty() {
+            let cache = cache.get_or_insert_with(|| StatCache::load(&ws.stat_cache_file()));
+            let decided = if full.len() == 1 {
+                vec![decide(spec, ws, full[0], cache, false)]
+            } else {
+                cache.par_map(&full, |&i, cache| decide(spec, ws, i, cache, false))
+            };
+            for (i, plan) in full.into_iter().zip(decided) {
+                plans[position[&i]] = Some(plan.map_err(|e| (i, e)));
             }
-            None => {
-                let cache = cache.get_or_insert_with(|| StatCache::load(&ws.stat_cache_file()));
-                decide(spec, ws, i, cache, false).map_err(|e| (i, e))
-            }
-        };
-        runs.insert(i, plan.as_ref().map_or(true, |p| p.decision.runs()));
-        plans.push(plan);
+        }
+        for p in stages {
+            runs[p] = plans[p]
+                .as_ref()
+                .is_none_or(|plan| plan.as_ref().map_or(true, |p| p.decision.runs()));
+        }
     }
     plans
+        .into_iter()
+        .map(|plan| plan.expect("every level decided"))
+        .collect()
 }
