@@ -73,6 +73,32 @@ FILES = {
 }
 
 
+def change_all_but_keep(project) -> None:
+    """Changes what every stage of STAGES but `keep` rests on, the way users do: edits that keep
+    size and mtime (an input, an output), a deleted marker, added and removed files, params, and
+    the processor's file."""
+    sneaky_edit(project.path("input/sneaky.txt"), b"quick", b"slick")
+    sneaky_edit(project.path("out_outedit/outedit.txt"), b"EDIT", b"EDDY")
+    project.path("out_marker/.marker.done").unlink()
+    project.write("data/added/sub/new.txt", "new\n")
+    project.path("data/removed/b.txt").unlink()
+    project.write("globbed/deep/new.txt", "new\n")
+    project.edit_pipefile(lambda spec: project.stage_spec(spec, "params").update(params={"mode": "unicode"}))
+    with open(project.path("proc.py"), "a", encoding="utf-8") as f:
+        f.write("# edited\n")
+
+
+def assert_all_but_keep_rebuilt(project) -> None:
+    """The outputs of the stages `change_all_but_keep` changed are those of the changed files."""
+    assert project.read("out_sneaky/sneaky.txt") == b"SLICK BROWN FOX\n"
+    assert project.read("out_outedit/outedit.txt") == b"EDIT MY OUTPUT\n"
+    assert project.exists("out_marker/.marker.done")
+    assert project.read("out_added/sub/new.txt") == b"new\n"
+    assert not project.exists("out_removed/b.txt")
+    assert project.read("out_glob/deep/new.txt") == b"NEW\n"
+    assert project.read("out_params/params.txt") == "STRASSE\n".encode()
+
+
 def test_a_memoised_verdict_never_hides_a_change(make_project):
     project = make_project(pipeline(*STAGES), files=FILES)
     project.ok("build", "--run-id", "first")
@@ -90,15 +116,7 @@ def test_a_memoised_verdict_never_hides_a_change(make_project):
     assert set(project.statuses("noop").values()) == {"skipped"}
     assert not project.exists("cache/stat-v1.json")
 
-    sneaky_edit(project.path("input/sneaky.txt"), b"quick", b"slick")
-    sneaky_edit(project.path("out_outedit/outedit.txt"), b"EDIT", b"EDDY")
-    project.path("out_marker/.marker.done").unlink()
-    project.write("data/added/sub/new.txt", "new\n")
-    project.path("data/removed/b.txt").unlink()
-    project.write("globbed/deep/new.txt", "new\n")
-    project.edit_pipefile(lambda spec: project.stage_spec(spec, "params").update(params={"mode": "unicode"}))
-    with open(project.path("proc.py"), "a", encoding="utf-8") as f:
-        f.write("# edited\n")
+    change_all_but_keep(project)
 
     # A dry run trusts the memo as a build does, and sees the same changes.
     planned = dry_run(project)
@@ -109,13 +127,7 @@ def test_a_memoised_verdict_never_hides_a_change(make_project):
     statuses = project.statuses("changed")
     assert statuses.pop("keep") == "skipped", statuses
     assert all(s in ("succeeded", "restored") for s in statuses.values()), statuses
-    assert project.read("out_sneaky/sneaky.txt") == b"SLICK BROWN FOX\n"
-    assert project.read("out_outedit/outedit.txt") == b"EDIT MY OUTPUT\n"
-    assert project.exists("out_marker/.marker.done")
-    assert project.read("out_added/sub/new.txt") == b"new\n"
-    assert not project.exists("out_removed/b.txt")
-    assert project.read("out_glob/deep/new.txt") == b"NEW\n"
-    assert project.read("out_params/params.txt") == "STRASSE\n".encode()
+    assert_all_but_keep_rebuilt(project)
     # Everything that ran is fresh again: only the untouched stage stays memoised.
     assert set(memo(project)["stages"]) == {"keep"}
 
@@ -197,15 +209,7 @@ def test_stages_decided_together_without_the_memo_see_every_change(make_project)
     assert len(memo(project)["stages"]) == len(stages)
 
     project.path("cache/skip-v1.json").unlink()
-    sneaky_edit(project.path("input/sneaky.txt"), b"quick", b"slick")
-    sneaky_edit(project.path("out_outedit/outedit.txt"), b"EDIT", b"EDDY")
-    project.path("out_marker/.marker.done").unlink()
-    project.write("data/added/sub/new.txt", "new\n")
-    project.path("data/removed/b.txt").unlink()
-    project.write("globbed/deep/new.txt", "new\n")
-    project.edit_pipefile(lambda spec: project.stage_spec(spec, "params").update(params={"mode": "unicode"}))
-    with open(project.path("proc.py"), "a", encoding="utf-8") as f:
-        f.write("# edited\n")
+    change_all_but_keep(project)
     # Not a journal a publish could complete: the stage's marker is removed and it runs again.
     project.write("out_journal/.journal.publishing", "torn")
 
@@ -216,13 +220,7 @@ def test_stages_decided_together_without_the_memo_see_every_change(make_project)
     assert "interrupted publish of `journal`" in result.stderr, result.stderr
     assert not project.exists("out_journal/.journal.publishing")
     assert project.read("out_journal/journal.txt") == b"JOURNAL\n"
-    assert project.read("out_sneaky/sneaky.txt") == b"SLICK BROWN FOX\n"
-    assert project.read("out_outedit/outedit.txt") == b"EDIT MY OUTPUT\n"
-    assert project.exists("out_marker/.marker.done")
-    assert project.read("out_added/sub/new.txt") == b"new\n"
-    assert not project.exists("out_removed/b.txt")
-    assert project.read("out_glob/deep/new.txt") == b"NEW\n"
-    assert project.read("out_params/params.txt") == "STRASSE\n".encode()
+    assert_all_but_keep_rebuilt(project)
     assert set(memo(project)["stages"]) == {"keep"}
 
     # Nothing changed since: decided together again, every stage is a skip, and memoised.
