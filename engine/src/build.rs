@@ -26,7 +26,7 @@ use crate::processes::{self, ProcessLog, RunningProcess};
 use crate::procfs;
 use crate::publish::{self, Recovery};
 use crate::runlog::RunLog;
-use crate::scheduler::{Capacity, Need, Scheduler, PUBLISHING_PER_JOB};
+use crate::scheduler::{Capacity, Need, Phase, Scheduler, PUBLISHING_PER_JOB};
 use crate::spec::Spec;
 use crate::stage_job::{JobMessage, JobResult, StageJob};
 use crate::state::{
@@ -190,6 +190,10 @@ pub fn build(
         ahead: std::collections::HashMap::new(),
         ahead_batch: AHEAD_FIRST,
         started_any: false,
+        ahead_wanted: None,
+        ahead_cursor: 0,
+        ahead_idle: 0,
+        ahead_backoff: 1,
     };
     if died {
         for i in 0..spec.stages.len() {
@@ -248,6 +252,15 @@ struct Coordinator<'a> {
     ahead_batch: usize,
     /// A stage of this build was started (from then on, no stage is decided ahead of its turn).
     started_any: bool,
+    /// The stages the memo has no verdict for, in order (listed when first needed); those before
+    /// `ahead_cursor` are decided.
+    ahead_wanted: Option<Vec<usize>>,
+    ahead_cursor: usize,
+    /// After a look for stages to decide ahead finds none, that many of the next are not taken
+    /// (`ahead_backoff`, doubling while none are found): a chain of stages, each ready only once
+    /// the one before it is decided, would otherwise be scanned once per stage.
+    ahead_idle: usize,
+    ahead_backoff: usize,
 }
 
 /// A stage's full decision taken ahead of its turn, and a skip's verdict for the memo (taken on
@@ -262,6 +275,9 @@ struct Ahead {
 /// decides thousands (the first no-op after they ran) decides most of them in large batches.
 const AHEAD_FIRST: usize = 32;
 const AHEAD_MOST: usize = 2048;
+
+/// How many of the stages waiting for the full decision one look for ready ones goes through.
+const AHEAD_SCAN: usize = 4 * AHEAD_MOST;
 
 /// How often the run record is rewritten while stages finish.
 const RUN_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -679,24 +695,47 @@ impl Coordinator<'_> {
     }
 
     /// Decides stage `i` and other stages that are ready and need the full decision (the skip memo
-    /// has no verdict of theirs to check) ahead of their turn, on all cores, [`Coordinator::
-    /// ahead_batch`] at most. The first no-op build after a build that ran many stages decides each
-    /// of them the full way: one at a time, that took 12 times ninja's no-op.
+    /// has no verdict of theirs to check) ahead of their turn, on all cores, `ahead_batch` at
+    /// most. The first no-op build after a build that ran many stages decides each of them the
+    /// full way: one at a time, that took 12 times ninja's no-op.
     ///
     /// Only while this build has started no stage, so nothing it did can have changed a file a
     /// decision read: a decision taken ahead is the one its turn would take. A stage whose output
     /// folder holds a publish journal is left to its turn (the journal is recovered first).
     fn decide_ahead(&mut self, i: usize, sched: &Scheduler, order: &[usize]) {
+        if self.ahead_idle > 0 {
+            self.ahead_idle -= 1;
+            return;
+        }
+        let memo = &self.memo;
+        let wanted = self.ahead_wanted.get_or_insert_with(|| {
+            order
+                .iter()
+                .copied()
+                .filter(|&j| memo.needs_full(j))
+                .collect()
+        });
+        let decided = |j: usize| sched.phase(j) != Phase::Waiting || self.ahead.contains_key(&j);
+        while self.ahead_cursor < wanted.len() && decided(wanted[self.ahead_cursor]) {
+            self.ahead_cursor += 1;
+        }
         let candidates: Vec<(usize, bool)> = std::iter::once(i)
-            .chain(order.iter().copied().filter(|&j| {
-                j != i && sched.ready(j) && !self.ahead.contains_key(&j) && self.memo.needs_full(j)
-            }))
+            .chain(
+                wanted[self.ahead_cursor..]
+                    .iter()
+                    .take(AHEAD_SCAN)
+                    .copied()
+                    .filter(|&j| j != i && sched.ready(j) && !decided(j)),
+            )
             .take(self.ahead_batch)
             .map(|j| (j, self.recovered[j]))
             .collect();
         if candidates.len() < 2 {
+            self.ahead_idle = self.ahead_backoff;
+            self.ahead_backoff = (self.ahead_backoff * 2).min(AHEAD_MOST);
             return;
         }
+        self.ahead_backoff = 1;
         self.ahead_batch = (self.ahead_batch * 2).min(AHEAD_MOST);
         let (spec, ws) = (self.spec, self.ws.clone());
         let decided = self

@@ -362,12 +362,12 @@ impl StatCache {
                 entry.seen = true;
             }
         }
-        // Entries this cache recorded while the others were lent out are the newest.
-        let own = std::mem::replace(&mut self.entries, entries);
+        // This cache is not used while its entries are lent (`par_map` holds it).
+        debug_assert!(self.entries.is_empty());
+        self.entries = entries;
         for borrowed in found {
             self.entries.extend(borrowed);
         }
-        self.entries.extend(own);
     }
 
     /// Records a hash the engine just computed for a file it wrote (e.g. a published output).
