@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crate::event::Event;
 use crate::graph::Graph;
-use crate::hashing::{Observed, StatCache};
+use crate::hashing::StatCache;
 use crate::lock::{self, Holder, LockError, Wait};
 use crate::memo::SkipMemo;
 use crate::plan::{self, Decision, PlanError, StagePlan};
@@ -187,13 +187,7 @@ pub fn build(
             None => SkipMemo::load(&ws.skip_memo_file(), spec),
         },
         recovered: vec![false; spec.stages.len()],
-        ahead: std::collections::HashMap::new(),
-        ahead_batch: AHEAD_FIRST,
-        started_any: false,
-        ahead_wanted: None,
-        ahead_cursor: 0,
-        ahead_idle: 0,
-        ahead_backoff: 1,
+        ahead: Lookahead::new(),
     };
     if died {
         for i in 0..spec.stages.len() {
@@ -247,27 +241,67 @@ struct Coordinator<'a> {
     /// Stages whose interrupted publish (if any) was already looked for.
     recovered: Vec<bool>,
     /// Stages decided ahead of their turn, several at once ([`Coordinator::decide_ahead`]).
-    ahead: std::collections::HashMap<usize, Ahead>,
-    /// How many stages the next [`Coordinator::decide_ahead`] takes at most.
-    ahead_batch: usize,
-    /// A stage of this build was started (from then on, no stage is decided ahead of its turn).
-    started_any: bool,
-    /// The stages the memo has no verdict for, in order (listed when first needed); those before
-    /// `ahead_cursor` are decided.
-    ahead_wanted: Option<Vec<usize>>,
-    ahead_cursor: usize,
-    /// After a look for stages to decide ahead finds none, that many of the next are not taken
-    /// (`ahead_backoff`, doubling while none are found): a chain of stages, each ready only once
-    /// the one before it is decided, would otherwise be scanned once per stage.
-    ahead_idle: usize,
-    ahead_backoff: usize,
+    ahead: Lookahead,
 }
 
-/// A stage's full decision taken ahead of its turn, and a skip's verdict for the memo (taken on
-/// the same thread, from the stats the decision took).
-struct Ahead {
+/// A stage's full decision and, for a skip, its verdict for the memo.
+struct FullDecision {
     decided: Result<StagePlan, PlanError>,
     verdict: Option<crate::memo::Verdict>,
+}
+
+/// [`plan::decide`] of stage `i` (whose publish journal, if any, was recovered), and a skip's memo
+/// verdict, taken on the same thread from the stats the decision took before reading each file.
+fn decide_in_full(spec: &Spec, ws: &Workspace, i: usize, cache: &mut StatCache) -> FullDecision {
+    cache.observe();
+    let decided = plan::decide(spec, ws, i, cache, true);
+    let observed = cache.take_observed();
+    let verdict = match &decided {
+        Ok(plan) if plan.decision == Decision::Skip => {
+            crate::memo::verdict(spec, ws, plan, &observed)
+        }
+        _ => None,
+    };
+    FullDecision { decided, verdict }
+}
+
+/// The decisions taken ahead of their stage's turn, and where the next look for stages to decide
+/// ahead starts.
+struct Lookahead {
+    taken: std::collections::HashMap<usize, FullDecision>,
+    /// How many stages the next look takes at most.
+    batch: usize,
+    /// A stage of this build was started: no stage is decided ahead of its turn any more.
+    stopped: bool,
+    /// The stages the memo has no verdict for, in order (listed when first needed); those before
+    /// `cursor` are decided.
+    wanted: Option<Vec<usize>>,
+    cursor: usize,
+    /// After a look finds no stage to decide ahead, that many of the next are not taken
+    /// (`backoff`, doubling while none are found): a chain of stages, each ready only once the one
+    /// before it is decided, would otherwise be scanned once per stage.
+    idle: usize,
+    backoff: usize,
+}
+
+impl Lookahead {
+    fn new() -> Lookahead {
+        Lookahead {
+            taken: std::collections::HashMap::new(),
+            batch: AHEAD_FIRST,
+            stopped: false,
+            wanted: None,
+            cursor: 0,
+            idle: 0,
+            backoff: 1,
+        }
+    }
+
+    /// A stage starts: what it changes is not what the decisions taken ahead saw.
+    fn stop(&mut self) {
+        self.stopped = true;
+        self.taken.clear();
+    }
 }
 
 /// The first [`Coordinator::decide_ahead`] takes this many stages, each next one twice as many, up
@@ -462,9 +496,7 @@ impl Coordinator<'_> {
                         stop |= !self.opts.keep_going;
                     }
                     Planned::Run(mut job) => {
-                        // What it changes is not what the decisions taken ahead saw.
-                        self.started_any = true;
-                        self.ahead.clear();
+                        self.ahead.stop();
                         let cores = sched.start(i);
                         if (spec.stages[i].resources.cpus as usize) < machine_cores {
                             job.cores = cores;
@@ -607,24 +639,19 @@ impl Coordinator<'_> {
             });
             return Ok(Planned::Skip(Some(produced)));
         }
-        if !self.started_any && !self.ahead.contains_key(&i) {
+        if !self.ahead.stopped && !self.ahead.taken.contains_key(&i) {
             self.decide_ahead(i, sched, order);
         }
-        let (decided, observed, verdict) = match self.ahead.remove(&i) {
-            Some(ahead) => {
+        let FullDecision { decided, verdict } = match self.ahead.taken.remove(&i) {
+            Some(full) => {
                 // Its decision found no publish journal to recover.
                 self.recovered[i] = true;
-                (ahead.decided, Observed::default(), Some(ahead.verdict))
+                full
             }
             None => {
                 self.recover_publish(i, report)?;
-                let spec = self.spec;
-                let ws = self.ws.clone();
-                // The stats the decision takes before reading each file are the ones the memo
-                // keeps.
-                self.stat_cache().observe();
-                let decided = plan::decide(spec, &ws, i, self.stat_cache(), true);
-                (decided, self.stat_cache().take_observed(), None)
+                let (spec, ws) = (self.spec, self.ws.clone());
+                decide_in_full(spec, &ws, i, self.stat_cache())
             }
         };
         let mut plan = match decided {
@@ -662,10 +689,7 @@ impl Coordinator<'_> {
             decision: plan.decision.clone(),
         });
         if plan.decision == Decision::Skip {
-            match verdict {
-                Some(verdict) => self.memo.keep(i, verdict),
-                None => self.memo.remember(self.spec, &self.ws, &plan, &observed),
-            }
+            self.memo.keep(i, verdict);
             let produced = plan.marker.map(|m| (m.fingerprint, m.run_id));
             return Ok(Planned::Skip(produced));
         }
@@ -695,7 +719,7 @@ impl Coordinator<'_> {
     }
 
     /// Decides stage `i` and other stages that are ready and need the full decision (the skip memo
-    /// has no verdict of theirs to check) ahead of their turn, on all cores, `ahead_batch` at
+    /// has no verdict of theirs to check) ahead of their turn, on all cores, `Lookahead::batch` at
     /// most. The first no-op build after a build that ran many stages decides each of them the
     /// full way: one at a time, that took 12 times ninja's no-op.
     ///
@@ -703,40 +727,42 @@ impl Coordinator<'_> {
     /// decision read: a decision taken ahead is the one its turn would take. A stage whose output
     /// folder holds a publish journal is left to its turn (the journal is recovered first).
     fn decide_ahead(&mut self, i: usize, sched: &Scheduler, order: &[usize]) {
-        if self.ahead_idle > 0 {
-            self.ahead_idle -= 1;
+        let ahead = &mut self.ahead;
+        if ahead.idle > 0 {
+            ahead.idle -= 1;
             return;
         }
         let memo = &self.memo;
-        let wanted = self.ahead_wanted.get_or_insert_with(|| {
+        let wanted = ahead.wanted.get_or_insert_with(|| {
             order
                 .iter()
                 .copied()
                 .filter(|&j| memo.needs_full(j))
                 .collect()
         });
-        let decided = |j: usize| sched.phase(j) != Phase::Waiting || self.ahead.contains_key(&j);
-        while self.ahead_cursor < wanted.len() && decided(wanted[self.ahead_cursor]) {
-            self.ahead_cursor += 1;
+        let taken = &ahead.taken;
+        let decided = |j: usize| sched.phase(j) != Phase::Waiting || taken.contains_key(&j);
+        while ahead.cursor < wanted.len() && decided(wanted[ahead.cursor]) {
+            ahead.cursor += 1;
         }
         let candidates: Vec<(usize, bool)> = std::iter::once(i)
             .chain(
-                wanted[self.ahead_cursor..]
+                wanted[ahead.cursor..]
                     .iter()
                     .take(AHEAD_SCAN)
                     .copied()
                     .filter(|&j| j != i && sched.ready(j) && !decided(j)),
             )
-            .take(self.ahead_batch)
+            .take(ahead.batch)
             .map(|j| (j, self.recovered[j]))
             .collect();
         if candidates.len() < 2 {
-            self.ahead_idle = self.ahead_backoff;
-            self.ahead_backoff = (self.ahead_backoff * 2).min(AHEAD_MOST);
+            ahead.idle = ahead.backoff;
+            ahead.backoff = (ahead.backoff * 2).min(AHEAD_MOST);
             return;
         }
-        self.ahead_backoff = 1;
-        self.ahead_batch = (self.ahead_batch * 2).min(AHEAD_MOST);
+        ahead.backoff = 1;
+        ahead.batch = (ahead.batch * 2).min(AHEAD_MOST);
         let (spec, ws) = (self.spec, self.ws.clone());
         let decided = self
             .stat_cache()
@@ -748,18 +774,9 @@ impl Coordinator<'_> {
                         _ => return None,
                     }
                 }
-                cache.observe();
-                let decided = plan::decide(spec, &ws, j, cache, true);
-                let observed = cache.take_observed();
-                let verdict = match &decided {
-                    Ok(plan) if plan.decision == Decision::Skip => {
-                        crate::memo::verdict(spec, &ws, plan, &observed)
-                    }
-                    _ => None,
-                };
-                Some((j, Ahead { decided, verdict }))
+                Some((j, decide_in_full(spec, &ws, j, cache)))
             });
-        self.ahead.extend(decided.into_iter().flatten());
+        self.ahead.taken.extend(decided.into_iter().flatten());
     }
 
     /// Records a stage's end in the run record, the totals and the console.

@@ -293,13 +293,17 @@ impl StatCache {
     /// `work` on each of `items` on all cores, each with its own borrower of this cache's entries
     /// ([`StatCache::borrow`]); what the borrowers hashed is taken back, and while this cache
     /// observes, so do they (the first stat per path is kept, in the order of `items`). Results
-    /// in the order of `items`.
+    /// in the order of `items`. A single item is worked on with this cache itself: a borrower
+    /// hashes one file at a time, this cache many at once ([`StatCache::hash_all`]).
     pub fn par_map<T: Sync, R: Send>(
         &mut self,
         items: &[T],
         work: impl Fn(&T, &mut StatCache) -> R + Sync + Send,
     ) -> Vec<R> {
         use rayon::prelude::*;
+        if let [item] = items {
+            return vec![work(item, self)];
+        }
         let observing = self.observed.is_some();
         let lent = self.lend();
         let done: Vec<(R, StatCache)> = items

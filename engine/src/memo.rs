@@ -484,18 +484,6 @@ impl SkipMemo {
         })
     }
 
-    /// Remembers that `plan` (a full decision) found its stage unchanged, if everything the verdict
-    /// rests on is old enough to be trusted; otherwise forgets the stage.
-    ///
-    /// `observed`: the stats the decision took of the files it hashed, each before reading it
-    /// ([`crate::hashing::StatCache::observe`]); they are used as they are, the other paths are
-    /// stat'ed now. A file changed after its observed stat has another stat when next checked, so
-    /// the verdict is not used, as with a stat taken now; and a stat taken now could be of a
-    /// version the decision did not read.
-    pub fn remember(&mut self, spec: &Spec, ws: &Workspace, plan: &StagePlan, observed: &Observed) {
-        self.keep(plan.stage, verdict(spec, ws, plan, observed));
-    }
-
     /// Remembers the [`verdict`] on stage `i` (taken on any thread), or forgets the stage when
     /// there is none.
     pub fn keep(&mut self, i: usize, verdict: Option<Verdict>) {
@@ -537,10 +525,15 @@ pub struct Verdict {
     stats: String,
 }
 
-/// The verdict of a skip `plan` as [`SkipMemo::remember`] keeps it, taken on any thread (`None`
-/// when the stage cannot be memoised now: a path it rests on is too new, or unreadable).
+/// The verdict of a skip `plan` (a full decision that found its stage unchanged) for
+/// [`SkipMemo::keep`], taken on any thread; `None` when the stage cannot be memoised now: a path
+/// the verdict rests on is too new to be trusted, or unreadable.
 ///
-/// `observed`: see [`SkipMemo::remember`].
+/// `observed`: the stats the decision took of the files it hashed, each before reading it
+/// ([`crate::hashing::StatCache::observe`]); they are used as they are, the other paths are
+/// stat'ed now. A file changed after its observed stat has another stat when next checked, so
+/// the verdict is not used, as with a stat taken now; and a stat taken now could be of a version
+/// the decision did not read.
 pub fn verdict(
     spec: &Spec,
     ws: &Workspace,
@@ -1225,14 +1218,14 @@ mod tests {
             .collect();
         let none = dir.path().join("none.json");
         let mut memo = SkipMemo::load(&none, &spec);
-        memo.remember(&spec, &ws, &plan, &observed);
+        memo.keep(0, verdict(&spec, &ws, &plan, &observed));
         assert_eq!(memo.unchanged(&spec, 0), Some(("fp".into(), "r".into())));
         // The input edited after the decision hashed it (same size): the verdict is kept with the
         // stat the decision saw (a stat taken now would be of a version it did not read), so it
         // does not vouch for the stage any more.
         std::fs::write(&input, "y\n").unwrap();
         let mut memo = SkipMemo::load(&none, &spec);
-        memo.remember(&spec, &ws, &plan, &observed);
+        memo.keep(0, verdict(&spec, &ws, &plan, &observed));
         assert!(
             memo.entries[0].is_some(),
             "remembered from the observed stats"

@@ -609,26 +609,21 @@ pub fn plan_all(
                     Some(Ok(StagePlan::undecided(i, Decision::Skip)))
                 }
                 None => {
-                    full.push(i);
+                    full.push(p);
                     None
                 }
             };
         }
         if !full.is_empty() {
             let cache = cache.get_or_insert_with(|| StatCache::load(&ws.stat_cache_file()));
-            let decided = if full.len() == 1 {
-                vec![decide(spec, ws, full[0], cache, false)]
-            } else {
-                cache.par_map(&full, |&i, cache| decide(spec, ws, i, cache, false))
-            };
-            for (i, plan) in full.into_iter().zip(decided) {
-                plans[position[&i]] = Some(plan.map_err(|e| (i, e)));
+            let decided =
+                cache.par_map(&full, |&p, cache| decide(spec, ws, order[p], cache, false));
+            for (p, plan) in full.into_iter().zip(decided) {
+                plans[p] = Some(plan.map_err(|e| (order[p], e)));
             }
         }
         for p in stages {
-            runs[p] = plans[p]
-                .as_ref()
-                .is_none_or(|plan| plan.as_ref().map_or(true, |p| p.decision.runs()));
+            runs[p] = !matches!(&plans[p], Some(Ok(plan)) if !plan.decision.runs());
         }
     }
     plans
