@@ -65,6 +65,26 @@ def test_a_second_build_fails_at_once_naming_the_holder(make_project):
     assert project.read("out/a.txt") == b"ALPHA\n"
 
 
+def test_a_build_stopped_by_an_invalid_pipefile_leaves_the_lock_free(make_project):
+    # A build takes a built workspace's lock before it validates the Pipefile (to start its
+    # skip memo's stats early); an invalid Pipefile must still leave nothing behind: no holder
+    # file (the next build would take its owner for dead), no run, the lock free.
+    project = make_project(pipeline(builtin_stage("up", "upper", ["input"], "out")), files=INPUTS)
+    assert project.run("build", "--run-id", "one").returncode == 0
+    assert project.exists("locks/pipeline.lock")
+    good = project.read("Pipefile.json")
+    project.write("Pipefile.json", good.replace(b'"upper"', b'"no-such-builtin"'))
+    bad = project.run("build", "--run-id", "bad", "--wait-lock=0")
+    assert bad.returncode == 2, str(bad)
+    assert not project.exists("locks/pipeline.lock.json")
+    assert not project.exists("state/run_bad.json")
+    project.write("Pipefile.json", good)
+    again = project.run("build", "--run-id", "two", "--wait-lock=0")
+    assert again.returncode == 0, str(again)
+    assert project.statuses("two") == {"up": "skipped"}
+    assert not project.exists("locks/pipeline.lock.json")
+
+
 def test_wait_lock_with_a_limit_gives_up_with_exit_3(make_project):
     project = blocking_project(make_project)
     first, _ = start_blocked_build(project, "first")

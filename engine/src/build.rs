@@ -58,6 +58,9 @@ pub struct BuildOptions {
     pub executor: crate::stage_job::Executor,
     /// The skip memo file, read ahead (used only if unchanged once the lock is held).
     pub memo: Option<crate::memo::Reading>,
+    /// The workspace lock, if it was taken before the Pipefile was validated (then `memo` started
+    /// taking its stats at once).
+    pub early_lock: Option<crate::lock::EarlyLock>,
 }
 
 /// Why a build could not start (as opposed to a stage failing).
@@ -132,11 +135,17 @@ pub fn build(
         command: "build".into(),
         started_at: state::now_rfc3339(),
     };
-    let _lock = lock::acquire(&ws, &me, opts.wait_lock, |holder| {
-        report(&Event::Warning {
-            message: format!("waiting for the workspace lock held by {holder}"),
-        })
-    })?;
+    let _lock = lock::acquire(
+        &ws,
+        &me,
+        opts.wait_lock,
+        opts.early_lock.as_ref(),
+        |holder| {
+            report(&Event::Warning {
+                message: format!("waiting for the workspace lock held by {holder}"),
+            })
+        },
+    )?;
     if ws.run_file(&run_id).exists() {
         return Err(BuildError::RunIdUsed(run_id));
     }
@@ -190,6 +199,8 @@ pub fn build(
         ahead: Lookahead::new(),
     };
     if died {
+        // What the dead holder left is swept and completed: the stats taken before are stale.
+        b.memo.drop_early_stats();
         for i in 0..spec.stages.len() {
             b.recover_publish(i, report)?;
         }

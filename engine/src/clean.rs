@@ -62,7 +62,7 @@ pub fn clean(
         command: "clean".into(),
         started_at: state::now_rfc3339(),
     };
-    let _lock = lock::acquire(&ws, &me, wait, |_| {})?;
+    let _lock = lock::acquire(&ws, &me, wait, None, |_| {})?;
     let mut audit = crate::audit::Log::open(&ws, audit_key, &_lock, None)?;
     ws.sweep_temporaries(spec.stages.iter().map(|s| s.output_dir.as_str()))?;
     let mut cleaned = Cleaned::default();

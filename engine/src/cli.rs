@@ -559,15 +559,27 @@ fn run(cli: Cli, pipefile: PipefileRead) -> u8 {
             // A build (also a dry one) reads its skip memo while the Pipefile is validated (it is
             // used only if the file is still the one read once the workspace lock is held, or for
             // a dry run, which takes no lock, once the Pipefile is loaded).
+            // A build takes the workspace lock now if no one holds it, and then also starts
+            // taking the stats the memo needs: nothing else can change the workspace any more.
+            let root = std::path::absolute(&file)
+                .ok()
+                .and_then(|file| file.parent().map(std::path::Path::to_path_buf));
+            let early_lock = match (&command, &root) {
+                (Command::Build(args), Some(root)) if !args.dry_run => {
+                    crate::lock::EarlyLock::try_take(&crate::workspace::Workspace {
+                        root: root.clone(),
+                    })
+                }
+                _ => None,
+            };
             let memo = match &command {
-                Command::Build(_) | Command::Status { .. } => std::path::absolute(&file)
-                    .ok()
-                    .and_then(|file| file.parent().map(std::path::Path::to_path_buf))
-                    .map(|root| {
-                        crate::memo::Reading::start(
-                            crate::workspace::Workspace { root }.skip_memo_file(),
-                        )
-                    }),
+                Command::Build(_) | Command::Status { .. } => root.map(|root| {
+                    let file = crate::workspace::Workspace { root: root.clone() }.skip_memo_file();
+                    match early_lock {
+                        Some(_) => crate::memo::Reading::start_with_stats(file, root),
+                        None => crate::memo::Reading::start(file),
+                    }
+                }),
                 _ => None,
             };
             // So is the sandbox probe (a process of its own) run, when a build will want it.
@@ -592,7 +604,9 @@ fn run(cli: Cli, pipefile: PipefileRead) -> u8 {
                 Command::Build(args) if args.dry_run => {
                     dry_run(&spec, &graph, &args.stages, memo, &out, false).0
                 }
-                Command::Build(args) => run_build(&spec, &graph, args, memo, probe, &out),
+                Command::Build(args) => {
+                    run_build(&spec, &graph, args, memo, early_lock, probe, &out)
+                }
                 Command::Status { exit_code } => {
                     let (code, would_run) = dry_run(&spec, &graph, &[], memo, &out, true);
                     if code == EXIT_OK && exit_code && would_run {
@@ -794,6 +808,7 @@ fn run_build(
     graph: &Graph,
     args: BuildArgs,
     memo: Option<crate::memo::Reading>,
+    early_lock: Option<crate::lock::EarlyLock>,
     probe: Option<crate::sandbox::ProbeRun>,
     out: &Output,
 ) -> u8 {
@@ -864,6 +879,7 @@ fn run_build(
         audit_key,
         executor,
         memo,
+        early_lock,
     };
     let result = build::build(spec, graph, &opts, &mut |e| {
         out.event(&run_id, e, live.as_mut())

@@ -79,7 +79,7 @@ pub fn gc(spec: &Spec, opts: &GcOptions, wait: Wait) -> Result<GcReport, GcError
     let _lock = if opts.dry_run {
         None
     } else {
-        Some(lock::acquire(&ws, &me, wait, |_| {})?)
+        Some(lock::acquire(&ws, &me, wait, None, |_| {})?)
     };
     let store = Store::new(&ws.cache_dir());
     let mut live_objects = BTreeSet::new();

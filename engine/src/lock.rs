@@ -84,27 +84,86 @@ impl Drop for WorkspaceLock {
     }
 }
 
-/// Takes the lock for `me`; calls `on_wait` once if it has to wait.
+/// The lock's `flock`, taken before the Pipefile is validated if no one holds it, without waiting
+/// and without writing the holder file. A build that has it knows that no other build or clean
+/// can change the workspace any more, so it may start taking the stats its skip memo needs while
+/// the Pipefile is still being validated. [`acquire`] completes it; dropped unused (an invalid
+/// Pipefile), it releases the lock and leaves nothing behind.
+#[derive(Debug, Clone)]
+pub struct EarlyLock {
+    path: PathBuf,
+    /// Taken by the first [`acquire`]; shared by clones (of the build's options).
+    file: std::sync::Arc<std::sync::Mutex<Option<File>>>,
+}
+
+impl EarlyLock {
+    /// Takes the lock of `ws` if its lock file exists (a workspace that was built before: nothing
+    /// is created) and no one holds it.
+    pub fn try_take(ws: &Workspace) -> Option<EarlyLock> {
+        let path = ws.locks_dir().join("pipeline.lock");
+        let file = OpenOptions::new().read(true).write(true).open(&path).ok()?;
+        file.try_lock().ok()?;
+        Some(EarlyLock {
+            path,
+            file: std::sync::Arc::new(std::sync::Mutex::new(Some(file))),
+        })
+    }
+
+    /// The held lock file if it is the one at `path` (the lock is released otherwise).
+    fn take_for(&self, path: &std::path::Path) -> Option<File> {
+        let file = self.file.lock().ok()?.take()?;
+        (self.path == path).then_some(file)
+    }
+}
+
+/// Takes the lock for `me` (completing `early` if it was taken early); calls `on_wait` once if
+/// it has to wait.
 pub fn acquire(
     ws: &Workspace,
     me: &Holder,
     wait: Wait,
+    early: Option<&EarlyLock>,
     on_wait: impl FnOnce(&Holder),
 ) -> Result<WorkspaceLock, LockError> {
     let dir = ws.locks_dir();
     let path = dir.join("pipeline.lock");
     let info = dir.join("pipeline.lock.json");
+    let file = match early.and_then(|early| early.take_for(&path)) {
+        Some(file) => file,
+        None => take(&dir, &path, &info, wait, on_wait)?,
+    };
+    let previous_died = info.exists();
+    crate::atomic::write_json(&info, me).map_err(|source| LockError::Io {
+        path: info.clone(),
+        source,
+    })?;
+    Ok(WorkspaceLock {
+        _file: file,
+        info,
+        previous_died,
+    })
+}
+
+/// Opens the lock file at `path` (creating it and its folder `dir`) and takes its `flock`,
+/// waiting as `wait` says.
+fn take(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    info: &std::path::Path,
+    wait: Wait,
+    on_wait: impl FnOnce(&Holder),
+) -> Result<File, LockError> {
     let io = |source| LockError::Io {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::create_dir_all(dir).map_err(io)?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
+        .open(path)
         .map_err(io)?;
     let deadline = match wait {
         Wait::For(d) => Some(Instant::now() + d),
@@ -113,9 +172,9 @@ pub fn acquire(
     let mut on_wait = Some(on_wait);
     loop {
         match file.try_lock() {
-            Ok(()) => break,
+            Ok(()) => return Ok(file),
             Err(TryLockError::WouldBlock) => {
-                let holder = read_holder(&info);
+                let holder = read_holder(info);
                 if wait == Wait::No || deadline.is_some_and(|d| Instant::now() >= d) {
                     return Err(LockError::Held(holder));
                 }
@@ -127,16 +186,6 @@ pub fn acquire(
             Err(TryLockError::Error(err)) => return Err(io(err)),
         }
     }
-    let previous_died = info.exists();
-    crate::atomic::write_json(&info, me).map_err(|source| LockError::Io {
-        path: info.clone(),
-        source,
-    })?;
-    Ok(WorkspaceLock {
-        _file: file,
-        info,
-        previous_died,
-    })
 }
 
 fn read_holder(info: &std::path::Path) -> Holder {

@@ -139,6 +139,29 @@ struct Prefetch {
 const PREFETCH_CHUNK: usize = 64;
 
 impl Prefetch {
+    /// The stats of `paths` to take, in the order of `order` (path ids).
+    fn new(paths: Arc<Vec<String>>, root: Arc<Root>, project: PathBuf, order: Vec<u32>) -> Self {
+        Prefetch {
+            slots: (0..paths.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            paths,
+            root,
+            project,
+            order,
+            next: Default::default(),
+            stop: Default::default(),
+        }
+    }
+
+    /// Puts every thread of the pool to work on it.
+    fn start_on_pool(self: &Arc<Self>) {
+        for _ in 0..rayon::current_num_threads() {
+            let prefetch = self.clone();
+            rayon::spawn(move || prefetch.work());
+        }
+    }
+
     /// The stat of path `id`, taken now if no one took it yet.
     fn stat(&self, id: u32) -> Option<Option<StatKey>> {
         *self.slots[id as usize]
@@ -223,37 +246,96 @@ fn read(path: &Path) -> Read {
 /// The memo file being read and parsed on another thread (while the Pipefile is validated,
 /// before the workspace lock is taken). [`SkipMemo::load_read`] uses what it read only if the
 /// file is still the one it read once the lock is held; otherwise it reads the file again.
+///
+/// A build that took the workspace lock early ([`crate::lock::EarlyLock`]) also has the thread
+/// go on to stat every path the memo watches, at the lowest CPU priority: those stats are what
+/// a no-op build waits for once its Pipefile is validated, and the validation leaves CPU idle.
+/// They are taken under the lock, so no build or clean can change what they see; the build
+/// drops them if it has to recover what a dead holder left ([`SkipMemo::drop_early_stats`]).
 #[derive(Debug, Clone)]
 pub struct Reading {
     path: PathBuf,
-    thread: std::sync::Arc<std::sync::Mutex<Option<std::thread::JoinHandle<Read>>>>,
+    read: Arc<std::sync::Mutex<Option<std::sync::mpsc::Receiver<ReadAhead>>>>,
 }
+
+/// What the reading thread hands over: the memo as read, and the stats it started taking.
+type ReadAhead = (Read, Option<Arc<Prefetch>>);
 
 impl Reading {
     /// Starts reading the memo file `path`.
     pub fn start(path: PathBuf) -> Reading {
-        let thread = {
+        Reading::spawn(path, None)
+    }
+
+    /// Starts reading the memo file `path`, then taking the stats of the paths it watches
+    /// (relative to `project`). Only with the workspace lock held.
+    pub fn start_with_stats(path: PathBuf, project: PathBuf) -> Reading {
+        Reading::spawn(path, Some(project))
+    }
+
+    fn spawn(path: PathBuf, stats_of: Option<PathBuf>) -> Reading {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        let spawned = {
             let path = path.clone();
             std::thread::Builder::new()
                 .name("pipe-memo-read".into())
-                .spawn(move || read(&path))
-                .ok()
+                .spawn(move || {
+                    let (id, mut stored) = read(&path);
+                    let early = stats_of
+                        .filter(|_| !stored.paths.is_empty())
+                        .map(|project| {
+                            let paths = Arc::new(std::mem::take(&mut stored.paths));
+                            let order = (0..paths.len() as u32).collect();
+                            let root = Arc::new(Root::open(&project));
+                            Arc::new(Prefetch::new(paths, root, project, order))
+                        });
+                    let _ = sender.send(((id, stored), early.clone()));
+                    if let Some(early) = early {
+                        // Only on CPU the build leaves idle: the validation is on the critical
+                        // path. The build's pool joins in once the Pipefile is loaded.
+                        run_when_idle();
+                        early.work();
+                    }
+                })
         };
         Reading {
             path,
-            thread: std::sync::Arc::new(std::sync::Mutex::new(thread)),
+            read: Arc::new(std::sync::Mutex::new(spawned.ok().map(|_| receiver))),
         }
     }
 
-    /// What was read from `path`, if it was read from this very file as it is now.
-    fn take(&self, path: &Path) -> Option<Stored> {
-        let thread = self.thread.lock().ok()?.take()?;
-        let read = thread.join().ok()?;
+    /// What was read from `path`, if it was read from this very file as it is now, with the
+    /// stats being taken of the paths it watches, if any.
+    fn take(&self, path: &Path) -> Option<(Stored, Option<Arc<Prefetch>>)> {
+        let receiver = self.read.lock().ok()?.take()?;
+        let (read, early) = receiver.recv().ok()?;
+        let stop = || {
+            if let Some(early) = &early {
+                early.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
         if self.path != path {
+            stop();
             return None;
         }
-        still_current(read, path)
+        match still_current(read, path) {
+            Some(stored) => Some((stored, early)),
+            None => {
+                stop();
+                None
+            }
+        }
     }
+}
+
+/// Puts the calling thread under `SCHED_IDLE`: it runs only on a CPU nothing else wants, and the
+/// kernel counts that CPU as idle when it places a waking thread (a thread at nice 19 is not:
+/// measured, it kept a core from the validation's pool). Failure leaves the thread as it was.
+fn run_when_idle() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler is the system call this needs; pid 0 is the calling thread, and
+    // `param` is a valid, initialised struct that outlives the call.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
 }
 
 /// What `read` read from `path`, if `path` is still the file it read (or still absent).
@@ -281,9 +363,24 @@ impl SkipMemo {
     /// read (call with the workspace lock held: no build can replace the file any more).
     pub fn load_read(reading: &Reading, path: &Path, spec: &Spec) -> SkipMemo {
         match reading.take(path) {
-            Some(stored) => SkipMemo::of(stored, spec),
+            Some((stored, early)) => {
+                let mut memo = SkipMemo::of(stored, spec);
+                if let Some(early) = early {
+                    memo.paths = early.paths.clone();
+                    memo.root = Some(early.root.clone());
+                    memo.prefetched = Some(early);
+                }
+                memo
+            }
             None => SkipMemo::load(path, spec),
         }
+    }
+
+    /// Drops the stats taken before the build changed anything (a build that completes what a
+    /// dead holder left changes files those stats saw).
+    pub fn drop_early_stats(&mut self) {
+        self.stop_prefetch();
+        self.prefetched = None;
     }
 
     fn of(mut stored: Stored, spec: &Spec) -> SkipMemo {
@@ -376,36 +473,38 @@ impl SkipMemo {
                         .is_some_and(|e| e.key == definition_key(spec, stage))
             })
             .collect();
-        let mut wanted = vec![false; self.paths.len()];
-        let mut order = Vec::new();
         for (entry, current) in self.entries.iter_mut().zip(current) {
             if let Some(entry) = entry {
                 entry.current = current;
-                if entry.current {
-                    for &id in &entry.watch {
-                        if !std::mem::replace(&mut wanted[id as usize], true) {
-                            order.push(id);
-                        }
-                    }
+            }
+        }
+        // Stats started while the Pipefile was validated cover every watched path; kept when the
+        // whole pipeline is built (a build of a few stages takes only what they watch).
+        if let Some(early) = self.prefetched.take() {
+            if (0..spec.stages.len()).all(&selected) {
+                early.start_on_pool();
+                self.prefetched = Some(early);
+                return;
+            }
+            early.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut wanted = vec![false; self.paths.len()];
+        let mut order = Vec::new();
+        for entry in self.entries.iter().flatten().filter(|e| e.current) {
+            for &id in &entry.watch {
+                if !std::mem::replace(&mut wanted[id as usize], true) {
+                    order.push(id);
                 }
             }
         }
         let root = self.root().clone();
-        let prefetch = Arc::new(Prefetch {
-            paths: self.paths.clone(),
+        let prefetch = Arc::new(Prefetch::new(
+            self.paths.clone(),
             root,
-            project: self.project.clone(),
-            slots: (0..self.paths.len())
-                .map(|_| std::sync::OnceLock::new())
-                .collect(),
+            self.project.clone(),
             order,
-            next: Default::default(),
-            stop: Default::default(),
-        });
-        for _ in 0..rayon::current_num_threads() {
-            let prefetch = prefetch.clone();
-            rayon::spawn(move || prefetch.work());
-        }
+        ));
+        prefetch.start_on_pool();
         self.prefetched = Some(prefetch);
     }
 
@@ -1106,6 +1205,60 @@ mod tests {
         std::fs::write(dir.path().join("in/shared.txt"), "changed!").unwrap();
         memo.files_changed();
         assert!((0..n).all(|i| memo.unchanged(&spec, i).is_none()));
+    }
+
+    #[test]
+    fn stats_started_by_the_reading_thread_serve_a_whole_build_and_only_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 4 * PREFETCH_CHUNK;
+        let file = dir.path().join("skip.json");
+        let (spec, mut memo) = armed(dir.path(), n);
+        memo.dirty = true;
+        memo.save(&file, &spec).unwrap();
+        let paths = memo.paths.len();
+        // Changed before the stats were started: seen by them.
+        std::fs::write(dir.path().join("in/f7.txt"), "seven").unwrap();
+        let early_order = |memo: &SkipMemo| memo.prefetched.as_ref().map(|p| p.order.clone());
+        let every_id: Vec<u32> = (0..paths as u32).collect();
+
+        // A build of every stage: the thread's stats, of every path, are the build's.
+        let reading = Reading::start_with_stats(file.clone(), dir.path().to_path_buf());
+        let mut memo = SkipMemo::load_read(&reading, &file, &spec);
+        assert_eq!(early_order(&memo), Some(every_id.clone()));
+        memo.prefetch(&spec, |_| true);
+        assert_eq!(early_order(&memo), Some(every_id.clone()));
+        for i in 0..n {
+            assert_eq!(memo.unchanged(&spec, i).is_some(), i != 7, "stage {i}");
+        }
+
+        // A build of some stages: its own prefetch, of their paths only; the thread is stopped.
+        let reading = Reading::start_with_stats(file.clone(), dir.path().to_path_buf());
+        let mut memo = SkipMemo::load_read(&reading, &file, &spec);
+        let early = memo.prefetched.clone().unwrap();
+        memo.prefetch(&spec, |i| i < 2);
+        assert!(early.stop.load(std::sync::atomic::Ordering::Relaxed));
+        let mut queued = early_order(&memo).unwrap();
+        queued.sort_unstable();
+        assert_eq!(queued, vec![0, 1, 2, 3, 4]);
+
+        // Dropped (a dead holder's work was completed): the build takes its stats afresh.
+        let reading = Reading::start_with_stats(file.clone(), dir.path().to_path_buf());
+        let mut memo = SkipMemo::load_read(&reading, &file, &spec);
+        memo.drop_early_stats();
+        std::fs::write(dir.path().join("in/f9.txt"), "nine!").unwrap();
+        memo.prefetch(&spec, |_| true);
+        assert_ne!(early_order(&memo), Some(every_id.clone()));
+        assert!(memo.unchanged(&spec, 9).is_none());
+        assert!(memo.unchanged(&spec, 8).is_some());
+
+        // The memo file replaced since it was read: read again, and no stats come with it.
+        let reading = Reading::start_with_stats(file.clone(), dir.path().to_path_buf());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let text = std::fs::read_to_string(&file).unwrap();
+        crate::atomic::replace_volatile(&file, text.as_bytes()).unwrap();
+        let memo = SkipMemo::load_read(&reading, &file, &spec);
+        assert!(memo.prefetched.is_none());
+        assert!(memo.entries.iter().all(Option::is_some));
     }
 
     #[test]

@@ -10,7 +10,7 @@ fn workspace() -> (tempfile::TempDir, Workspace) {
 }
 
 fn held(ws: &Workspace) -> WorkspaceLock {
-    lock::acquire(ws, &Holder::default(), Wait::No, |_| {}).unwrap()
+    lock::acquire(ws, &Holder::default(), Wait::No, None, |_| {}).unwrap()
 }
 
 /// A log with `n` records (`step 1`..`step n`), written with `key`.
