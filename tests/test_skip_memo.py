@@ -111,10 +111,10 @@ def test_a_memoised_verdict_never_hides_a_change(make_project):
 
     # The memo is what decides now: without it the no-op would hash every input again and write
     # the stat cache back.
-    project.path("cache/stat-v1.json").unlink()
+    project.path("cache/stat-v2.bin").unlink()
     project.ok("build", "--run-id", "noop")
     assert set(project.statuses("noop").values()) == {"skipped"}
-    assert not project.exists("cache/stat-v1.json")
+    assert not project.exists("cache/stat-v2.bin")
 
     change_all_but_keep(project)
 
@@ -151,10 +151,10 @@ def test_a_torn_or_foreign_memo_only_costs_a_full_decision(make_project):
     # The rewritten memo (its path table compacted) still vouches for the other two: with the
     # stage that ran gone from the Pipefile, a build hashes nothing and writes no stat cache.
     project.edit_pipefile(lambda spec: spec["stages"].remove(project.stage_spec(spec, "sneaky")))
-    project.path("cache/stat-v1.json").unlink()
+    project.path("cache/stat-v2.bin").unlink()
     project.ok("build", "--run-id", "without-sneaky")
     assert project.statuses("without-sneaky") == {"keep": "skipped", "outedit": "skipped"}
-    assert not project.exists("cache/stat-v1.json")
+    assert not project.exists("cache/stat-v2.bin")
 
 
 def test_a_memo_entry_from_another_definition_is_not_used(make_project):

@@ -84,6 +84,11 @@ impl Workspace {
     }
 
     pub fn stat_cache_file(&self) -> PathBuf {
+        self.cache_dir().join("stat-v2.bin")
+    }
+
+    /// The stat cache's earlier form (JSON): read when there is no `stat-v2.bin` yet.
+    pub fn legacy_stat_cache_file(&self) -> PathBuf {
         self.cache_dir().join("stat-v1.json")
     }
 
