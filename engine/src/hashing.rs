@@ -493,10 +493,24 @@ impl StatCache {
     /// Drops entries of files that no longer exist (keeps the cache from growing forever); the
     /// files this process looked up are known to exist and are not stat'ed again.
     pub fn prune_missing(&mut self) {
-        let before = self.entries.len();
-        self.entries
-            .retain(|path, entry| entry.seen || Path::new(&**path).exists());
-        self.dirty |= self.entries.len() != before;
+        use rayon::prelude::*;
+        // On all cores: after a one-touch build at 10,000 stages, 20,000 entries are unseen.
+        let unseen: Vec<&str> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| !entry.seen)
+            .map(|(path, _)| &**path)
+            .collect();
+        let missing: Vec<Box<str>> = unseen
+            .par_iter()
+            .with_min_len(256)
+            .filter(|path| !Path::new(path).exists())
+            .map(|&path| Box::from(path))
+            .collect();
+        for path in &missing {
+            self.entries.remove(path);
+        }
+        self.dirty |= !missing.is_empty();
     }
 }
 
@@ -875,6 +889,48 @@ mod tests {
         assert!(StatCache::load_or_migrate(&path, &legacy)
             .entries
             .is_empty());
+    }
+
+    #[test]
+    fn pruning_drops_exactly_the_unseen_entries_of_files_that_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 600;
+        let mut cache = StatCache::default();
+        let files: Vec<_> = (0..n)
+            .map(|i| dir.path().join(format!("f{i}.txt")))
+            .collect();
+        for file in &files {
+            std::fs::write(file, b"x").unwrap();
+            age(file, 60);
+            cache.hash(file).unwrap();
+        }
+        let path = dir.path().join("cache.bin");
+        cache.save(&path).unwrap();
+        // Loaded again: nothing seen. Every third file is removed, and the entries of files
+        // 0..10 are looked up (seen) before their files go.
+        let mut cache = StatCache::load(&path);
+        for file in &files[..10] {
+            cache.hash(file).unwrap();
+        }
+        for file in files.iter().step_by(3) {
+            std::fs::remove_file(file).unwrap();
+        }
+        cache.prune_missing();
+        assert!(cache.is_dirty());
+        for (i, file) in files.iter().enumerate() {
+            let kept = cache.entries.contains_key(&*file.to_string_lossy());
+            assert_eq!(kept, i < 10 || i % 3 != 0, "f{i}");
+        }
+        // Saved and loaded again (nothing seen): the kept entries of removed files go now.
+        cache.save(&path).unwrap();
+        let mut again = StatCache::load(&path);
+        let before = again.entries.len();
+        again.prune_missing();
+        assert_eq!(again.entries.len(), before - 4, "f0, f3, f6 and f9");
+        again.save(&path).unwrap();
+        let mut last = StatCache::load(&path);
+        last.prune_missing();
+        assert!(!last.is_dirty(), "nothing left to drop");
     }
 
     #[test]

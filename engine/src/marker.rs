@@ -65,13 +65,35 @@ impl Marker {
     /// its error. For readers that need the stage's
     /// outputs and ingredients only (the audit record of a map stage of 100,000 items).
     pub fn read_without_items(path: &Path) -> Result<Option<Marker>, String> {
-        let file = match std::fs::File::open(path) {
+        Marker::read_without_items_whole_up_to(path, WHOLE_READ_BYTES)
+    }
+
+    /// [`Marker::read_without_items`], reading a file of up to `whole_up_to` bytes whole.
+    fn read_without_items_whole_up_to(
+        path: &Path,
+        whole_up_to: u64,
+    ) -> Result<Option<Marker>, String> {
+        use std::io::Read;
+        let mut file = match std::fs::File::open(path) {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(err.to_string()),
         };
-        let reader = std::io::BufReader::with_capacity(64 * 1024, file);
-        let Ok(marker) = serde_json::from_reader::<_, WithoutItems>(reader) else {
+        // A marker up to a few MiB (a fan-in over 10,000 stages: 2.6 MB) is parsed from memory,
+        // about twice as fast as through a reader; a bigger one is streamed.
+        let parsed = match file.metadata() {
+            Ok(meta) if meta.len() <= whole_up_to => {
+                let mut bytes = Vec::with_capacity(meta.len() as usize);
+                file.read_to_end(&mut bytes)
+                    .ok()
+                    .and_then(|_| serde_json::from_slice::<WithoutItems>(&bytes).ok())
+            }
+            _ => {
+                let reader = std::io::BufReader::with_capacity(64 * 1024, file);
+                serde_json::from_reader::<_, WithoutItems>(reader).ok()
+            }
+        };
+        let Some(marker) = parsed else {
             // Unreadable: `read` says why in its words (a reader's error positions can differ
             // from a slice's by a column).
             return Marker::read(path).and_then(|_| Err("the marker changed while read".into()));
@@ -89,6 +111,9 @@ impl Marker {
         })
     }
 }
+
+/// [`Marker::read_without_items`] reads a marker up to this size whole.
+const WHOLE_READ_BYTES: u64 = 4 << 20;
 
 fn check_version(marker: Marker) -> Result<Option<Marker>, String> {
     if marker.version != MARKER_VERSION {
@@ -187,21 +212,26 @@ mod tests {
             .chain([b"{\"version\": 1,".to_vec(), b"".to_vec(), b"[]".to_vec()])
             .chain([b"{\"version\":1} x".to_vec()])
             .collect();
-        let mut oks = 0;
-        for text in texts {
-            std::fs::write(&path, &text).unwrap();
-            let full = Marker::read(&path);
-            let light = Marker::read_without_items(&path);
-            match (full, light) {
-                (Ok(Some(mut full)), Ok(Some(light))) => {
-                    oks += 1;
-                    full.items.clear();
-                    assert_eq!(full, light);
+        // Read whole and streamed alike.
+        for whole_up_to in [u64::MAX, 0] {
+            let mut oks = 0;
+            for text in &texts {
+                std::fs::write(&path, text).unwrap();
+                let full = Marker::read(&path);
+                let light = Marker::read_without_items_whole_up_to(&path, whole_up_to);
+                match (full, light) {
+                    (Ok(Some(mut full)), Ok(Some(light))) => {
+                        oks += 1;
+                        full.items.clear();
+                        assert_eq!(full, light);
+                    }
+                    (full, light) => {
+                        assert_eq!(full, light, "{}", String::from_utf8_lossy(text))
+                    }
                 }
-                (full, light) => assert_eq!(full, light, "{}", String::from_utf8_lossy(&text)),
             }
+            assert_eq!(oks, 2);
         }
-        assert_eq!(oks, 2);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(Marker::read_without_items(&path), Ok(None));
         std::fs::create_dir(&path).unwrap();
