@@ -178,7 +178,13 @@ impl Prefetch {
             }
             let end = (start + PREFETCH_CHUNK).min(self.order.len());
             for &id in &self.order[start..end] {
-                self.stat(id);
+                // Taken outside the slot, then offered: the coordinator asking for this path
+                // meanwhile takes its own stat instead of waiting for this thread, which may be
+                // the reading thread under `SCHED_IDLE`, starved while the pool is busy.
+                let slot = &self.slots[id as usize];
+                if slot.get().is_none() {
+                    let _ = slot.set(self.root.stat(&self.project, &self.paths[id as usize]).ok());
+                }
             }
         }
     }
