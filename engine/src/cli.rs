@@ -556,9 +556,6 @@ fn run(cli: Cli, pipefile: PipefileRead) -> u8 {
                 out.batch_lines();
             }
             let file = pipefile_path(cli.global.pipeline);
-            // A build (also a dry one) reads its skip memo while the Pipefile is validated (it is
-            // used only if the file is still the one read once the workspace lock is held, or for
-            // a dry run, which takes no lock, once the Pipefile is loaded).
             // A build takes the workspace lock now if no one holds it, and then also starts
             // taking the stats the memo needs: nothing else can change the workspace any more.
             let root = std::path::absolute(&file)
@@ -572,6 +569,9 @@ fn run(cli: Cli, pipefile: PipefileRead) -> u8 {
                 }
                 _ => None,
             };
+            // A build (also a dry one) reads its skip memo while the Pipefile is validated (it is
+            // used only if the file is still the one read once the workspace lock is held, or for
+            // a dry run, which takes no lock, once the Pipefile is loaded).
             let memo = match &command {
                 Command::Build(_) | Command::Status { .. } => root.map(|root| {
                     let file = crate::workspace::Workspace { root: root.clone() }.skip_memo_file();

@@ -125,8 +125,8 @@ impl From<BinEntry> for Entry {
     }
 }
 
-/// `cache/stat-v2.bin` before its trailer (the blake3 of these bytes).
-#[derive(Serialize, Deserialize)]
+/// `cache/stat-v2.bin` before its trailer (the blake3 of these bytes), as it is read.
+#[derive(Deserialize)]
 struct BinFile<'a> {
     version: u32,
     #[serde(borrow)]
@@ -135,6 +135,26 @@ struct BinFile<'a> {
 
 /// The version of [`BinFile`].
 const BIN_VERSION: u32 = 2;
+
+/// [`BinFile`] as it is written: the entries streamed from the cache's map, not collected first
+/// (300,000 of them at 100,000 stages).
+#[derive(Serialize)]
+struct BinFileOut<'a> {
+    version: u32,
+    entries: EntriesOut<'a>,
+}
+
+struct EntriesOut<'a>(&'a HashMap<Box<str>, Entry>);
+
+impl Serialize for EntriesOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            self.0
+                .iter()
+                .map(|(path, entry)| (&**path, BinEntry::from(entry))),
+        )
+    }
+}
 
 /// An entry as `cache/stat-v1.json` (the earlier form, only read) holds it.
 #[derive(Deserialize)]
@@ -273,13 +293,9 @@ impl StatCache {
         if !self.dirty {
             return Ok(());
         }
-        let file = BinFile {
+        let file = BinFileOut {
             version: BIN_VERSION,
-            entries: self
-                .entries
-                .iter()
-                .map(|(path, entry)| (&**path, BinEntry::from(entry)))
-                .collect(),
+            entries: EntriesOut(&self.entries),
         };
         crate::atomic::write_with(path, |out| {
             let hashing = HashingWriter {

@@ -1257,11 +1257,11 @@ mod tests {
         assert!(memo.unchanged(&spec, 9).is_none());
         assert!(memo.unchanged(&spec, 8).is_some());
 
-        // The memo file replaced since it was read: read again, and no stats come with it.
-        let reading = Reading::start_with_stats(file.clone(), dir.path().to_path_buf());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let text = std::fs::read_to_string(&file).unwrap();
-        crate::atomic::replace_volatile(&file, text.as_bytes()).unwrap();
+        // What was read is not the file asked for (as when it changed since: `still_current`):
+        // the file is read again, and no stats come with it.
+        let elsewhere = dir.path().join("elsewhere.json");
+        std::fs::copy(&file, &elsewhere).unwrap();
+        let reading = Reading::start_with_stats(elsewhere, dir.path().to_path_buf());
         let memo = SkipMemo::load_read(&reading, &file, &spec);
         assert!(memo.prefetched.is_none());
         assert!(memo.entries.iter().all(Option::is_some));
