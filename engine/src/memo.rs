@@ -164,8 +164,12 @@ impl Prefetch {
 
     /// The stat of path `id`, taken now if no one took it yet.
     fn stat(&self, id: u32) -> Option<Option<StatKey>> {
-        *self.slots[id as usize]
-            .get_or_init(|| self.root.stat(&self.project, &self.paths[id as usize]).ok())
+        *self.slots[id as usize].get_or_init(|| self.take_stat(id))
+    }
+
+    /// A new stat of path `id` (`None` when it failed).
+    fn take_stat(&self, id: u32) -> Option<Option<StatKey>> {
+        self.root.stat(&self.project, &self.paths[id as usize]).ok()
     }
 
     /// A worker: takes the next chunk of ids until all are taken or the build stops needing them.
@@ -183,7 +187,7 @@ impl Prefetch {
                 // the reading thread under `SCHED_IDLE`, starved while the pool is busy.
                 let slot = &self.slots[id as usize];
                 if slot.get().is_none() {
-                    let _ = slot.set(self.root.stat(&self.project, &self.paths[id as usize]).ok());
+                    let _ = slot.set(self.take_stat(id));
                 }
             }
         }
