@@ -214,3 +214,94 @@ def test_without_root_every_processor_makes_its_own_namespaces_under_the_server(
         assert " __zygote" in (root / "out-sh" / "parent").read_text(), "forked by the server"
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- which binary serves: `pipe-spawn` beside `pipe`, else `pipe __zygote` ------------------------
+
+UPPER_STAGE = {"name": "up", "processor": {"builtin": "upper", "version": "1"}, "inputs": ["input/a.txt"], "outputDir": "out-up"}
+
+
+def server_project(make_project):
+    return make_project(
+        spec={"version": 1, "stages": [shell_stage("one", WHO), UPPER_STAGE]},
+        files={"input/a.txt": "abc\n"},
+    )
+
+
+def pipe_alone(tmp_path: Path) -> Path:
+    """The binary under test, linked (or copied) into a folder of its own: no `pipe-spawn` beside it."""
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    alone = folder / "pipe"
+    try:
+        os.link(pipe_binary(), alone)
+    except OSError:
+        shutil.copy2(pipe_binary(), alone)
+    return alone
+
+
+def served_by(project) -> str:
+    return project.read("out-one/parent").decode().strip()
+
+
+def test_the_server_is_the_pipe_spawn_binary_beside_pipe(make_project):
+    project = server_project(make_project)
+    project.ok("build")
+    pipe = os.path.realpath(pipe_binary())
+    spawn = os.path.join(os.path.dirname(pipe), "pipe-spawn")
+    assert served_by(project).startswith(f"{spawn} __zygote --engine {pipe} --build-id "), served_by(project)
+    # The built-in ran in the server's child, which was told which binary is the engine's.
+    assert project.read("out-up/a.txt") == b"ABC\n"
+    assert project.stage_record("up")["attempts"][0]["sandbox"]["seccomp"]
+
+
+def test_without_pipe_spawn_beside_it_pipe_serves_itself(make_project, tmp_path):
+    project = server_project(make_project)
+    project.binary = pipe_alone(tmp_path)
+    project.ok("build")
+    me = str(project.binary)
+    assert served_by(project).startswith(f"{me} __zygote --engine {me} --build-id "), served_by(project)
+    assert project.read("out-up/a.txt") == b"ABC\n"
+
+
+def test_a_pipe_spawn_of_other_sources_is_refused_and_pipe_serves_itself(make_project, tmp_path):
+    # The real pipe-spawn, handed another build id (as a pipe-spawn left from another install
+    # would have): it must refuse, and the build must still run, served by pipe itself.
+    project = server_project(make_project)
+    project.binary = pipe_alone(tmp_path)
+    tried = tmp_path / "tried"
+    real = os.path.join(os.path.dirname(os.path.realpath(pipe_binary())), "pipe-spawn")
+    wrapper = project.binary.parent / "pipe-spawn"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tried}\nexec {real} "$1" "$2" "$3" "$4" 0000000000000000\n')
+    wrapper.chmod(0o755)
+    project.ok("build")
+    assert "__zygote --engine" in tried.read_text(), "the pipe-spawn beside pipe was tried first"
+    me = str(project.binary)
+    assert served_by(project).startswith(f"{me} __zygote "), served_by(project)
+    assert project.read("out-up/a.txt") == b"ABC\n"
+
+
+def test_a_pipe_spawn_that_is_no_spawn_server_is_passed_over(make_project, tmp_path):
+    project = server_project(make_project)
+    project.binary = pipe_alone(tmp_path)
+    tried = tmp_path / "tried"
+    wrapper = project.binary.parent / "pipe-spawn"
+    wrapper.write_text(f"#!/bin/sh\necho tried > {tried}\nexit 0\n")
+    wrapper.chmod(0o755)
+    project.ok("build")
+    assert tried.exists(), "it was tried"
+    assert served_by(project).startswith(f"{project.binary} __zygote "), served_by(project)
+    assert project.read("out-up/a.txt") == b"ABC\n"
+
+
+def test_pipe_spawn_run_by_hand_says_what_it_is_and_refuses():
+    spawn = os.path.join(os.path.dirname(os.path.realpath(pipe_binary())), "pipe-spawn")
+    alone = subprocess.run([spawn], env=base_env(), capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 2
+    assert "the spawn server of `pipe build`" in alone.stderr, alone.stderr
+    usage = subprocess.run([spawn, "__zygote"], env=base_env(), capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2
+    assert "usage: __zygote --engine PIPE --build-id ID" in usage.stderr, usage.stderr
+    other = subprocess.run([spawn, "__zygote", "--engine", "/bin/true", "--build-id", "0"], env=base_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert (other.returncode, other.stderr) == (3, ""), "another build's engine is refused without a word"

@@ -278,11 +278,20 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// This binary's path, read once (a forked helper inherits it from the spawn server, which reads
-/// it before forking any).
-pub fn this_binary() -> Option<&'static std::path::Path> {
-    static ME: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    ME.get_or_init(|| std::env::current_exe().ok()).as_deref()
+/// The `pipe` binary whose `processor NAME` argv runs in-process: set by the spawn server (which
+/// may be `pipe-spawn`) before it forks any helper, else this binary's path, read once.
+static PIPE_BINARY: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// See [`PIPE_BINARY`]: the spawn server names the engine's binary here.
+pub fn set_pipe_binary(path: std::path::PathBuf) {
+    let _ = PIPE_BINARY.set(Some(path));
+}
+
+/// See [`PIPE_BINARY`].
+pub fn pipe_binary() -> Option<&'static std::path::Path> {
+    PIPE_BINARY
+        .get_or_init(|| std::env::current_exe().ok())
+        .as_deref()
 }
 
 /// The built-in's name when `argv` is `THIS_BINARY processor NAME`.
@@ -293,7 +302,7 @@ fn builtin_of(argv: &[OsString]) -> Option<String> {
     if sub != "processor" {
         return None;
     }
-    (std::path::Path::new(program) == this_binary()?).then(|| name.to_string_lossy().into_owned())
+    (std::path::Path::new(program) == pipe_binary()?).then(|| name.to_string_lossy().into_owned())
 }
 
 /// Takes the report channel from stdin (`None`: stdin is no socket, as when a person runs the

@@ -53,6 +53,26 @@ pub fn engine_filter() -> Option<&'static Result<(), String>> {
     ENGINE_FILTER.get()
 }
 
+/// The whole of the `pipe-spawn` binary: `pipe-spawn __zygote ARGS` is `pipe __zygote ARGS` (see
+/// [`zygote`]); anything else is refused with exit 2.
+pub fn spawn_server_main() -> u8 {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match args.split_first() {
+        Some((first, rest)) if first == zygote::SUBCOMMAND => {
+            // As `pipe __zygote`: its children inherit the engine filter.
+            let _ = install_engine_filter();
+            zygote::main(rest)
+        }
+        _ => {
+            eprintln!(
+                "{}: the spawn server of `pipe build`, started by it; not run by hand",
+                zygote::SPAWN_BINARY
+            );
+            2
+        }
+    }
+}
+
 /// Runs the hidden subcommands that must not go through argument parsing: `pipe __exec ...` (the
 /// re-exec helper) and `pipe __connect ...` (the canary's network attempt). `None` for any other
 /// command line.
@@ -68,7 +88,7 @@ pub fn hidden_command() -> Option<u8> {
         zygote::SUBCOMMAND => {
             // Its children inherit the engine filter, as a `pipe __exec` installs it first thing.
             let _ = install_engine_filter();
-            Some(zygote::main())
+            Some(zygote::main(&rest))
         }
         crate::slurm::submitter::SUBCOMMAND => {
             // Not filtered: this process is the one that may reach Slurm (docs/offline.md).

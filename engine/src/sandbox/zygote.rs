@@ -27,6 +27,18 @@
 //! arm their parent-death signal against it, as they did against the engine, so a killed engine
 //! still takes its processors along. If it cannot be started or goes away, the engine falls back
 //! to `posix_spawn`ing `pipe __exec` (`executor::run`).
+//!
+//! The server is the `pipe-spawn` binary beside `pipe` when there is one, else `pipe __zygote`.
+//! They run the same code; `pipe-spawn` is built with the system allocator, `pipe` with jemalloc.
+//! jemalloc makes the engine's many small allocations cheaper (a no-op build of 10,000 stages
+//! took 0.89x the time), but a process that forks once per stage pays for it: at each fork its
+//! handlers lock and reinitialise every arena's mutexes, and parent and child then copy each page
+//! they touch (a full build of 1,000 one-line stages made 1.8x the page faults and took 1.13x the
+//! time with a jemalloc server; 1.01x with this one). The server is started with the engine's
+//! path and build id ([`BUILD_ID`]) and refuses an engine of other sources (a `pipe-spawn` left
+//! from another install), without a word: the engine then starts `pipe __zygote`, which is never
+//! of other sources. Until the server says it is ready the engine waits at most
+//! [`READY_TIMEOUT`].
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -45,6 +57,19 @@ use super::{channel, helper};
 
 /// The hidden subcommand.
 pub const SUBCOMMAND: &str = "__zygote";
+/// The server binary looked for beside `pipe`.
+pub const SPAWN_BINARY: &str = "pipe-spawn";
+/// What the sources of this binary hash to (see `engine/build.rs`): the server refuses an engine
+/// whose id differs.
+pub const BUILD_ID: &str = env!("PIPE_BUILD_ID");
+/// The server's first message once it has accepted the engine.
+const READY_MESSAGE: &[u8] = b"ready";
+/// The server's arguments after [`SUBCOMMAND`]: the engine binary, whose `processor NAME` argv
+/// the server's children run in-process, and the engine's [`BUILD_ID`].
+const ENGINE_ARG: &str = "--engine";
+const BUILD_ID_ARG: &str = "--build-id";
+/// How long the engine waits for a starting server to say it is ready before it gives up on it.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The second message of a request, which carries the attempt log.
 const LOG_MESSAGE: &[u8] = b"log";
 /// Where the server keeps its end of the control channel (above the descriptors a child sets up).
@@ -216,12 +241,29 @@ fn wanted(value: Option<&std::ffi::OsStr>) -> bool {
 }
 
 impl Zygote {
+    /// Starts the server for engine binary `exe`: `pipe-spawn` beside it if that one accepts this
+    /// engine, else `exe __zygote`.
     fn start(exe: &Path) -> io::Result<Zygote> {
+        let beside = exe.with_file_name(SPAWN_BINARY);
+        if beside.is_file() {
+            if let Ok(zygote) = Zygote::start_server(&beside, exe) {
+                return Ok(zygote);
+            }
+        }
+        Zygote::start_server(exe, exe)
+    }
+
+    /// Starts `server __zygote --engine EXE --build-id ID` and waits until it is ready.
+    fn start_server(server: &Path, exe: &Path) -> io::Result<Zygote> {
         let (control, server_control) = channel::pair()?;
         let (ends, server_ends) = channel::pair()?;
-        let mut command = Command::new(exe);
+        let mut command = Command::new(server);
         command
             .arg(SUBCOMMAND)
+            .arg(ENGINE_ARG)
+            .arg(exe)
+            .arg(BUILD_ID_ARG)
+            .arg(BUILD_ID)
             .env_clear()
             // A coverage build of pipe must keep writing its profile where it was told to (each
             // child then has the variable again from its request's environment).
@@ -229,8 +271,13 @@ impl Zygote {
             .stdin(Stdio::from(server_control))
             .stdout(Stdio::from(server_ends))
             .process_group(0);
-        let server = command.spawn()?;
+        let mut server = command.spawn()?;
         drop(command);
+        if let Err(err) = wait_ready(&control) {
+            let _ = server.kill();
+            let _ = server.wait();
+            return Err(err);
+        }
         Zygote::over(Some(server), control, ends)
     }
 
@@ -327,6 +374,32 @@ pub fn shutdown() {
     }
 }
 
+/// Waits for a starting server's [`READY_MESSAGE`] on `control` (at most [`READY_TIMEOUT`]): an
+/// error if the server ended (it refused this engine, or is no spawn server) or said anything else.
+fn wait_ready(control: &OwnedFd) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = rustix::event::Timespec::try_from(left).map_err(io::Error::other)?;
+        let mut fds = [rustix::event::PollFd::new(
+            control,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) => return Err(io::Error::other("the spawn server did not start in time")),
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    let mut buf = [0u8; 64];
+    match channel::recv(control.as_fd(), &mut buf)? {
+        Some((n, None)) if &buf[..n] == READY_MESSAGE => Ok(()),
+        Some(_) => Err(io::Error::other("the spawn server answered nonsense")),
+        None => Err(io::Error::other("the spawn server refused this engine")),
+    }
+}
+
 /// The engine's reader of the server's ends channel: each end goes to whoever waits for that
 /// child, or is kept until its spawn's answer is read (a fast child can end before that).
 fn read_ends(ends: OwnedFd, exits: Arc<Mutex<Exits>>) {
@@ -357,9 +430,25 @@ fn read_ends(ends: OwnedFd, exits: Arc<Mutex<Exits>>) {
 
 // ------------------------------------------------------------------------------- server side
 
-/// `pipe __zygote`: serves requests until the engine's end closes.
-pub fn main() -> u8 {
-    match serve() {
+/// `pipe __zygote --engine EXE --build-id ID` (or `pipe-spawn __zygote ...`): serves requests
+/// until the engine's end closes. Exits 3, saying nothing and never ready, when `ID` is not this
+/// binary's [`BUILD_ID`] (the engine then starts another server).
+pub fn main(args: &[OsString]) -> u8 {
+    let (engine, build_id) = match args {
+        [engine_arg, engine, id_arg, id] if engine_arg == ENGINE_ARG && id_arg == BUILD_ID_ARG => {
+            (std::path::PathBuf::from(engine), id)
+        }
+        _ => {
+            eprintln!(
+                "pipe {SUBCOMMAND}: usage: {SUBCOMMAND} {ENGINE_ARG} PIPE {BUILD_ID_ARG} ID (started by `pipe build`, not by hand)"
+            );
+            return 2;
+        }
+    };
+    if build_id != BUILD_ID {
+        return 3;
+    }
+    match serve(engine) {
         Ok(()) => 0,
         Err(err) => {
             eprintln!("pipe {SUBCOMMAND}: {err}");
@@ -368,7 +457,7 @@ pub fn main() -> u8 {
     }
 }
 
-fn serve() -> io::Result<()> {
+fn serve(engine: std::path::PathBuf) -> io::Result<()> {
     if !channel::is_socket(0) {
         return Err(io::Error::other(
             "stdin must be the engine's channel (this is started by `pipe build`, not by hand)",
@@ -404,12 +493,13 @@ fn serve() -> io::Result<()> {
     // of a short built-in). Only where it needs no user namespace (as root): elsewhere every
     // processor makes its own, as before.
     let shared_netns = super::netns::enter_privileged();
-    // Read once here, so that no forked helper reads `/proc/self/exe` again.
-    let _ = helper::this_binary();
+    // Set here, before any fork: the children run the engine's `processor NAME` in-process.
+    helper::set_pipe_binary(engine);
     // The runtime's CPU-feature probe (`cpuid`, slow under a hypervisor) runs once here and its
     // result is inherited by every fork, instead of running again in each child.
     #[cfg(target_arch = "x86_64")]
     let _ = std::arch::is_x86_feature_detected!("avx2");
+    channel::send(control.as_fd(), READY_MESSAGE, None)?;
     let mut buf = vec![0u8; channel::MAX_MESSAGE];
     let mut pending: Option<(Request, OwnedFd)> = None;
     loop {
