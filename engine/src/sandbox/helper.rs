@@ -294,7 +294,7 @@ pub fn pipe_binary() -> Option<&'static std::path::Path> {
         .as_deref()
 }
 
-/// The built-in's name when `argv` is `THIS_BINARY processor NAME`.
+/// The built-in's name when `argv` is `PIPE processor NAME`, `PIPE` being [`pipe_binary`].
 fn builtin_of(argv: &[OsString]) -> Option<String> {
     let [program, sub, name] = argv else {
         return None;
