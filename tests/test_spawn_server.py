@@ -264,34 +264,33 @@ def test_without_pipe_spawn_beside_it_pipe_serves_itself(make_project, tmp_path)
     assert project.read("out-up/a.txt") == b"ABC\n"
 
 
+def served_by_pipe_itself_after(make_project, tmp_path, script: str) -> str:
+    """Builds with `pipe` alone beside a `pipe-spawn` running `script` (`{tried}`: a file it may
+    write); asserts that the build ran, served by `pipe __zygote`; returns what `script` wrote."""
+    project = server_project(make_project)
+    project.binary = pipe_alone(tmp_path)
+    tried = tmp_path / "tried"
+    wrapper = project.binary.parent / "pipe-spawn"
+    wrapper.write_text("#!/bin/sh\n" + script.format(tried=tried))
+    wrapper.chmod(0o755)
+    project.ok("build")
+    assert served_by(project).startswith(f"{project.binary} __zygote "), served_by(project)
+    assert project.read("out-up/a.txt") == b"ABC\n"
+    return tried.read_text() if tried.exists() else ""
+
+
 def test_a_pipe_spawn_of_other_sources_is_refused_and_pipe_serves_itself(make_project, tmp_path):
     # The real pipe-spawn, handed another build id (as a pipe-spawn left from another install
     # would have): it must refuse, and the build must still run, served by pipe itself.
-    project = server_project(make_project)
-    project.binary = pipe_alone(tmp_path)
-    tried = tmp_path / "tried"
     real = os.path.join(os.path.dirname(os.path.realpath(pipe_binary())), "pipe-spawn")
-    wrapper = project.binary.parent / "pipe-spawn"
-    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {tried}\nexec {real} "$1" "$2" "$3" "$4" 0000000000000000\n')
-    wrapper.chmod(0o755)
-    project.ok("build")
-    assert "__zygote --engine" in tried.read_text(), "the pipe-spawn beside pipe was tried first"
-    me = str(project.binary)
-    assert served_by(project).startswith(f"{me} __zygote "), served_by(project)
-    assert project.read("out-up/a.txt") == b"ABC\n"
+    script = 'echo "$@" >> {tried}\nexec ' + real + ' "$1" "$2" "$3" "$4" 0000000000000000\n'
+    tried = served_by_pipe_itself_after(make_project, tmp_path, script)
+    assert "__zygote --engine" in tried, "the pipe-spawn beside pipe was tried first"
 
 
 def test_a_pipe_spawn_that_is_no_spawn_server_is_passed_over(make_project, tmp_path):
-    project = server_project(make_project)
-    project.binary = pipe_alone(tmp_path)
-    tried = tmp_path / "tried"
-    wrapper = project.binary.parent / "pipe-spawn"
-    wrapper.write_text(f"#!/bin/sh\necho tried > {tried}\nexit 0\n")
-    wrapper.chmod(0o755)
-    project.ok("build")
-    assert tried.exists(), "it was tried"
-    assert served_by(project).startswith(f"{project.binary} __zygote "), served_by(project)
-    assert project.read("out-up/a.txt") == b"ABC\n"
+    tried = served_by_pipe_itself_after(make_project, tmp_path, "echo tried > {tried}\nexit 0\n")
+    assert tried == "tried\n", "it was tried"
 
 
 def test_pipe_spawn_run_by_hand_says_what_it_is_and_refuses():
