@@ -59,11 +59,15 @@ if [ -n "${PIPE_BIN:-}" ]; then
   PIPE=$PIPE_BIN
 else
   PIPE=$ROOT/target/release/pipe
-  if [ ! -x "$PIPE" ]; then
-    say "building the release binary (cargo build --release -p pipe-engine)"
+  if [ ! -x "$PIPE" ] || [ ! -x "$(dirname "$PIPE")/pipe-spawn" ]; then
+    say "building the release binaries (cargo build --release -p pipe-engine)"
     cargo build --release --locked -p pipe-engine
   fi
 fi
 [ -x "$PIPE" ] || { say "no pipe binary at $PIPE"; exit 2; }
+# Without its spawn server beside it, pipe forks every processor from a jemalloc process of its
+# own (`pipe __zygote`), which costs more per stage: the numbers would not be those of an install.
+[ -x "$(dirname "$PIPE")/pipe-spawn" ] ||
+  say "warning: no pipe-spawn beside $PIPE: processors are forked by \`pipe __zygote\`, slower than an install"
 
 exec python3 "$ROOT/bench/run.py" --pipe "$PIPE" ${args[@]+"${args[@]}"}
