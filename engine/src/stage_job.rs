@@ -743,10 +743,12 @@ impl StageJob {
         let result = (|| -> io::Result<()> {
             for output in &marker.outputs {
                 let path = target.output_dir.join(&output.path);
-                store.put(&path, &output.blake3)?;
-                // Linking changed the file's ctime: record the new stat so the next build does
-                // not read the file again.
-                hashes.remember(&path, &output.blake3)?;
+                // Linking changes the file's ctime: then its new stat is recorded, so the next
+                // build does not read the file again. Not linked, it has the stat publishing
+                // recorded (a restored output is recorded here in any case).
+                if store.put(&path, &output.blake3)? || !record_action {
+                    hashes.remember(&path, &output.blake3)?;
+                }
             }
             if !record_action {
                 // Restored: the entry already names the run that produced these outputs.
@@ -1052,7 +1054,7 @@ fn adopt_item_outputs(
         std::fs::rename(entry.path(), &dest)?;
         let size = std::fs::metadata(&dest)?.len();
         let blake3 = crate::hashing::hash_file(&dest, size)?;
-        store.put(&dest, &blake3)?;
+        let _ = store.put(&dest, &blake3)?;
         outputs.push(crate::marker::OutputEntry {
             path: rel,
             size,
