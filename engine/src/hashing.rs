@@ -477,7 +477,14 @@ impl StatCache {
 
     /// Records a hash the engine just computed for a file it wrote (e.g. a published output).
     pub fn remember(&mut self, path: &Path, blake3: &str) -> io::Result<()> {
-        let stat = StatKey::of(&std::fs::metadata(path)?);
+        self.remember_stat(path, &std::fs::metadata(path)?, blake3);
+        Ok(())
+    }
+
+    /// [`StatCache::remember`] with the stat `meta` of `path`, taken by the caller after the
+    /// file's last change.
+    pub fn remember_stat(&mut self, path: &Path, meta: &std::fs::Metadata, blake3: &str) {
+        let stat = StatKey::of(meta);
         let key: Box<str> = path.to_string_lossy().into();
         let Some(entry) = Digest::from_hex(blake3).and_then(|d| Entry::new(stat, d, now_ns()))
         else {
@@ -485,11 +492,16 @@ impl StatCache {
             // remembered, and what was remembered for the path is forgotten (the file is hashed
             // when next asked for).
             self.dirty |= self.entries.remove(&key).is_some();
-            return Ok(());
+            return;
         };
         self.entries.insert(key, entry);
         self.dirty = true;
-        Ok(())
+    }
+
+    /// The stat recorded for `path`, if any (for tests elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn recorded_stat(&self, path: &Path) -> Option<StatKey> {
+        self.entries.get(&*path.to_string_lossy()).map(Entry::stat)
     }
 
     /// Takes over the entries of another cache (e.g. hashes a worker recorded while publishing).

@@ -276,19 +276,22 @@ fn complete(
         ));
     }
     let moved_whole = move_new_folders(target, &journal.marker.outputs)?;
+    let renamed = rename_many(target, &journal.marker.outputs, &moved_whole, staged_state);
     // The staging folders the moves below empty (removed after the outputs are synced).
     let mut emptied: HashSet<PathBuf> = HashSet::new();
-    for entry in &journal.marker.outputs {
+    for (i, entry) in journal.marker.outputs.iter().enumerate() {
         let staged = target.staging.join(&entry.path);
         let dest = out.join(&entry.path);
         let parent = dest.parent().expect("an output has a folder");
-        let top = entry
-            .path
-            .split('/')
-            .next()
-            .expect("a path has a component");
-        if moved_whole.contains(top) {
+        if moved_whole.contains(top_folder(&entry.path)) {
             // Moved with its folder just now.
+        } else if let Some(Some(meta)) = renamed.get(i) {
+            // Renamed by `rename_many`, and stat'ed there after its move.
+            failpoint::check("publish.after-output-rename")?;
+            emptied.insert(staged.parent().expect("below staging").to_path_buf());
+            touched.insert(parent.to_path_buf());
+            cache.remember_stat(&dest, meta, &entry.blake3);
+            continue;
         } else if move_output(&staged, &dest, staged_state)? {
             failpoint::check("publish.after-output-rename")?;
             emptied.insert(staged.parent().expect("below staging").to_path_buf());
@@ -346,6 +349,48 @@ fn complete(
     // sweep's `publish.after-marker`). One folder sync fewer per stage.
     atomic::remove_if_exists(&target.journal)?;
     Ok(journal.marker)
+}
+
+/// The first component of an output's relative path.
+fn top_folder(path: &str) -> &str {
+    path.split('/').next().expect("a path has a component")
+}
+
+/// How many outputs a publish has before [`rename_many`] renames them on all cores.
+const RENAME_IN_PARALLEL_FROM: usize = 512;
+
+/// For a publish of many outputs just listed ([`Staged::JustListed`]): renames each staged output
+/// (not moved with its folder) into place on all cores and stats it there, as the loop in
+/// [`complete`] would one after the other; `Some(stat)` for each output so moved. An output whose
+/// rename failed (its folder missing, a folder in its way) is `None`, and the loop moves it the
+/// careful way. Empty for fewer outputs, or after a crash, when what is staged is not known.
+///
+/// Cross-folder renames take one lock per filesystem, but looking up both paths and freeing the
+/// inode a rename replaces happen outside it: a fan-in of 10,000 outputs spent ~115 ms in its
+/// renames one after the other, a third of it freeing the outputs they replaced.
+fn rename_many(
+    target: &Target,
+    outputs: &[OutputEntry],
+    moved_whole: &BTreeSet<String>,
+    staged_state: Staged,
+) -> Vec<Option<std::fs::Metadata>> {
+    use rayon::prelude::*;
+    if staged_state != Staged::JustListed || outputs.len() < RENAME_IN_PARALLEL_FROM {
+        return Vec::new();
+    }
+    outputs
+        .par_iter()
+        .with_min_len(256)
+        .map(|entry| {
+            if moved_whole.contains(top_folder(&entry.path)) {
+                return None;
+            }
+            let dest = target.output_dir.join(&entry.path);
+            std::fs::rename(target.staging.join(&entry.path), &dest).ok()?;
+            // A failed stat is taken again by `remember` in the loop, which reports it.
+            std::fs::metadata(&dest).ok()
+        })
+        .collect()
 }
 
 /// Moves the staged output `staged` to `dest`, creating `dest`'s folder and replacing a folder
@@ -768,6 +813,17 @@ mod tests {
 
     #[test]
     fn a_rerun_replaces_outputs_makes_missing_folders_removes_old_ones_and_the_staging() {
+        rerun_case(0);
+    }
+
+    #[test]
+    fn a_rerun_of_many_outputs_renamed_on_all_cores_publishes_the_same_tree() {
+        rerun_case(RENAME_IN_PARALLEL_FROM);
+    }
+
+    /// A rerun publishing the outputs below, plus `many` more in `many/` (which exists in the
+    /// output folder, so they are renamed one by one, not moved whole).
+    fn rerun_case(many: usize) {
         let dir = tempfile::tempdir().unwrap();
         let (out, target) = target_in(dir.path());
         let put = |root: &Path, rel: &str, text: &str| {
@@ -784,6 +840,12 @@ mod tests {
             put(&out, rel, text);
         }
         put(&out, "c.txt/junk", "j");
+        let many_files: Vec<(String, String)> = (0..many)
+            .map(|i| (format!("many/{i:05}.txt"), format!("m{i}")))
+            .collect();
+        if many > 0 {
+            put(&out, "many/00000.txt", "old m0");
+        }
         let mut previous = marker();
         previous.outputs = ["a/1.txt", "b/2.txt", "gone/x/old.txt"]
             .iter()
@@ -800,6 +862,9 @@ mod tests {
             ("c.txt", "c"),
             ("top.txt", "t"),
         ] {
+            put(&target.staging, rel, text);
+        }
+        for (rel, text) in &many_files {
             put(&target.staging, rel, text);
         }
         let mut cache = StatCache::default();
@@ -824,13 +889,26 @@ mod tests {
             "c.txt=c".into(),
             "top.txt=t".into(),
         ];
-        expected.insert(
-            0,
-            ".s.done=".to_string() + &String::from_utf8(json_bytes(&m).unwrap()).unwrap(),
-        );
+        if many > 0 {
+            expected.push("many/".into());
+            expected.extend(many_files.iter().map(|(rel, text)| format!("{rel}={text}")));
+        }
+        expected
+            .push(".s.done=".to_string() + &String::from_utf8(json_bytes(&m).unwrap()).unwrap());
+        expected.sort();
         assert_eq!(tree(&out), expected);
         assert!(!target.staging.exists() && !target.journal.exists());
-        assert_eq!(m.outputs.len(), 5);
+        assert_eq!(m.outputs.len(), 5 + many);
+        // Every output's stat is recorded as it is now, in place (not as it was staged).
+        for o in &m.outputs {
+            let now = crate::hashing::StatKey::of(&std::fs::metadata(out.join(&o.path)).unwrap());
+            assert_eq!(
+                cache.recorded_stat(&out.join(&o.path)),
+                Some(now),
+                "{}",
+                o.path
+            );
+        }
     }
 
     #[test]
