@@ -387,7 +387,8 @@ fn rename_many(
             }
             let dest = target.output_dir.join(&entry.path);
             std::fs::rename(target.staging.join(&entry.path), &dest).ok()?;
-            // A failed stat is taken again by `remember` in the loop, which reports it.
+            // Renamed but not stat'ed, it is `None` too: the loop finds it in place, not staged,
+            // and checks it by its hash (which stats it again and reports what fails).
             std::fs::metadata(&dest).ok()
         })
         .collect()
@@ -822,7 +823,7 @@ mod tests {
     }
 
     /// A rerun publishing the outputs below, plus `many` more in `many/` (which exists in the
-    /// output folder, so they are renamed one by one, not moved whole).
+    /// output folder, so they are renamed file by file, not moved with their folder).
     fn rerun_case(many: usize) {
         let dir = tempfile::tempdir().unwrap();
         let (out, target) = target_in(dir.path());
