@@ -407,9 +407,7 @@ impl Coordinator<'_> {
 
     fn stat_cache(&mut self) -> &mut StatCache {
         let ws = &self.ws;
-        self.cache.get_or_insert_with(|| {
-            StatCache::load_or_migrate(&ws.stat_cache_file(), &ws.legacy_stat_cache_file())
-        })
+        self.cache.get_or_insert_with(|| ws.load_stat_cache())
     }
 
     /// Completes or abandons an interrupted publish of stage `i` (once per build).

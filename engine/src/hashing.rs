@@ -242,8 +242,13 @@ impl StatCache {
     /// Loads the cache; a missing, unreadable, damaged or foreign-version file gives an empty
     /// cache (it is only an accelerator: losing it costs time, never correctness).
     pub fn load(path: &Path) -> StatCache {
+        StatCache::of_read(std::fs::read(path))
+    }
+
+    /// [`StatCache::load`] of what reading the file gave.
+    fn of_read(read: io::Result<Vec<u8>>) -> StatCache {
         StatCache {
-            entries: std::fs::read(path)
+            entries: read
                 .ok()
                 .and_then(|bytes| read_bin(&bytes))
                 .unwrap_or_default(),
@@ -255,10 +260,11 @@ impl StatCache {
     /// (`cache/stat-v1.json`): upgrading pipe must not rehash every input once. Saving the cache
     /// writes `path` and removes `legacy`.
     pub fn load_or_migrate(path: &Path, legacy: &Path) -> StatCache {
-        if path.exists() || !legacy.exists() {
+        let read = std::fs::read(path);
+        if !matches!(&read, Err(e) if e.kind() == io::ErrorKind::NotFound) || !legacy.exists() {
             return StatCache {
                 legacy: Some(legacy.to_path_buf()),
-                ..StatCache::load(path)
+                ..StatCache::of_read(read)
             };
         }
         let entries = std::fs::read(legacy)

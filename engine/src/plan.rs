@@ -615,9 +615,7 @@ pub fn plan_all(
             };
         }
         if !full.is_empty() {
-            let cache = cache.get_or_insert_with(|| {
-                StatCache::load_or_migrate(&ws.stat_cache_file(), &ws.legacy_stat_cache_file())
-            });
+            let cache = cache.get_or_insert_with(|| ws.load_stat_cache());
             let decided =
                 cache.par_map(&full, |&p, cache| decide(spec, ws, order[p], cache, false));
             for (p, plan) in full.into_iter().zip(decided) {

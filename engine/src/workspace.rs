@@ -92,6 +92,14 @@ impl Workspace {
         self.cache_dir().join("stat-v1.json")
     }
 
+    /// The workspace's stat cache (from its earlier form when that is all there is).
+    pub fn load_stat_cache(&self) -> crate::hashing::StatCache {
+        crate::hashing::StatCache::load_or_migrate(
+            &self.stat_cache_file(),
+            &self.legacy_stat_cache_file(),
+        )
+    }
+
     /// Verdicts of unchanged stages and the stats they rest on (see [`crate::memo`]).
     pub fn skip_memo_file(&self) -> PathBuf {
         self.cache_dir().join("skip-v1.json")
